@@ -1,0 +1,140 @@
+"""Command line: options -> config dataclass -> the stage's run function. No training logic here.
+
+Each command is one entry of ``COMMANDS``: its words, its config dataclass and a small
+function that imports the stage lazily (so ``--help`` does not import torch).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from prefalign import config as C
+from prefalign.errors import PrefalignError
+
+
+def _sft(cfg):
+    from prefalign.stages.sft import run_sft
+    return run_sft(cfg)
+
+
+def _reward(cfg):
+    from prefalign.stages.reward import run_reward
+    return run_reward(cfg)
+
+
+def _score(cfg):
+    from prefalign.stages.score import run_score
+    return run_score(cfg)
+
+
+def _dpo(cfg):
+    from prefalign.stages.dpo import run_dpo
+    return run_dpo(cfg)
+
+
+def _ppo(cfg):
+    from prefalign.stages.ppo import run_ppo
+    return run_ppo(cfg)
+
+
+def _data_check(cfg):
+    from prefalign.data.audit import run_data_check
+    return run_data_check(cfg)
+
+
+def _pairs(cfg):
+    from prefalign.label.pairs import run_pairs
+    return run_pairs(cfg)
+
+
+def _label(cfg):
+    from prefalign.label.app import run_label
+    return run_label(cfg)
+
+
+def _label_export(cfg):
+    from prefalign.label.export import run_export
+    return run_export(cfg)
+
+
+def _convert(cfg):
+    from prefalign.models import run_convert
+    return run_convert(cfg)
+
+
+def _demo(cfg):
+    from prefalign.lab.demo import run_demo
+    return run_demo(cfg)
+
+
+@dataclass(frozen=True)
+class Command:
+    config_cls: type
+    run: Callable[[Any], Optional[int]]
+    summary: str
+
+
+COMMANDS: dict[tuple[str, ...], Command] = {
+    ("sft",): Command(C.SFTConfig, _sft, "Supervised fine-tuning of a causal LM."),
+    ("reward",): Command(C.RewardConfig, _reward, "Train a Bradley-Terry reward model on preference pairs."),
+    ("score",): Command(C.ScoreConfig, _score, "Score completions or pairs with a reward model."),
+    ("dpo",): Command(C.DPOConfig, _dpo, "Direct Preference Optimization (and variants)."),
+    ("ppo",): Command(C.PPOConfig, _ppo, "RLHF with PPO against a reward model."),
+    ("data", "check"): Command(C.DataCheckConfig, _data_check, "Audit a data file before training."),
+    ("pairs",): Command(C.PairsConfig, _pairs, "Sample completions per prompt for human labelling."),
+    ("label",): Command(C.LabelConfig, _label, "Serve the labelling web app."),
+    ("label", "export"): Command(C.LabelExportConfig, _label_export, "Export labels as preference pairs."),
+    ("models", "convert"): Command(C.ConvertConfig, _convert, "Convert a GGUF file to an HF checkpoint."),
+    ("demo",): Command(C.DemoConfig, _demo, "The whole pipeline on the embedded sentiment lab."),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: prefalign COMMAND [options]   (prefalign COMMAND --help for its options)", "", "commands:"]
+    for words, cmd in COMMANDS.items():
+        lines.append(f"  {' '.join(words):<16} {cmd.summary}")
+    return "\n".join(lines)
+
+
+def find_command(argv: list[str]) -> tuple[tuple[str, ...], Command, list[str]]:
+    """The longest registered command that prefixes argv, and the remaining arguments."""
+    for n in (2, 1):
+        words = tuple(argv[:n])
+        if words in COMMANDS:
+            return words, COMMANDS[words], argv[n:]
+    raise KeyError(argv[0] if argv else "")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from prefalign import __version__
+        print(__version__)
+        return 0
+    try:
+        words, cmd, rest = find_command(argv)
+    except KeyError:
+        import difflib
+        names = [" ".join(w) for w in COMMANDS]
+        close = difflib.get_close_matches(" ".join(argv[:2]), names, n=1) or difflib.get_close_matches(argv[0], names, n=1)
+        hint = f" Did you mean `prefalign {close[0]}`?" if close else ""
+        print(f"prefalign: unknown command `{argv[0]}`.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        cfg = C.parse_config(cmd.config_cls, rest, prog="prefalign " + " ".join(words))
+        result = cmd.run(cfg)
+    except PrefalignError as e:
+        print(f"prefalign {' '.join(words)}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"prefalign {' '.join(words)}: interrupted.", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,381 @@
+"""One dataclass per command, composed from shared pieces; the same schema fills CLI and YAML.
+
+Each field carries its help text in ``metadata["help"]``. ``parse_config`` builds an argparse
+parser from a dataclass, reads ``--config FILE.yaml`` first, then lets options given on the
+command line win. Unknown YAML keys are an error that names the closest valid key.
+
+This module imports no torch, so ``prefalign --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from prefalign.errors import ConfigError
+
+
+def opt(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with help text (and optionally ``choices``, ``metavar``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+@dataclass
+class ModelArgs:
+    model: Optional[str] = opt(None, "Policy / base model: a local HF directory, a .gguf file or a hub name.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Weights dtype: auto = float32 on CPU, bfloat16 autocast on CUDA.")
+    device: str = opt("auto", "Device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    attn_implementation: Optional[str] = opt(
+        None, "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); default sdpa.")
+    lora: bool = opt(False, "Train LoRA adapters (needs the peft extra) instead of all weights.")
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: int = opt(32, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = opt(0.0, "LoRA dropout.")
+    lora_target_modules: Optional[str] = opt(
+        None, "Comma-separated module names for LoRA (default: all linear layers of attention and MLP).")
+
+
+@dataclass
+class DataArgs:
+    data: Optional[str] = opt(None, "Training data file (JSONL or JSON array).")
+    data_format: Optional[str] = opt(
+        None, "Force a data format instead of detecting it (see `prefalign data check`).")
+    eval_data: Optional[str] = opt(None, "Held-out data file for evaluation.")
+    eval_fraction: float = opt(0.0, "Hold out this fraction of --data for evaluation when --eval-data is not given.")
+    max_length: int = opt(512, "Maximum tokens of prompt + completion; longer examples are truncated (prompt start first).")
+    max_prompt_length: Optional[int] = opt(None, "Maximum prompt tokens (default: max_length // 2).")
+    packing: bool = opt(False, "Pack short examples into full rows (padding-free, no attention across examples).")
+
+
+@dataclass
+class TrainArgs:
+    output: Optional[str] = opt(None, "Output directory: model, metrics.jsonl, summary.json, checkpoints.")
+    config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run --epochs).")
+    epochs: float = opt(1.0, "Passes over the training data (when --max-steps is -1).")
+    batch_size: int = opt(8, "Examples per micro-batch per process.")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = opt(5e-5, "Peak learning rate (AdamW).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    warmup_steps: int = opt(0, "Linear warmup steps.")
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of all steps (used when --warmup-steps is 0).")
+    lr_schedule: Literal["constant", "linear", "cosine"] = opt("linear", "Decay after warmup.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables).")
+    seed: int = opt(0, "Random seed (data order, initialisation of new heads, sampling).")
+    logging_steps: int = opt(10, "Log metrics every N optimizer steps.")
+    eval_steps: int = opt(0, "Evaluate every N optimizer steps (0: only at the end).")
+    save_steps: int = opt(0, "Write a checkpoint every N optimizer steps (0: only the final model).")
+    keep_checkpoints: int = opt(2, "Keep at most N checkpoints (older ones are pruned after a new one is complete).")
+    resume: bool = opt(False, "Continue from the newest complete checkpoint in --output.")
+    max_bad_steps: int = opt(10, "Stop after this many skipped steps with a non-finite loss or gradient.")
+    distributed: Literal["ddp", "fsdp"] = opt("ddp", "Data parallel strategy under torchrun.")
+    progress: bool = opt(True, "Show a progress bar with ETA.")
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        for name in ("lr", "epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}.")
+
+
+# --------------------------------------------------------------------------- commands
+
+@dataclass
+class SFTConfig(ModelArgs, DataArgs, TrainArgs):
+    """prefalign sft: supervised fine-tuning (completion-only loss, or plain LM loss on {text})."""
+    lr: float = opt(2e-5, "Peak learning rate (AdamW).")
+    completion_only: bool = opt(True, "Mask prompt tokens out of the loss (for prompt/completion and chat data).")
+
+
+@dataclass
+class RewardConfig(ModelArgs, DataArgs, TrainArgs):
+    """prefalign reward: Bradley-Terry reward model (causal LM + linear scalar head)."""
+    lr: float = opt(1e-5, "Peak learning rate (AdamW).")
+    normalize: Literal["none", "shift", "std"] = opt(
+        "shift", "After training: shift rewards so E[r] = 0 over the training completions (std: also scale to unit std).")
+    normalize_data: Optional[str] = opt(None, "Completions to normalise over instead of the training completions.")
+    center_coef: float = opt(0.0, "Penalty coef * (r_chosen + r_rejected)^2 that keeps rewards centred while training.")
+
+
+@dataclass
+class ScoreConfig:
+    """prefalign score: score completions or pairs with a reward model; pairwise accuracy."""
+    reward_model: Optional[str] = opt(None, "Reward model directory written by `prefalign reward`.")
+    data: Optional[str] = opt(None, "{prompt, completion} rows or preference pairs.")
+    data_format: Optional[str] = opt(None, "Force a data format instead of detecting it.")
+    output: Optional[str] = opt(None, "Write per-row scores as JSONL here.")
+    batch_size: int = opt(16, "Rows per forward pass.")
+    max_length: int = opt(512, "Maximum tokens per scored sequence.")
+    device: str = opt("auto", "Device: auto, cpu, cuda, ...")
+    config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
+
+
+@dataclass
+class DPOConfig(ModelArgs, DataArgs, TrainArgs):
+    """prefalign dpo: Direct Preference Optimization and its variants."""
+    lr: float = opt(5e-7, "Peak learning rate (AdamW).")
+    ref_model: Optional[str] = opt(None, "Frozen reference model (default: a copy of the initial policy).")
+    beta: float = opt(0.1, "KL strength beta of DPO.")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = opt("sigmoid", "Preference loss.")
+    label_smoothing: float = opt(0.0, "Assumed label noise (conservative DPO with sigmoid; robust DPO with robust).")
+    reference_free: bool = opt(False, "Drop the reference (log pi_ref = 0).")
+    length_normalize: bool = opt(False, "Average log-probs over completion tokens instead of summing (SimPO-style).")
+    target_margin: float = opt(0.0, "Target reward margin gamma subtracted inside the loss (SimPO-style).")
+    nll_weight: float = opt(0.0, "Weight of an NLL term on chosen completions (RPO).")
+    live_reference: bool = opt(False, "Keep the reference model in memory instead of precomputing its log-probs.")
+    ref_cache_dir: Optional[str] = opt(None, "Where cached reference log-probs live (default: OUTPUT/ref_cache).")
+
+
+@dataclass
+class PPOConfig(ModelArgs, TrainArgs):
+    """prefalign ppo: RLHF with PPO against a reward model, KL-shaped reward and GAE."""
+    lr: float = opt(1e-6, "Peak learning rate (AdamW) of policy and value model.")
+    reward_model: Optional[str] = opt(None, "Frozen reward model directory (from `prefalign reward`).")
+    prompts: Optional[str] = opt(None, "Prompts file (any format with a prompt).")
+    data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
+    ref_model: Optional[str] = opt(None, "Frozen reference (default: the SFT model given by --model).")
+    value_model: Optional[str] = opt(None, "Initial value model (default: the reward model).")
+    shared_value_head: bool = opt(False, "Value head on the policy's backbone instead of a separate value model.")
+    iterations: int = opt(-1, "PPO iterations (rollout + update); -1: one pass over the prompts per epoch.")
+    rollout_batch_size: int = opt(16, "Prompts sampled per iteration per process.")
+    kl_coef: float = opt(0.05, "Initial KL coefficient beta.")
+    target_kl: Optional[float] = opt(None, "Adapt beta toward this per-sequence KL (Ziegler et al. 2019); off when unset.")
+    kl_horizon: int = opt(10000, "Horizon of the adaptive KL controller (in samples).")
+    kl_estimator: Literal["k1", "k3"] = opt("k1", "Per-token KL estimator in the shaped reward.")
+    gamma: float = opt(1.0, "Discount.")
+    lam: float = opt(0.95, "GAE lambda.")
+    ppo_epochs: int = opt(4, "Optimisation epochs over each rollout batch.")
+    minibatch_size: int = opt(8, "Sequences per PPO minibatch.")
+    cliprange: float = opt(0.2, "Policy ratio clip epsilon.")
+    cliprange_value: float = opt(0.2, "Value clip range.")
+    vf_coef: float = opt(0.1, "Value loss coefficient.")
+    entropy_coef: float = opt(0.0, "Entropy bonus coefficient.")
+    max_prompt_length: int = opt(128, "Maximum prompt tokens (left-truncated).")
+    max_new_tokens: int = opt(32, "Maximum sampled tokens per completion.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    top_k: int = opt(0, "Top-k sampling (0: off).")
+    top_p: float = opt(1.0, "Nucleus sampling p (1: off).")
+    missing_eos_penalty: Optional[float] = opt(None, "Subtract this from the score of completions without EOS.")
+    normalize_scores: bool = opt(False, "Whiten reward-model scores with running statistics.")
+    score_clip: Optional[float] = opt(None, "Clip (normalised) scores to [-c, c].")
+    sample_every: int = opt(10, "Write a few sample completions to samples.jsonl every N iterations.")
+
+
+@dataclass
+class DataCheckConfig:
+    """prefalign data check: audit a data file before training."""
+    data: Optional[str] = opt(None, "Data file to audit.")
+    data_format: Optional[str] = opt(None, "Force a data format instead of detecting it.")
+    model: Optional[str] = opt(None, "Tokenizer (model directory) for token-length statistics.")
+    max_length: int = opt(512, "Length budget used to report truncation.")
+    max_prompt_length: Optional[int] = opt(None, "Prompt budget (default: max_length // 2).")
+    json: bool = opt(False, "Print the report as JSON.")
+    config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
+
+
+@dataclass
+class PairsConfig:
+    """prefalign pairs: sample K completions per prompt for human labelling."""
+    model: Optional[str] = opt(None, "Model to sample from.")
+    prompts: Optional[str] = opt(None, "Prompts file.")
+    output: Optional[str] = opt(None, "pairs.jsonl to write: {prompt, completions: [...]} per row.")
+    n_per_prompt: int = opt(2, "Completions per prompt (at least 2).")
+    max_new_tokens: int = opt(64, "Maximum sampled tokens per completion.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling p.")
+    batch_size: int = opt(8, "Prompts per generation batch.")
+    seed: int = opt(0, "Random seed.")
+    device: str = opt("auto", "Device: auto, cpu, cuda, ...")
+    config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
+
+
+@dataclass
+class LabelConfig:
+    """prefalign label: a local web app where people compare completions."""
+    pairs: Optional[str] = opt(None, "pairs.jsonl from `prefalign pairs` (or hand-written in that form).")
+    db: Optional[str] = opt(None, "SQLite file holding the labels (created when missing).")
+    host: str = opt("127.0.0.1", "Address to bind.")
+    port: int = opt(8765, "Port to listen on.")
+    allow_remote: bool = opt(False, "Allow binding to a non-loopback address.")
+    max_comment_chars: int = opt(2000, "Longest comment accepted.")
+    config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
+
+
+@dataclass
+class LabelExportConfig:
+    """prefalign label export: labels -> {prompt, chosen, rejected} for reward / DPO training."""
+    db: Optional[str] = opt(None, "SQLite label database.")
+    output: Optional[str] = opt(None, "prefs.jsonl to write.")
+    min_agreement: float = opt(0.0, "Keep pairs whose majority share among labelers is at least this.")
+    keep_ties: bool = opt(False, "Keep pairs whose majority vote is a tie (written with chosen = first completion and a tie flag).")
+    keep_both_bad: bool = opt(False, "Keep pairs whose majority vote is 'both bad'.")
+    config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
+
+
+@dataclass
+class ConvertConfig:
+    """prefalign models convert: dequantise a GGUF file into a plain HF checkpoint."""
+    file: Optional[str] = opt(None, "The .gguf file.")
+    output: Optional[str] = opt(None, "Directory for the HF checkpoint.")
+    config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
+
+
+@dataclass
+class DemoConfig:
+    """prefalign demo: the whole pipeline on the embedded sentiment lab, with a report."""
+    output: str = opt("demo-output", "Directory for every stage, results.json and report.html.")
+    quick: bool = opt(False, "A minutes-long version of the demo (smaller model, fewer steps).")
+    base: str = opt("tiny", "Base policy: tiny (pretrained here on the generated corpus) or smollm2.")
+    seed: int = opt(0, "Random seed.")
+    config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
+
+
+# --------------------------------------------------------------------------- parsing
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _converter(name: str, tp: Any):
+    """A function str -> value for argparse and for YAML values of the wrong type."""
+    base, _ = _unwrap_optional(tp)
+    if typing.get_origin(base) is Literal:
+        return str
+    if base in (int, float, str):
+        return base
+    raise TypeError(f"config field {name!r} has unsupported type {tp!r}")
+
+
+def fields_of(cls) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def build_parser(cls, prog: Optional[str] = None, parser: Optional[argparse.ArgumentParser] = None):
+    """An argparse parser with one option per dataclass field; every default is SUPPRESS so
+    that only options the user typed reach the namespace (they win over YAML)."""
+    parser = parser or argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
+    for name, f in fields_of(cls).items():
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        base, _ = _unwrap_optional(f.type)
+        if base is bool:
+            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {default})")
+            continue
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{help_text} (default: {default})"}
+        if typing.get_origin(base) is Literal:
+            kw["choices"] = list(typing.get_args(base))
+        kw["type"] = _converter(name, f.type)
+        parser.add_argument(_flag(name), dest=name, **kw)
+    return parser
+
+
+def _coerce(cls_name: str, f: dataclasses.Field, value: Any, source: str) -> Any:
+    base, optional = _unwrap_optional(f.type)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: `{f.name}` may not be empty (null).")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: `{f.name}` must be true or false, got {value!r}.")
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            raise ConfigError(f"{source}: `{f.name}` must be one of {', '.join(map(str, choices))}; got {value!r}.")
+        return value
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{source}: `{f.name}` must be {base.__name__}, got {value!r}.")
+
+
+def load_yaml(path: str, cls) -> dict[str, Any]:
+    """Read a YAML config; keys may use dashes or underscores. Unknown keys are errors."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value, not {type(raw).__name__}.")
+    fields = fields_of(cls)
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise ConfigError(f"config file {path}: unknown key `{key}`.{hint} "
+                              f"Valid keys are listed by `--help`.")
+        out[name] = _coerce(cls.__name__, fields[name], value, f"config file {path}")
+    return out
+
+
+def parse_config(cls, argv: list[str], prog: Optional[str] = None):
+    """Fill dataclass ``cls`` from ``--config FILE.yaml`` and the command line (CLI wins)."""
+    parser = build_parser(cls, prog=prog)
+    return config_from_namespace(cls, parser.parse_args(argv))
+
+
+def config_from_namespace(cls, ns: argparse.Namespace):
+    cli_values = {k: v for k, v in vars(ns).items() if not k.startswith("_")}
+    values: dict[str, Any] = {}
+    if cli_values.get("config"):
+        values.update(load_yaml(cli_values["config"], cls))
+    values.update(cli_values)
+    return cls(**values)
+
+
+def require(cfg, *names: str) -> None:
+    """Raise a ConfigError naming each required option that is unset."""
+    missing = [n for n in names if getattr(cfg, n) in (None, "")]
+    if missing:
+        opts = ", ".join(_flag(n) for n in missing)
+        raise ConfigError(f"missing required option(s): {opts} (or set them in --config FILE.yaml).")
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
