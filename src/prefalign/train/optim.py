@@ -1,0 +1,54 @@
+"""AdamW, warmup then constant/linear/cosine decay, and one guarded optimizer step."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                   eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    # foreach=False keeps the update order identical across runs and resumes (bitwise CPU resume).
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def make_scheduler(optimizer, total_steps: int, warmup_steps: int = 0, warmup_ratio: float = 0.0,
+                   schedule: str = "linear") -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = warmup_steps or int(round(warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, schedule))
+
+
+def clip_and_check(parameters, max_grad_norm: float) -> tuple[torch.Tensor, bool]:
+    """Global grad norm (clipped to max_grad_norm when > 0) and whether every gradient is finite."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0), True
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+    # DTensor (FSDP2) norms come back as DTensors; full_tensor() gives the global value.
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.detach(), bool(torch.isfinite(norm))
