@@ -85,3 +85,31 @@ def no_grad_sync(model, sync: bool):
                 model.set_requires_gradient_sync(True)
         return _fsdp()
     return contextlib.nullcontext()
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") -> torch.nn.Module:
+    """DDP, or FSDP2 (fully_shard per decoder layer, then the root), under torchrun; the model
+    itself in a single process."""
+    model.to(info.device)
+    if not info.distributed:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (the ModuleList with the most parameters)."""
+    best, size = [], -1
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            n = sum(p.numel() for p in mod.parameters())
+            if n > size:
+                best, size = list(mod), n
+    return best

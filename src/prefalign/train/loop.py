@@ -169,7 +169,12 @@ def evaluate(model, objective: Objective, eval_set: Sequence, collate: Callable,
                 out = objective(model, batch)
             meter.add({"loss": (out.loss.detach(), objective.units(batch)), **out.metrics})
     model.train(was_training)
-    return {f"eval/{k}": v for k, v in meter.reduce(dist.device).items()}
+    return {f"eval/{k}": v for k, v in finalize(objective, meter.reduce(dist.device)).items()}
+
+
+def finalize(objective, metrics: dict[str, float]) -> dict[str, float]:
+    """Objectives may derive metrics from reduced means (e.g. a std from E[r] and E[r^2])."""
+    return objective.finalize(metrics) if hasattr(objective, "finalize") else metrics
 
 
 def backward_step(model, objective: Objective, micro: list[dict], dist: DistInfo, dtype: str = "auto"):
@@ -199,7 +204,8 @@ def backward_step(model, objective: Objective, micro: list[dict], dist: DistInfo
 
 def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, collate: Callable[[list], dict], *,
         out_dir, dist: DistInfo, eval_set: Optional[Sequence] = None, extra_state: Optional[dict] = None,
-        desc: str = "train", trainable: Optional[torch.nn.Module] = None) -> LoopResult:
+        desc: str = "train", trainable: Optional[torch.nn.Module] = None,
+        eval_collate: Optional[Callable[[list], dict]] = None) -> LoopResult:
     """Train ``model`` on ``objective``. ``trainable`` is the module whose parameters the
     optimizer updates and whose state is checkpointed (default ``model``; pass the unwrapped
     module when ``model`` is a DDP wrapper). ``extra_state`` maps names to objects with
@@ -287,7 +293,7 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
                     f"data, then rerun with --resume.", exit_code=3)
             row: dict[str, Any] = {}
             if step % cfg.logging_steps == 0 or step == total:
-                last_metrics = meter.reduce(dist.device)
+                last_metrics = finalize(objective, meter.reduce(dist.device))
                 meter = _Meter()
                 elapsed = time.perf_counter() - window["t"]
                 row.update(last_metrics)
@@ -298,7 +304,7 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
                 window = {"t": time.perf_counter(), "tokens": 0, "steps": 0}
                 bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}")
             if eval_set and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
-                eval_metrics = evaluate(model, objective, eval_set, collate, B, dist, cfg.dtype)
+                eval_metrics = evaluate(model, objective, eval_set, eval_collate or collate, B, dist, cfg.dtype)
                 row.update(eval_metrics)
             if row:
                 logger.log({"step": step, **row})

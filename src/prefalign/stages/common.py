@@ -1,0 +1,94 @@
+"""What every training stage does around the loop: output directory rules, distributed set-up,
+seeding, held-out split, the final save and summary.json."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from prefalign.config import require, to_dict
+from prefalign.errors import ConfigError
+from prefalign.train import checkpoint as ckpt
+from prefalign.train.dist import DistInfo, barrier, init_distributed
+from prefalign.train.logger import write_summary
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_output(cfg) -> Path:
+    """OUTPUT must be new, empty, or resumable. Nothing is created here: bad input found later
+    must not leave a half-written directory behind."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} exists and is not a directory.")
+    if out.exists() and any(out.iterdir()) and not getattr(cfg, "resume", False):
+        if (out / ckpt.CKPT_DIR).exists() or (out / "metrics.jsonl").exists():
+            raise ConfigError(f"--output {out} already holds a run (checkpoints or metrics.jsonl). "
+                              f"Pass --resume to continue it, or choose a new directory.")
+    return out
+
+
+def start(cfg, *required: str) -> tuple[DistInfo, Path, float]:
+    require(cfg, *required)
+    out = check_output(cfg)
+    dist = init_distributed(getattr(cfg, "device", "auto"))
+    seed_everything(cfg.seed)
+    return dist, out, time.perf_counter()
+
+
+def split_eval(examples: list, eval_examples: Optional[list], fraction: float, seed: int) -> tuple[list, list]:
+    """--eval-data wins; else hold out a seeded --eval-fraction of the training examples."""
+    if eval_examples is not None or fraction <= 0:
+        return examples, eval_examples or []
+    if not 0 < fraction < 1:
+        raise ConfigError(f"--eval-fraction must be between 0 and 1, got {fraction}.")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 17)).tolist()
+    n_eval = max(1, int(round(fraction * len(examples))))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def save_final(out: Path, dist: DistInfo, save_fn: Callable[[Path], None]) -> None:
+    """Write the final model into a temporary folder, then move its files into OUTPUT, so a
+    kill during the save never leaves a half-written model next to a finished summary."""
+    if dist.is_main:
+        tmp = out / ".final-tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_fn(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+        tmp.rmdir()
+    barrier()
+
+
+def finish(cfg, out: Path, dist: DistInfo, stage: str, t0: float, result=None, **extra: Any) -> dict:
+    summary = {"stage": stage, "config": to_dict(cfg), "wall_time_s": time.perf_counter() - t0,
+               "world_size": dist.world_size,
+               "global_batch_size": cfg.batch_size * cfg.grad_accum * dist.world_size if hasattr(cfg, "grad_accum") else None}
+    if result is not None:
+        summary.update({"steps": result.steps, "final_metrics": result.last_metrics,
+                        "eval_metrics": result.eval_metrics, "bad_steps": result.bad_steps,
+                        "resumed_from_step": result.resumed_from})
+    summary.update(extra)
+    if dist.is_main:
+        write_summary(out, summary)
+    return summary
+
+
+def report(summary: dict, keys: Sequence[str]) -> None:
+    """One line a person reads at the end of a stage."""
+    m = {**summary.get("final_metrics", {}), **summary.get("eval_metrics", {})}
+    parts = [f"{k}={m[k]:.4g}" for k in keys if k in m and isinstance(m[k], float)]
+    print(f"prefalign {summary['stage']}: {summary.get('steps', 0)} steps in {summary['wall_time_s']:.1f}s; "
+          + " ".join(parts))

@@ -1,0 +1,128 @@
+"""prefalign reward: a Bradley-Terry reward model.
+
+The model is the causal LM's backbone plus a linear head giving one scalar at the last real
+token (saved as a standard HF sequence-classification checkpoint). Loss per pair:
+-log sigma(r(x, y_w) - r(x, y_l) - margin). Chosen and rejected go through the model in one
+forward pass. After training, rewards are shifted (and with --normalize std scaled) so that
+E[r] = 0 over the training completions; shift and scale are stored in config.json and every
+later scoring applies them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prefalign.data import encode_preference, load_preferences, load_sft
+from prefalign.errors import ConfigError
+from prefalign.losses import bradley_terry_loss
+from prefalign.models import ScalarModel
+from prefalign.stages.batching import collate_padded
+from prefalign.stages.common import finish, report, save_final, split_eval, start
+from prefalign.train.dist import wrap_model
+from prefalign.train.logger import iter_progress
+from prefalign.train.loop import LossOutput, fit, to_device
+
+
+def collate_pairs(pairs, pad_id: int) -> dict:
+    """[(chosen Tokenized, rejected Tokenized, margin)] -> chosen rows then rejected rows, (2B, T)."""
+    batch = collate_padded([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+    batch["margin"] = torch.tensor([p[2] if p[2] is not None else 0.0 for p in pairs], dtype=torch.float32)
+    return batch
+
+
+class RewardObjective:
+    """Bradley-Terry negative log-likelihood summed over pairs; the unit is one pair."""
+
+    def __init__(self, center_coef: float = 0.0):
+        self.center_coef = center_coef
+
+    def units(self, batch: dict) -> float:
+        return float(batch["margin"].shape[0])
+
+    def __call__(self, model, batch: dict) -> LossOutput:
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (2B,)
+        n = batch["margin"].shape[0]
+        chosen, rejected = scores[:n].float(), scores[n:].float()
+        losses, _ = bradley_terry_loss(chosen, rejected, batch["margin"])
+        if self.center_coef:
+            losses = losses + self.center_coef * (chosen + rejected) ** 2  # keeps E[r] near 0 while training
+        d = (chosen - rejected).detach()
+        r = scores.detach().float()
+        return LossOutput(losses.sum(), {
+            "accuracy": ((d > 0).float().sum(), n), "margin": (d.sum(), n),
+            "rewards/chosen": (chosen.detach().sum(), n), "rewards/rejected": (rejected.detach().sum(), n),
+            "rewards/mean": (r.sum(), 2 * n), "rewards/sq_mean": ((r ** 2).sum(), 2 * n)})
+
+    @staticmethod
+    def finalize(m: dict) -> dict:
+        if "rewards/sq_mean" in m:
+            m = dict(m)
+            m["rewards/std"] = math.sqrt(max(0.0, m.pop("rewards/sq_mean") - m["rewards/mean"] ** 2))
+        return m
+
+
+@torch.no_grad()
+def score_sequences(model: ScalarModel, seqs, pad_id: int, batch_size: int, device, desc="scoring",
+                    progress=True) -> torch.Tensor:
+    """Raw scores (N,) of Tokenized sequences, in order."""
+    model.eval()
+    out = []
+    batches = range(0, len(seqs), batch_size)
+    for i in iter_progress(batches, len(batches), desc, enabled=progress):
+        b = to_device(collate_padded(seqs[i:i + batch_size], pad_id), device)
+        out.append(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def normalization_sequences(cfg, tokenizer, train_pairs):
+    """The completions E[r] = 0 is taken over: the training completions, or --normalize-data."""
+    if not cfg.normalize_data:
+        return [p[0] for p in train_pairs] + [p[1] for p in train_pairs]
+    from prefalign.stages.sft import tokenize_sft
+    return tokenize_sft(load_sft(cfg.normalize_data), tokenizer, cfg.max_length, cfg.max_prompt_length)
+
+
+def tokenize_pairs(examples, tokenizer, cfg):
+    pairs = []
+    for ex in examples:
+        chosen, rejected = encode_preference(tokenizer, ex, cfg.max_length, cfg.max_prompt_length)
+        pairs.append((chosen, rejected, ex.margin))
+    return pairs
+
+
+def run_reward(cfg) -> int:
+    dist, out, t0 = start(cfg, "model", "data", "output")
+    if cfg.packing:
+        raise ConfigError("--packing is not supported by `prefalign reward`; drop the option.")
+    examples = load_preferences(cfg.data, cfg.data_format)
+    eval_examples = load_preferences(cfg.eval_data, cfg.data_format) if cfg.eval_data else None
+    model, tokenizer = ScalarModel.from_causal_lm(cfg.model, dtype=cfg.dtype, seed=cfg.seed,
+                                                  attn_implementation=cfg.attn_implementation)
+    pairs = tokenize_pairs(examples, tokenizer, cfg)
+    eval_pairs = tokenize_pairs(eval_examples, tokenizer, cfg) if eval_examples else None
+    pairs, eval_pairs = split_eval(pairs, eval_pairs, cfg.eval_fraction, cfg.seed)
+    pad_id = tokenizer.pad_token_id
+    collate = lambda rows: collate_pairs(rows, pad_id)
+    wrapped = wrap_model(model, dist, cfg.distributed)
+    result = fit(cfg, wrapped, RewardObjective(cfg.center_coef), pairs, collate, out_dir=out, dist=dist,
+                 eval_set=eval_pairs or None, desc="reward", trainable=model)
+    norm = {"mode": cfg.normalize, "shift": 0.0, "scale": 1.0}
+    if cfg.normalize != "none":
+        scores = score_sequences(model, normalization_sequences(cfg, tokenizer, pairs), pad_id, cfg.batch_size * 2,
+                                 dist.device, "normalising", cfg.progress and dist.is_main).double()
+        norm["shift"] = float(scores.mean())
+        if cfg.normalize == "std":
+            norm["scale"] = float(scores.std()) or 1.0
+        norm["over"] = cfg.normalize_data or "training completions"
+        norm["n_completions"] = int(scores.numel())
+    model.set_normalization(norm["shift"], norm["scale"])
+    save_final(out, dist, lambda d: model.save_pretrained(d, tokenizer))
+    summary = finish(cfg, out, dist, "reward", t0, result, normalization=norm, train_pairs=len(pairs),
+                     eval_pairs=len(eval_pairs or []))
+    if dist.is_main:
+        report(summary, ["loss", "accuracy", "eval/loss", "eval/accuracy"])
+        if cfg.normalize != "none":
+            print(f"prefalign reward: rewards normalised: r = (raw - {norm['shift']:.4g}) / {norm['scale']:.4g} "
+                  f"over {norm['n_completions']} {norm['over']}; stored in config.json.")
+    return 0

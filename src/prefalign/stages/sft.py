@@ -1,0 +1,78 @@
+"""prefalign sft: supervised fine-tuning.
+
+{prompt, completion} and chat data: loss on completion tokens only (prompt masked), EOS
+appended so the model learns to stop. {text}: plain LM loss on every token. --packing puts
+several examples in one row with per-example position ids and no attention across them;
+the loss equals the padded loss of the same examples (tests/test_sft.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from prefalign.data import encode_prompt_completion, encode_text, load_sft, pack_groups
+from prefalign.models import load_causal_lm, save_pretrained
+from prefalign.ops import next_token_inputs, token_logps
+from prefalign.stages.common import finish, report, save_final, split_eval, start
+from prefalign.stages.batching import collate_padded, collate_packed_rows, label_mask
+from prefalign.train.dist import wrap_model
+from prefalign.train.loop import LossOutput, fit
+
+
+class SFTObjective:
+    """Sum of next-token NLL over completion tokens; the unit is one predicted token."""
+
+    def units(self, batch: dict) -> float:
+        return float(label_mask(batch).sum())
+
+    def __call__(self, model, batch: dict) -> LossOutput:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       position_ids=batch["position_ids"], use_cache=False).logits  # (B, T, V)
+        logits, labels, _ = next_token_inputs(logits, batch["input_ids"], batch["completion_mask"])
+        mask = label_mask(batch)  # (B, T-1)
+        logps = token_logps(logits, labels)  # (B, T-1)
+        correct = (logits.argmax(-1) == labels) & mask
+        return LossOutput(-(logps * mask).sum(), {"token_accuracy": (correct.sum(), mask.sum())})
+
+
+def tokenize_sft(examples, tokenizer, max_length: int, max_prompt_length=None):
+    out = []
+    for ex in examples:
+        if ex.prompt is None:
+            out.append(encode_text(tokenizer, ex.completion, max_length))
+        else:
+            out.append(encode_prompt_completion(tokenizer, ex.prompt, ex.completion, max_length, max_prompt_length))
+    return out
+
+
+def run_sft(cfg) -> int:
+    dist, out, t0 = start(cfg, "model", "data", "output")
+    train_ex = load_sft(cfg.data, cfg.data_format)
+    eval_ex = load_sft(cfg.eval_data, cfg.data_format) if cfg.eval_data else None
+    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device="cpu",
+                                      attn_implementation=cfg.attn_implementation)
+    if cfg.lora:
+        from prefalign.models import apply_lora
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    train_tok = tokenize_sft(train_ex, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    eval_tok = tokenize_sft(eval_ex, tokenizer, cfg.max_length, cfg.max_prompt_length) if eval_ex else None
+    if not cfg.completion_only:
+        for t in train_tok + (eval_tok or []):
+            t.prompt_len = 0
+    train_tok, eval_tok = split_eval(train_tok, eval_tok, cfg.eval_fraction, cfg.seed)
+    pad_id = tokenizer.pad_token_id
+    if cfg.packing:
+        train_set = [[train_tok[i] for i in g] for g in pack_groups([len(t.input_ids) for t in train_tok], cfg.max_length)]
+        collate = lambda rows: collate_packed_rows(rows, pad_id)
+    else:
+        train_set = train_tok
+        collate = lambda rows: collate_padded(rows, pad_id)
+    eval_collate = lambda rows: collate_padded(rows, pad_id)
+    wrapped = wrap_model(model, dist, cfg.distributed)
+    result = fit(cfg, wrapped, SFTObjective(), train_set, collate, out_dir=out, dist=dist,
+                 eval_set=eval_tok or None, desc="sft", trainable=model, eval_collate=eval_collate)
+    save_final(out, dist, lambda d: save_pretrained(model, tokenizer, d))
+    summary = finish(cfg, out, dist, "sft", t0, result, train_examples=len(train_tok),
+                     train_rows=len(train_set), eval_examples=len(eval_tok or []))
+    if dist.is_main:
+        report(summary, ["loss", "token_accuracy", "eval/loss", "eval/token_accuracy"])
+    return 0

@@ -1,0 +1,72 @@
+"""prefalign reward and score: separable data is learned, normalisation, CLI with YAML."""
+import json
+import random
+
+import pytest
+import torch
+
+from prefalign.models import ScalarModel
+from prefalign.tiny import save_tiny_model
+from conftest import run_cli
+
+GOOD = "great wonderful superb lovely brilliant charming".split()
+BAD = "awful boring dull terrible weak bland".split()
+NOUNS = "movie plot cast music story ending".split()
+
+
+def separable_pairs(n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = f"The {rng.choice(NOUNS)} was"
+        rows.append({"prompt": prompt, "chosen": f" {rng.choice(GOOD)} and {rng.choice(GOOD)}.",
+                     "rejected": f" {rng.choice(BAD)} and {rng.choice(BAD)}."})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rm")
+    texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in separable_pairs(200, 0)]
+    save_tiny_model(d / "base", hidden=32, layers=2, texts=texts, vocab_size=300)
+    write_jsonl(d / "train.jsonl", separable_pairs(256, 1))
+    write_jsonl(d / "test.jsonl", separable_pairs(64, 2))
+    (d / "rm.yaml").write_text("lr: 0.003\nbatch_size: 16\nmax-steps: 40\nlogging-steps: 10\nnormalize: std\n")
+    run_cli("reward", "--model", d / "base", "--data", d / "train.jsonl", "--output", d / "rm",
+            "--config", d / "rm.yaml", "--no-progress")
+    return d
+
+
+def test_reward_model_separates(trained):
+    proc = run_cli("score", "--reward-model", trained / "rm", "--data", trained / "test.jsonl",
+                   "--output", trained / "scores.jsonl")
+    summary = json.loads(proc.stdout)
+    assert summary["pairs"] == 64 and summary["accuracy"] >= 0.95
+    rows = [json.loads(l) for l in (trained / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 64 and {"chosen_score", "rejected_score", "correct"} <= set(rows[0])
+
+
+def test_normalisation_centres_training_completions(trained):
+    summary = json.loads((trained / "rm" / "summary.json").read_text())
+    norm = summary["normalization"]
+    assert norm["mode"] == "std" and norm["n_completions"] == 512 and norm["scale"] > 0
+    cfg = json.loads((trained / "rm" / "config.json").read_text())
+    assert cfg["prefalign_reward_shift"] == pytest.approx(norm["shift"])
+    assert cfg["prefalign_reward_scale"] == pytest.approx(norm["scale"])
+    rows = [{"prompt": r["prompt"], "completion": c} for r in separable_pairs(256, 1) for c in (r["chosen"], r["rejected"])]
+    write_jsonl(trained / "completions.jsonl", rows)
+    out = json.loads(run_cli("score", "--reward-model", trained / "rm", "--data", trained / "completions.jsonl").stdout)
+    assert abs(out["score_mean"]) < 1e-4 and out["score_std"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_reward_metrics_logged(trained):
+    rows = [json.loads(l) for l in (trained / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    for key in ("loss", "accuracy", "margin", "rewards/mean", "rewards/std"):
+        assert key in rows[-1]
+    assert rows[-1]["loss"] < rows[0]["loss"]
