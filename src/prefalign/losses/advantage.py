@@ -1,0 +1,43 @@
+"""Generalised advantage estimation and whitening, over right-padded per-token rows."""
+from __future__ import annotations
+
+import torch
+
+from prefalign.ops import masked_mean, masked_var
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns by GAE(gamma, lambda); no whitening here.
+
+    rewards, values (B, T), mask (B, T) bool with each row's real tokens first (right padding, as
+    rollout.Rollout lays responses out). Masked positions contribute nothing: the value after a row's
+    last real token is 0 (the episode ended) and advantages/returns there are 0.
+    Returns (advantages (B, T), returns (B, T)), returns = advantages + values.
+    """
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    rewards = torch.where(mask, rewards, zero)
+    values = torch.where(mask, values, zero)
+    T = rewards.shape[1]
+    last = torch.zeros_like(values[:, 0])  # (B,) advantage of the following step
+    steps = []
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]  # TD residual delta_t, Schulman et al. 2016 Sec. 3
+        last = torch.where(mask[:, t], delta + gamma * lam * last, zero)  # Schulman et al. 2016 eq. 16, recursively
+        steps.append(last)
+    advantages = torch.stack(steps[::-1], dim=1)  # (B, T)
+    return advantages, torch.where(mask, advantages + values, zero)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise x to unit variance (and zero mean when shift_mean) over its masked entries.
+
+    x (B, T), mask (B, T) bool -> (B, T), 0 at masked positions. Statistics are over all counted
+    tokens of the batch (unbiased variance); shift_mean=False keeps the original mean.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=True)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros((), dtype=x.dtype, device=x.device))

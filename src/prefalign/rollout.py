@@ -1,0 +1,182 @@
+"""Batched sampling from a causal LM with a KV cache, and the matching teacher-forced log-probs.
+
+Our own loop rather than ``model.generate`` so the log-probs PPO needs are recorded exactly as the
+training path recomputes them.
+
+Layout. Prompts are LEFT-padded into ``query_ids`` (B, P); responses are RIGHT-padded into
+``response_ids`` (B, R). Position ids count real tokens only, ``cumsum(attention_mask) - 1``, so a
+row's positions do not depend on how much padding its batch needed.
+
+Recorded log-probs. ``logprobs[b, r]`` is log softmax(logits / temperature) at the sampled token:
+the temperature-scaled model distribution, *before* top-k / top-p filtering. ``forward_logps``
+recomputes exactly this, so PPO's first ratio is 1. With filtering on, tokens are drawn from the
+filtered distribution while log-probs refer to the unfiltered one (as TRL does); filtering only ever
+removes unlikely tokens, so this is a mild, documented off-policy bias.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from prefalign.ops import entropy_from_logits, token_logps
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions. Masks are bool, True = a real token."""
+
+    query_ids: torch.Tensor  # (B, P) long, left-padded prompts
+    query_mask: torch.Tensor  # (B, P) bool
+    response_ids: torch.Tensor  # (B, R) long, pad_token_id after EOS
+    response_mask: torch.Tensor  # (B, R) bool, True for sampled tokens including the EOS
+    logprobs: torch.Tensor  # (B, R) float32, log softmax(logits / T) of each sampled token; 0 where masked
+    ended_with_eos: torch.Tensor  # (B,) bool, False when a row ran out of max_new_tokens
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int,
+             device: Union[str, torch.device] = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists: -> (ids (B, P) long, mask (B, P) bool)."""
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("sample: every prompt needs at least one token (got an empty prompt or no prompts).")
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompt_ids), width, dtype=torch.bool)
+    for row, p in enumerate(prompt_ids):
+        ids[row, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens: (B, T) bool -> (B, T) long; padding gets 0 (never attended)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers >= 5.x calls the KV cache argument ``cache``; earlier releases ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap peft
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers: no config argument
+        return DynamicCache()
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. (B, V) -> (B, V).
+
+    At least the most likely token always survives.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _check_sampling_args(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"sample: max_new_tokens must be at least 1, got {max_new_tokens}.")
+    if temperature <= 0:
+        raise ValueError(f"sample: temperature must be positive, got {temperature}; for greedy decoding use top_k=1.")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sample: need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}.")
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+           eos_token_id: Union[int, Sequence[int], None], pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> Rollout:
+    """Sample one completion per prompt with a KV cache; see the module docstring for log-prob semantics.
+
+    prompt_ids: B token lists (any lengths, at least one token each). A row stops at its first EOS
+    (any of ``eos_token_id`` when a list); the loop stops when every row has stopped or after
+    max_new_tokens. R (the response width) is the number of steps actually taken.
+    generator: a torch.Generator on the model's device, for reproducible draws.
+    Call ``model.eval()`` first if the model has dropout: sampling does not change the model's mode.
+    """
+    _check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos = torch.as_tensor(eos_ids, dtype=torch.long, device=device)  # empty: rows run to max_new_tokens
+    query_ids, query_mask = left_pad(prompt_ids, pad_token_id, device)
+    cache_kw, cache = _cache_kwarg(model), _new_cache(model)
+    attention = query_mask.long()  # (B, P + steps so far)
+    positions = position_ids_from_mask(query_mask)
+    logits = model(input_ids=query_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                   logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]  # (B, V)
+    next_position = positions[:, -1:] + 1  # (B, 1)
+    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    tokens, logps, alive = [], [], []
+    for step in range(max_new_tokens):
+        scaled = logits.float() / temperature  # (B, V)
+        probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        alive.append(~done)
+        logps.append(token_logps(scaled[:, None], token[:, None])[:, 0])
+        tokens.append(token)
+        done = done | torch.isin(token, eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        # Finished rows keep stepping on a pad token; their outputs are masked, and batching stays simple.
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
+                       use_cache=True, **{cache_kw: cache}).logits[:, -1]
+        next_position = next_position + 1
+    response_mask = torch.stack(alive, dim=1)  # (B, R)
+    return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=torch.stack(tokens, dim=1),
+                   response_mask=response_mask,
+                   logprobs=torch.where(response_mask, torch.stack(logps, dim=1), 0.0), ended_with_eos=done)
+
+
+def forward_logps(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                  response_mask: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs of the response tokens in one forward pass (the training path; keeps grad).
+
+    query_ids/query_mask (B, P) left-padded, response_ids/response_mask (B, R) right-padded, as in Rollout.
+    Returns (logprobs (B, R) float32 of log softmax(logits / temperature), entropy (B, R) of that
+    distribution), both 0 where response_mask is False. Positions match ``sample``.
+    """
+    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, P + R)
+    mask = torch.cat([query_mask, response_mask], dim=1)
+    R = response_ids.shape[1]
+    # The last R + 1 positions suffice: logits at P - 1 + r predict response token r.
+    logits = model(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
+                   logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V)
+    logits = logits.float() / temperature
+    zero = torch.zeros((), device=logits.device)
+    logps = torch.where(response_mask, token_logps(logits, response_ids), zero)
+    return logps, torch.where(response_mask, entropy_from_logits(logits), zero)
+
+
+def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, batch_size: int = 16,
+                   generator: Optional[torch.Generator] = None) -> list[str]:
+    """Sample one completion per prompt string and decode it (special tokens, EOS included, dropped).
+
+    Prompts are encoded with the tokenizer's defaults (e.g. a BOS for Llama tokenizers); apply a chat
+    template before calling if the model expects one.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch_size]]
+        out = sample(model, chunk, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=pad, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        for ids, mask in zip(out.response_ids, out.response_mask):
+            texts.append(tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True))
+    return texts
