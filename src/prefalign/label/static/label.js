@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const state = { name: null, item: null, lastKey: null, busy: false };
 const KEYS = { "1": "a", a: "a", "2": "b", b: "b", t: "tie", x: "both_bad", s: "skip" };
+const SAID = { a: "A better", b: "B better", tie: "tie", both_bad: "both bad", skip: "skipped" };
 
 // A fresh idempotency key per answer: a retry of the same answer reuses it, so the server
 // stores it once. getRandomValues works on plain http, unlike crypto.randomUUID.
@@ -65,7 +66,7 @@ async function answer(choice) {
   try {
     const r = await post("api/labels", body);
     if (r.status !== 200) say(r.data.error, true);
-    else say(`saved: ${choice.replace("_", " ")}`);
+    else say(`saved: ${SAID[choice]}`);
     if (r.status === 200 || r.status === 409) await loadNext();
   } catch (err) {
     say("could not reach the server; your answer was not saved. Try again.", true);
@@ -84,7 +85,7 @@ async function undo() {
     showProgress(r.data.progress, r.data.last_key);
     show(r.data.item);
     $("comment").value = r.data.comment || "";
-    say(`undone: ${r.data.choice.replace("_", " ")} — answer this one again`);
+    say(`undone: ${SAID[r.data.choice]} — answer this one again`);
   } catch (err) {
     say("could not reach the server; nothing was undone.", true);
   } finally {
