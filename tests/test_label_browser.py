@@ -41,7 +41,7 @@ def test_label_flow_in_chromium(tmp_path):
                          for i in ("prompt", "text-a", "text-b"))
 
         def wait_progress(n):
-            wait.until(lambda d: f"you: {n} answered" in d.find_element(By.ID, "progress").text)
+            wait.until(lambda d: f"you: {n} / 4 done" in d.find_element(By.ID, "progress").text)
 
         body = driver.find_element(By.TAG_NAME, "body")
         seen = [shown()]

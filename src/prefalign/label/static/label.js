@@ -35,7 +35,8 @@ async function post(url, body) {
 
 function showProgress(p, lastKey) {
   state.lastKey = lastKey;
-  $("progress").textContent = `you: ${p.mine} answered · ${p.labelled} / ${p.total} comparisons have an answer`;
+  // "done" counts skips too (a skipped item is not served to this person again).
+  $("progress").textContent = `you: ${p.mine} / ${p.total} done · ${p.labelled} / ${p.total} answered by anyone`;
 }
 
 function show(item) {
