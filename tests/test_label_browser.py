@@ -4,7 +4,6 @@ import os
 import shutil
 import sqlite3
 
-import pytest
 from conftest import run_cli
 from label_helpers import chrome_driver, ensure_chromium, start_server, stop, write_pairs
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flask import Flask, g, jsonify, render_template, request
+from flask import Flask, current_app, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from prefalign.config import LabelConfig, require
@@ -96,110 +96,133 @@ def _state(labeler: str) -> dict:
     return {"progress": store.progress(conn, labeler), "last_key": store.last_key(conn, labeler)}
 
 
+def _max_comment() -> int:
+    return current_app.config["PREFALIGN_MAX_COMMENT_CHARS"]
+
+
+def _guard():
+    """Before every request: know the database, refuse cross-origin writes."""
+    g.db_path = current_app.config["PREFALIGN_DB"]
+    if request.method == "POST" and not _same_origin():
+        raise ApiError(403, "cross-origin request refused: POST from the labelling page "
+                            "(Origin or Referer must equal this server's address).")
+
+
+def _close(_exc):
+    conn = g.pop("db", None)
+    if conn is not None:
+        conn.close()
+
+
+def _api_error(e: ApiError):
+    return jsonify(error=e.message), e.status
+
+
+def _http_error(e: HTTPException):
+    message = e.description
+    if e.code == 413:
+        message = f"request too large (comments are limited to {_max_comment()} characters)."
+    return jsonify(error=message), e.code
+
+
+def page():
+    return render_template("label.html", max_comment_chars=_max_comment())
+
+
+def stats_page():
+    return render_template("stats.html", **_stats())
+
+
+def stats_api():
+    data = _stats()
+    data["labelers"] = [dict(row) for row in data["labelers"]]
+    return jsonify(data)
+
+
+def next_item():
+    labeler = _labeler(request.args.get("labeler"))
+    item = store.next_item(_db(), labeler)
+    return jsonify(item=_random_order(item) if item else None, **_state(labeler))
+
+
+def one_item(item_id: int):
+    try:
+        item = store.get_item(_db(), item_id)
+    except store.UnknownItem:
+        raise ApiError(404, f"no item with id {item_id}.") from None
+    return jsonify(item=_random_order(item))
+
+
+def add_label():
+    body = _body()
+    labeler = _labeler(body.get("labeler"))
+    key, comment = body.get("key"), body.get("comment", "")
+    if not isinstance(key, str) or not 8 <= len(key) <= 100:
+        raise ApiError(400, "`key` must be a fresh random string (8 to 100 characters) per label.")
+    if not isinstance(comment, str):
+        raise ApiError(400, "`comment` must be a string.")
+    if len(comment) > _max_comment():
+        raise ApiError(413, f"comment has {len(comment)} characters; the limit is {_max_comment()}.")
+    try:
+        label_id, duplicate = store.add_label(
+            _db(), key=key, item_id=_int_field(body, "item_id"), labeler=labeler, choice=body.get("choice"),
+            shown_a=_int_field(body, "shown_a"), shown_b=_int_field(body, "shown_b"), comment=comment.strip())
+    except store.UnknownItem:
+        raise ApiError(404, f"no item with id {body.get('item_id')}.") from None
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    except store.Conflict as e:
+        raise ApiError(409, str(e)) from None
+    return jsonify(ok=True, label_id=label_id, duplicate=duplicate, **_state(labeler))
+
+
+def undo():
+    body = _body()
+    labeler, key = _labeler(body.get("labeler")), body.get("key")
+    if key is not None and not isinstance(key, str):
+        raise ApiError(400, "`key` must be a string or absent.")
+    label = store.undo(_db(), labeler, key)
+    if label is None:
+        raise ApiError(404, "nothing to undo.")
+    item = _present(store.get_item(_db(), label["item_id"]), label["shown_a"], label["shown_b"])
+    return jsonify(ok=True, item=item, choice=label["choice"], comment=label["comment"], **_state(labeler))
+
+
+def _stats() -> dict:
+    conn = _db()
+    ratings: dict = {}
+    for lab in store.active_labels(conn):
+        if lab["outcome"] != "skip":
+            ratings.setdefault(lab["item_id"], {})[lab["labeler"]] = lab["outcome"]
+    return {"progress": store.progress(conn), "labelers": store.labeler_counts(conn), "agreement": summary(ratings)}
+
+
+ROUTES = [  # (rule, view, methods)
+    ("/", page, ["GET"]),
+    ("/stats", stats_page, ["GET"]),
+    ("/api/stats", stats_api, ["GET"]),
+    ("/api/next", next_item, ["GET"]),
+    ("/api/items/<int:item_id>", one_item, ["GET"]),
+    ("/api/labels", add_label, ["POST"]),
+    ("/api/undo", undo, ["POST"]),
+]
+
+
 def create_app(db_path: str, *, max_comment_chars: int = 2000, loopback_only: bool = True) -> Flask:
     """The labelling app over an initialised database (see ``store.init_db``)."""
     app = Flask(__name__)
+    app.config["PREFALIGN_DB"] = db_path
+    app.config["PREFALIGN_MAX_COMMENT_CHARS"] = max_comment_chars
     # Comments are the only large field; the cap leaves room for them (in UTF-8) and the rest.
     app.config["MAX_CONTENT_LENGTH"] = 16_384 + 4 * max_comment_chars
     if loopback_only:
         app.config["TRUSTED_HOSTS"] = LOOPBACK_HOSTS
-
-    @app.before_request
-    def _guard():
-        g.db_path = db_path
-        if request.method == "POST" and not _same_origin():
-            raise ApiError(403, "cross-origin request refused: POST from the labelling page "
-                                "(Origin or Referer must equal this server's address).")
-
-    @app.teardown_appcontext
-    def _close(_exc):
-        conn = g.pop("db", None)
-        if conn is not None:
-            conn.close()
-
-    @app.errorhandler(ApiError)
-    def _api_error(e: ApiError):
-        return jsonify(error=e.message), e.status
-
-    @app.errorhandler(HTTPException)
-    def _http_error(e: HTTPException):
-        message = e.description
-        if e.code == 413:
-            message = f"request too large (comments are limited to {max_comment_chars} characters)."
-        return jsonify(error=message), e.code
-
-    @app.get("/")
-    def page():
-        return render_template("label.html", max_comment_chars=max_comment_chars)
-
-    @app.get("/stats")
-    def stats_page():
-        return render_template("stats.html", **_stats())
-
-    @app.get("/api/stats")
-    def stats_api():
-        data = _stats()
-        data["labelers"] = [dict(row) for row in data["labelers"]]
-        return jsonify(data)
-
-    @app.get("/api/next")
-    def next_item():
-        labeler = _labeler(request.args.get("labeler"))
-        item = store.next_item(_db(), labeler)
-        return jsonify(item=_random_order(item) if item else None, **_state(labeler))
-
-    @app.get("/api/items/<int:item_id>")
-    def one_item(item_id: int):
-        try:
-            item = store.get_item(_db(), item_id)
-        except store.UnknownItem:
-            raise ApiError(404, f"no item with id {item_id}.") from None
-        return jsonify(item=_random_order(item))
-
-    @app.post("/api/labels")
-    def add_label():
-        body = _body()
-        labeler = _labeler(body.get("labeler"))
-        key, comment = body.get("key"), body.get("comment", "")
-        if not isinstance(key, str) or not 8 <= len(key) <= 100:
-            raise ApiError(400, "`key` must be a fresh random string (8 to 100 characters) per label.")
-        if not isinstance(comment, str):
-            raise ApiError(400, "`comment` must be a string.")
-        if len(comment) > max_comment_chars:
-            raise ApiError(413, f"comment has {len(comment)} characters; the limit is {max_comment_chars}.")
-        try:
-            label_id, duplicate = store.add_label(
-                _db(), key=key, item_id=_int_field(body, "item_id"), labeler=labeler, choice=body.get("choice"),
-                shown_a=_int_field(body, "shown_a"), shown_b=_int_field(body, "shown_b"), comment=comment.strip())
-        except store.UnknownItem:
-            raise ApiError(404, f"no item with id {body.get('item_id')}.") from None
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        except store.Conflict as e:
-            raise ApiError(409, str(e)) from None
-        return jsonify(ok=True, label_id=label_id, duplicate=duplicate, **_state(labeler))
-
-    @app.post("/api/undo")
-    def undo():
-        body = _body()
-        labeler, key = _labeler(body.get("labeler")), body.get("key")
-        if key is not None and not isinstance(key, str):
-            raise ApiError(400, "`key` must be a string or absent.")
-        label = store.undo(_db(), labeler, key)
-        if label is None:
-            raise ApiError(404, "nothing to undo.")
-        item = _present(store.get_item(_db(), label["item_id"]), label["shown_a"], label["shown_b"])
-        return jsonify(ok=True, item=item, choice=label["choice"], comment=label["comment"], **_state(labeler))
-
-    def _stats() -> dict:
-        conn = _db()
-        ratings: dict = {}
-        for lab in store.active_labels(conn):
-            if lab["outcome"] != "skip":
-                ratings.setdefault(lab["item_id"], {})[lab["labeler"]] = lab["outcome"]
-        return {"progress": store.progress(conn), "labelers": store.labeler_counts(conn),
-                "agreement": summary(ratings)}
-
+    app.before_request(_guard)
+    app.teardown_appcontext(_close)
+    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(HTTPException, _http_error)
+    for rule, view, methods in ROUTES:
+        app.add_url_rule(rule, view_func=view, methods=methods)
     return app
 
 
