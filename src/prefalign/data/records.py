@@ -151,6 +151,7 @@ class ParsedFile:
     """A file read record by record: what each format made of it, and what went wrong where."""
     path: str
     array: bool
+    n_records: int                                     # non-blank JSONL lines or array elements
     formats: Counter                                   # format name -> records
     parsed: list[tuple[int, str, Parsed]]              # (line or index, format, parsed record)
     errors: list[DataError]                            # every record that cannot be used
@@ -191,7 +192,7 @@ def parse_file(path, data_format: Optional[str] = None) -> ParsedFile:
         except RecordError as e:
             errors.append((n, DataError(str(e), **_where(path, n, array), field=e.field)))
     errors.sort(key=lambda item: item[0])
-    return ParsedFile(str(path), array, formats, parsed, [e for _, e in errors])
+    return ParsedFile(str(path), array, len(records) + len(scan_errors), formats, parsed, [e for _, e in errors])
 
 
 def _parse_one(record: dict, name: str, majority: str, formats: Counter) -> Parsed:
