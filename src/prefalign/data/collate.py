@@ -47,7 +47,7 @@ def pad_batch(seqs: list[Tokenized], pad_id: int, side: str = "right",
         input_ids[i, start:start + n] = torch.tensor(s.input_ids, dtype=torch.long)
         attention_mask[i, start:start + n] = True
         completion_mask[i, start + s.prompt_len:start + n] = True
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(~attention_mask, 0)  # (B, T)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
             "position_ids": position_ids}
 
