@@ -6,11 +6,12 @@ code: 0 when the file is usable for training, 2 when not (the reasons are printe
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Optional
 
 from prefalign.data.formats import FORMATS
-from prefalign.data.records import KIND_NAMES, ParsedFile, parse_file
+from prefalign.data.records import KIND_NAMES, ParsedFile, PreferenceExample, parse_file
+from prefalign.data.tokenize import encode_preference, encode_prompt, encode_prompt_completion, encode_text
 from prefalign.errors import DataError, ModelError, PrefalignError
 
 FIRST = 5          # how many line numbers to show per finding
@@ -48,9 +49,6 @@ def _share_longer(pairs: list[tuple[int, int]]) -> Optional[float]:
 
 def _tokenizer_findings(pf: ParsedFile, kind: str, tokenizer, max_length: int, mpl: Optional[int]) -> dict:
     """Token lengths before truncation, and what truncation at this budget would do."""
-    from prefalign.data.tokenize import encode_preference, encode_prompt, encode_prompt_completion, encode_text
-    from prefalign.data.records import PreferenceExample
-
     lengths = defaultdict(list)
     truncated, hidden, longer = [], [], []
     for n, _, p in pf.parsed:
