@@ -82,7 +82,7 @@ def test_unreadable_records_are_all_listed(tmp_path):
     r = audit(write(tmp_path / "p.jsonl", rows))
     assert not r["usable"] and r["errors"]["count"] == 3 and r["records"] == 4
     assert ["line 2" in r["errors"]["first"][0], "line 3" in r["errors"]["first"][1]] == [True, True]
-    assert "3 record(s) cannot be read" in r["reasons"][0]
+    assert "3 record(s) cannot be used" in r["reasons"][0]
 
 
 def test_missing_file_reports_instead_of_raising(tmp_path):

@@ -150,7 +150,7 @@ def _judge(report: dict) -> None:
     """Fill ``usable``, ``reasons`` (why not usable) and ``warnings`` (usable, but look)."""
     reasons, warnings, by = report["reasons"], report["warnings"], report["numbered_by"]
     if report["errors"]["count"]:
-        reasons.append(f"{report['errors']['count']} record(s) cannot be read (first: {report['errors']['first'][0]}).")
+        reasons.append(f"{report['errors']['count']} record(s) cannot be used (first: {report['errors']['first'][0]})")
     if report["kind"] is None and report["formats"]:
         reasons.append("the records mix preference, supervised and prompt formats; a file holds one kind.")
     if report["usable_records"] == 0 and not reasons:
@@ -178,7 +178,7 @@ def _judge(report: dict) -> None:
 
 def _lines(f: dict, by: str) -> str:
     more = ", ..." if f["count"] > len(f["first"]) else ""
-    return f"{by}s " + ", ".join(map(str, f["first"])) + more
+    return f"{by}{'s' if f['count'] > 1 else ''} " + ", ".join(map(str, f["first"])) + more
 
 
 # --------------------------------------------------------------------------- printing
@@ -195,10 +195,10 @@ def format_report(report: dict) -> str:
     out += [f"  records: {report['records']} ({report['container']}); usable: {report['usable_records']}",
             f"  formats: {fmt} -> {kind}"]
     if report["errors"]["count"]:
-        out.append(f"  unreadable records: {report['errors']['count']}")
+        out.append(f"  records that cannot be used: {report['errors']['count']}")
         out += [f"    {e}" for e in report["errors"]["first"]]
-    out.append("  skipped: " + ("none" if not report["skipped"] else ""))
-    out += [f"    {f['count']}: {reason} ({_lines(f, report['numbered_by'])})" for reason, f in report["skipped"].items()]
+    if not report["skipped"]:
+        out.append("  skipped: none")  # skips are listed with the warnings
     for note, f in report["notes"].items():
         out.append(f"  note: {f['count']} record(s): {note} ({_lines(f, report['numbered_by'])})")
     if "chosen_longer_chars" in report:

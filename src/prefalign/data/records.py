@@ -209,7 +209,7 @@ def _parse_one(record: dict, name: str, majority: str, formats: Counter) -> Pars
     try:
         return fmt.parse(record)
     except RecordError as e:
-        raise RecordError(f"{e} (format `{name}`)", e.field) from None
+        raise RecordError(f"{str(e).rstrip('.')} (format `{name}`).", e.field) from None
 
 
 # --------------------------------------------------------------------------- loaders
@@ -221,7 +221,7 @@ def _load(path, data_format: Optional[str], wanted: tuple[str, ...], what: str) 
     """Parse a file, raise its first error, and check its format can give ``what``."""
     pf = parse_file(path, data_format)
     if pf.errors:
-        more = f" ({len(pf.errors) - 1} more problem(s); `prefalign data check {path}` lists them all)" \
+        more = f" ({len(pf.errors) - 1} more problem(s); `prefalign data check --data {path}` lists them all)" \
             if len(pf.errors) > 1 else ""
         raise _with_suffix(pf.errors[0], more) if more else pf.errors[0]
     for name in pf.formats:
