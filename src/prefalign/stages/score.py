@@ -14,7 +14,8 @@ import torch
 
 from prefalign.config import require
 from prefalign.data import encode_preference, encode_prompt_completion, encode_text, load_preferences, load_sft
-from prefalign.data import detect_file_kind
+from prefalign.data import FORMATS
+from prefalign.data.records import parse_file
 from prefalign.models import ScalarModel
 from prefalign.stages.reward import score_sequences
 from prefalign.train.dist import resolve_device
@@ -54,10 +55,19 @@ def score_completions(model, tokenizer, examples, cfg, device) -> tuple[list[dic
     return rows, {"rows": len(rows), "score_mean": float(r.mean()), "score_std": float(r.std()) if len(r) > 1 else 0.0}
 
 
+def file_kind(path: str, data_format=None) -> str:
+    """"preference" when the file holds pairs, else "sft" (scored row by row)."""
+    if data_format:
+        return FORMATS[data_format].kind if data_format in FORMATS else "sft"
+    parsed = parse_file(path)
+    kinds = {FORMATS[name].kind for name in parsed.formats}
+    return "preference" if kinds == {"preference"} else "sft"
+
+
 def run_score(cfg) -> int:
     require(cfg, "reward_model", "data")
     device = resolve_device(cfg.device)
-    kind = detect_file_kind(cfg.data, cfg.data_format)  # "preference" or "sft"
+    kind = file_kind(cfg.data, cfg.data_format)
     model, tokenizer = ScalarModel.from_pretrained(cfg.reward_model, device=device)
     if kind == "preference":
         rows, summary = score_pairs(model, tokenizer, load_preferences(cfg.data, cfg.data_format), cfg, device)
