@@ -70,12 +70,18 @@ def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0,
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              modules_to_save=["score"] if isinstance(model, ScalarModel) else None)
     wrapped = peft.get_peft_model(inner, config)
-    if getattr(inner, "is_gradient_checkpointing", False):
+    if _checkpointing(inner):
         wrapped.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     if isinstance(model, ScalarModel):
         model.model = wrapped
         return model
     return wrapped
+
+
+def _checkpointing(model) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
+    name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
 
 
 @contextlib.contextmanager

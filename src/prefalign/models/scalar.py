@@ -88,7 +88,10 @@ class ScalarModel(nn.Module):
         return next(self.parameters()).dtype
 
     def gradient_checkpointing_enable(self, **kwargs):
-        self._hf.gradient_checkpointing_enable(**kwargs)
+        """Recompute activations in backward (transformers 5 calls it activation checkpointing)."""
+        hf = self._hf
+        enable = getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable
+        enable(**kwargs)
 
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
