@@ -9,11 +9,13 @@ never leaves a half-written checkpoint where a loader would find it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -57,14 +59,62 @@ def _read_gguf(path: Path):
     from prefalign.models.loading import quiet_transformers
 
     _require_gguf()
+    kwargs = {}
+    try:  # transformers >= 5 can keep GGUF blocks packed; we want every weight unpacked
+        from transformers import GgufConfig
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=str(path), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=str(path), dtype=torch.float32,
+                                                         **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))
-    except (ValueError, KeyError, NotImplementedError, OSError) as e:
-        raise ModelError(f"{path} cannot be converted by transformers' GGUF reader: {e}. Supported are the "
-                         f"architectures transformers lists for GGUF (llama, mistral, qwen2, qwen3, ...).") from None
-    return model, tokenizer
+    except (ValueError, KeyError, IndexError, NotImplementedError, OSError, EOFError, struct.error) as e:
+        raise ModelError(f"{path} cannot be converted by transformers' GGUF reader ({type(e).__name__}: {e}). "
+                         f"Is the file complete (compare its size with the source)? Supported architectures are "
+                         f"those transformers lists for GGUF (llama, mistral, qwen2, qwen3, ...).") from None
+    return _without_quantizer(model), tokenizer
+
+
+def _without_quantizer(model):
+    """A plain model with the same (already dense) weights: transformers refuses to save a model that
+    still carries its GGUF quantizer, even when every weight is unpacked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantization_config", None) is None:
+        return model
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)  # strict: a packed block would not fit
+    return plain
+
+
+def _drop_phantom_tokens(folder: Path, rows: int) -> None:
+    """Remove added tokens whose id has no embedding row from a saved tokenizer.json.
+
+    transformers' byte-level GGUF tokenizer builder adds GPT-2's "<|endoftext|>" when the file's
+    vocabulary lacks it (Llama-3 files, our tiny test file): a token id past the embedding matrix
+    that the GGUF never had and the model would index out of range on.
+    """
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    phantom = {t["id"] for t in data.get("added_tokens", []) if t["id"] >= rows}
+    if not phantom:
+        return
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] not in phantom]
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():  # transformers 4 also lists added tokens here
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        decoder = config.get("added_tokens_decoder", {})
+        config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) not in phantom}
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
@@ -83,6 +133,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> st
         model, tokenizer = _read_gguf(src)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _drop_phantom_tokens(tmp, model.get_input_embeddings().weight.shape[0])
         source = {"gguf": str(src.resolve()), "size": src.stat().st_size, "key": gguf_key(src)}
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         try:
