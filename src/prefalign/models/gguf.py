@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -153,7 +154,8 @@ def cached_gguf_checkpoint(gguf_path: str | os.PathLike) -> str:
     out = cache_root() / "gguf" / gguf_key(gguf_path)
     if (out / "config.json").is_file():
         return str(out)
-    print(f"prefalign: converting {gguf_path} to a Hugging Face checkpoint in {out} (once; later runs reuse it)")
+    print(f"prefalign: converting {gguf_path} to a Hugging Face checkpoint in {out} (once; later runs reuse it)",
+          file=sys.stderr)
     return convert_gguf(gguf_path, out)
 
 

@@ -103,8 +103,9 @@ class ScalarModel(nn.Module):
         position_ids default to the count of real tokens before each position, so left and right
         padding give the same scores.
         Packed row: input_ids (1, T), position_ids (1, T) restarting at 0 per segment, segment_ids
-        (1, T) long with -1 for padding -> (n_segments,). No attention mask is passed: transformers
-        derives the block-diagonal mask from the restarting position_ids.
+        (1, T) long with -1 for padding -> (n_segments,). attention_mask is ignored there: no mask is
+        passed on, and transformers derives the block-diagonal causal mask from the restarting
+        position_ids (tested for sdpa and eager attention).
         """
         if segment_ids is not None:
             if position_ids is None:
