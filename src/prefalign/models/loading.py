@@ -1,0 +1,228 @@
+"""Load causal LMs and tokenizers for every stage; pick the device and dtype; save.
+
+Every failure a user can cause (a wrong path, a directory that is not a model, a tokenizer
+that does not belong to the model, an architecture that is not a causal LM) becomes a
+``ModelError`` that names the path and what to do, never a deep transformers traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from prefalign.errors import ModelError
+from prefalign.models.paths import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+# Any of these means the directory ships a tokenizer transformers can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: Optional[str] = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; otherwise any torch device string (cpu, cuda:1)."""
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {spec} asked for CUDA, but torch sees no GPU; use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) are visible.")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+                  trainable: bool = True) -> torch.dtype:
+    """The dtype weights are loaded in.
+
+    ``auto``: float32 on CPU. On CUDA, trainable weights stay float32 (the training loop runs the
+    forward under bfloat16 autocast, so AdamW updates fp32 master weights) and frozen models
+    (reference, reward, value targets) load in bfloat16 (float16 where the GPU lacks bf16) to halve
+    their memory.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype != "auto":
+        raise ModelError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}.")
+    if torch.device(device).type != "cuda" or trainable:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' expected load-time notices (e.g. "score.weight newly initialised")."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load_config(path: str):
+    """The transformers config of a resolved model path (local dir or hub name), as a ModelError on failure."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise _not_found(path, e) from None
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"{path}/config.json cannot be read by transformers: {e}. "
+                         f"Is it a model of an architecture this transformers version knows?") from None
+
+
+def _not_found(path: str, error: Exception) -> ModelError:
+    if os.path.isdir(path):
+        return ModelError(f"{path} cannot be loaded: {error}")
+    return ModelError(f"{path} is not a local directory, and loading it as a Hugging Face Hub name failed "
+                      f"(offline, unreachable, or no such repository). Pass a local model directory or a .gguf "
+                      f"file. Details: {str(error).splitlines()[0]}")
+
+
+def _load_raw_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(path) and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+        raise ModelError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}). Copy the tokenizer of "
+                         f"the model it was trained from into it (tokenizer.save_pretrained(dir)).")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise _not_found(path, e) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"the tokenizer in {path} cannot be loaded: {e}") from None
+
+
+def load_tokenizer(path: str):
+    """A transformers tokenizer from a model directory, .gguf file or hub name, with a pad token set."""
+    path = resolve_model_path(path)
+    tokenizer = _load_raw_tokenizer(path)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer, model=None) -> str:
+    """Give ``tokenizer`` a pad token when it has none and keep ``model.config.pad_token_id`` in sync.
+
+    Returns how the pad token was chosen: "existing", "unk", "added" or "eos".
+    Preference: the tokenizer's own pad token; its unk token; a new "<|pad|>" token, only when a
+    ``model`` is given and its embedding matrix already has a spare row for it (never resized);
+    finally EOS. Reusing EOS is safe in prefalign because attention and loss masks, not pad ids,
+    say which tokens are real: a pad id is only ever a filler under a False mask.
+    """
+    how = "existing"
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token, how = tokenizer.unk_token, "unk"
+        elif model is not None and len(tokenizer) < model.get_input_embeddings().weight.shape[0]:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+            how = "added"
+            log.info("added pad token <|pad|> (id %d) in a spare embedding row; embeddings not resized",
+                     tokenizer.pad_token_id)
+        elif tokenizer.eos_token is not None:
+            tokenizer.pad_token, how = tokenizer.eos_token, "eos"
+            log.info("tokenizer has no pad or unk token: padding with EOS %r (masks mark real tokens)",
+                     tokenizer.eos_token)
+        else:
+            raise ModelError("the tokenizer has no pad, unk or EOS token to pad with; add one with "
+                             "tokenizer.add_special_tokens({'pad_token': ...}) and save it with the model.")
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return how
+
+
+def check_causal_lm_config(path: str, config) -> None:
+    """ModelError unless ``config`` describes a causal LM (and not a saved reward/value model)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ModelError(f"{path} is a reward/value model ({architectures[0]}), not a causal LM: pass it as "
+                         f"--reward-model, or pass the policy it was trained from as --model.")
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        names = ", ".join(architectures) or config.model_type
+        raise ModelError(f"{path} holds a {names} model, which is not a causal (decoder-only) language model. "
+                         f"prefalign needs a model AutoModelForCausalLM loads (Llama, Qwen2, SmolLM2, GPT-2, ...).")
+
+
+def check_vocab(path: str, tokenizer, model) -> None:
+    """ModelError when the tokenizer has ids the model's embedding has no row for."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+                         f"{rows} rows; the tokenizer does not belong to this model. Save the model's own "
+                         f"tokenizer next to its weights.")
+
+
+def load_causal_lm(path: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+                   attn_implementation: Optional[str] = None, trainable: bool = True):
+    """``(model, tokenizer)`` for any AutoModelForCausalLM from a directory, .gguf file or hub name.
+
+    ``trainable=False`` returns the model in eval mode with ``requires_grad`` off (reference,
+    frozen policies). ``attn_implementation`` defaults to "sdpa".
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(path)
+    device = resolve_device(device) if isinstance(device, str) else device
+    config = load_config(path)
+    check_causal_lm_config(path, config)
+    tokenizer = _load_raw_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device, trainable),
+                                                     attn_implementation=attn_implementation or "sdpa")
+    except OSError as e:
+        raise _not_found(path, e) from None
+    except (ValueError, ImportError) as e:
+        raise ModelError(f"{path} cannot be loaded as a causal LM (attn_implementation="
+                         f"{attn_implementation or 'sdpa'}): {e}") from None
+    check_vocab(path, tokenizer, model)
+    ensure_pad_token(tokenizer, model)
+    model.to(device)
+    if not trainable:
+        model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def save_pretrained(model, tokenizer, out_dir: str, save_adapter: bool = False) -> None:
+    """Write ``model`` and ``tokenizer`` to ``out_dir`` so plain transformers loads them back.
+
+    A LoRA model is saved merged (a plain HF checkpoint); ``save_adapter=True`` also writes the
+    adapter alone to ``out_dir/adapter`` (peft format). A ScalarModel saves as a
+    ``*ForSequenceClassification`` checkpoint with its reward shift and scale.
+    """
+    from prefalign.models.lora import is_peft_model, merged_copy
+    from prefalign.models.scalar import ScalarModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, ScalarModel):
+        model.save_pretrained(str(out))
+        inner = model.model
+    else:
+        merged_copy(model).save_pretrained(str(out))
+        inner = model
+    if save_adapter:
+        if not is_peft_model(inner):
+            raise ModelError("save_adapter=True needs a model with LoRA adapters (apply_lora).")
+        inner.save_pretrained(str(out / "adapter"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
