@@ -16,7 +16,7 @@ import torch
 from prefalign.data import encode_preference, load_preferences, load_sft
 from prefalign.errors import ConfigError
 from prefalign.losses import bradley_terry_loss
-from prefalign.models import ScalarModel
+from prefalign.models import ScalarModel, load_scalar_model, save_pretrained
 from prefalign.stages.batching import collate_padded
 from prefalign.stages.common import finish, report, save_final, split_eval, start
 from prefalign.train.dist import wrap_model
@@ -97,7 +97,7 @@ def run_reward(cfg) -> int:
         raise ConfigError("--packing is not supported by `prefalign reward`; drop the option.")
     examples = load_preferences(cfg.data, cfg.data_format)
     eval_examples = load_preferences(cfg.eval_data, cfg.data_format) if cfg.eval_data else None
-    model, tokenizer = ScalarModel.from_causal_lm(cfg.model, dtype=cfg.dtype, seed=cfg.seed,
+    model, tokenizer = load_scalar_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed,
                                                   attn_implementation=cfg.attn_implementation)
     pairs = tokenize_pairs(examples, tokenizer, cfg)
     eval_pairs = tokenize_pairs(eval_examples, tokenizer, cfg) if eval_examples else None
@@ -117,7 +117,7 @@ def run_reward(cfg) -> int:
         norm["over"] = cfg.normalize_data or "training completions"
         norm["n_completions"] = int(scores.numel())
     model.set_normalization(norm["shift"], norm["scale"])
-    save_final(out, dist, lambda d: model.save_pretrained(d, tokenizer))
+    save_final(out, dist, lambda d: save_pretrained(model, tokenizer, d))
     summary = finish(cfg, out, dist, "reward", t0, result, normalization=norm, train_pairs=len(pairs),
                      eval_pairs=len(eval_pairs or []))
     if dist.is_main:

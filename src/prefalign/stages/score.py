@@ -16,7 +16,7 @@ from prefalign.config import require
 from prefalign.data import encode_preference, encode_prompt_completion, encode_text, load_preferences, load_sft
 from prefalign.data import FORMATS
 from prefalign.data.records import parse_file
-from prefalign.models import ScalarModel
+from prefalign.models import load_scalar_model
 from prefalign.stages.reward import score_sequences
 from prefalign.train.dist import resolve_device
 
@@ -68,7 +68,7 @@ def run_score(cfg) -> int:
     require(cfg, "reward_model", "data")
     device = resolve_device(cfg.device)
     kind = file_kind(cfg.data, cfg.data_format)
-    model, tokenizer = ScalarModel.from_pretrained(cfg.reward_model, device=device)
+    model, tokenizer = load_scalar_model(cfg.reward_model, device=device, trainable=False)
     if kind == "preference":
         rows, summary = score_pairs(model, tokenizer, load_preferences(cfg.data, cfg.data_format), cfg, device)
     else:
