@@ -301,6 +301,8 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
                             "bad_steps": pos["bad_steps"],
                             "perf/tokens_per_s": window["tokens"] * W / max(elapsed, 1e-9),
                             "perf/steps_per_s": window["steps"] / max(elapsed, 1e-9)})
+                if dist.device.type == "cuda":
+                    row["perf/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(dist.device) / 1e9
                 window = {"t": time.perf_counter(), "tokens": 0, "steps": 0}
                 bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}")
             if eval_set and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):

@@ -1,0 +1,171 @@
+"""GPU check: exercise the CUDA / bf16-autocast / SDPA paths of every stage and time them.
+
+usage: python benchmarks/gpu_check.py OUT_DIR [--hidden 512] [--layers 8] [--steps 30] [--device cuda]
+
+Builds a Llama of the given size with a byte-level BPE tokenizer in-process (nothing is
+downloaded), writes preference / SFT / prompt data, then runs each stage through the CLI
+twice — bf16 autocast (`--dtype auto`) and fp32 (`--dtype float32`) — and records steps/s,
+tokens/s, peak GPU memory and the first logged loss of each. Also checks that log-probs
+recorded while sampling equal those recomputed by a training forward on the GPU.
+Writes OUT_DIR/gpu_results.json and OUT_DIR/gpu_results.md. Every section is independent:
+a failure is recorded and the next section still runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+POS = "great wonderful superb moving brilliant lovely charming delightful excellent fun".split()
+NEG = "awful boring dull terrible weak bland tedious poor messy bad".split()
+NOUNS = "film movie story plot cast acting script ending music scene director pacing".split()
+OPEN = ["I thought the", "Honestly the", "The", "My friends said the", "Overall the", "In the end the"]
+
+
+def sentence(rng, words):
+    return f"{rng.choice(OPEN)} {rng.choice(NOUNS)} was {rng.choice(words)} and the {rng.choice(NOUNS)} felt {rng.choice(words)}."
+
+
+def write_data(out: Path, n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = f"{rng.choice(OPEN)} {rng.choice(NOUNS)}"
+        rows.append({"prompt": prompt,
+                     "chosen": " " + " ".join(sentence(rng, POS) for _ in range(rng.randint(2, 6))),
+                     "rejected": " " + " ".join(sentence(rng, NEG) for _ in range(rng.randint(2, 6)))})
+    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "sft.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n"
+                                           for r in rows))
+    (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    return rows
+
+
+def build_model(out: Path, rows, hidden: int, layers: int) -> Path:
+    from prefalign.tiny import tiny_llama, tiny_tokenizer
+    tok = tiny_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in rows], vocab_size=4096)
+    model = tiny_llama(tok, hidden=hidden, layers=layers, heads=max(1, hidden // 64), intermediate=hidden * 8 // 3 // 8 * 8,
+                       max_positions=2048)
+    d = out / "base"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def run_stage(name: str, args: list[str], out: Path, env: dict) -> dict:
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "prefalign", *args, "--no-progress"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    wall = time.perf_counter() - t
+    res = {"stage": name, "returncode": proc.returncode, "wall_s": round(wall, 2)}
+    if proc.returncode != 0:
+        res["stderr_tail"] = proc.stderr[-3000:]
+        return res
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    first = rows[0] if rows else {}
+    last = rows[-1] if rows else {}
+    res.update({"first_loss": first.get("loss"), "last_loss": last.get("loss"),
+                "steps_per_s": last.get("perf/steps_per_s"), "tokens_per_s": last.get("perf/tokens_per_s"),
+                "peak_gpu_mem_gb": last.get("perf/peak_gpu_mem_gb"), "last": last})
+    return res
+
+
+def stage_args(stage: str, data: Path, base: Path, out: Path, steps: int, dtype: str, extra: dict) -> list[str]:
+    common = ["--model", str(base), "--output", str(out), "--max-steps", str(steps), "--batch-size", "8",
+              "--max-length", "256", "--logging-steps", str(max(1, steps // 3)), "--dtype", dtype]
+    if stage == "sft":
+        return ["sft", *common, "--data", str(data / "sft.jsonl"), "--packing", "--lr", "1e-4"]
+    if stage == "reward":
+        return ["reward", *common, "--data", str(data / "pairs.jsonl"), "--lr", "1e-4"]
+    if stage == "dpo":
+        return ["dpo", *common, "--data", str(data / "pairs.jsonl"), "--lr", "1e-5"]
+    if stage == "ppo":
+        return ["ppo", "--model", str(base), "--reward-model", str(extra["rm"]), "--prompts", str(data / "prompts.jsonl"),
+                "--output", str(out), "--iterations", str(max(2, steps // 6)), "--rollout-batch-size", "32",
+                "--minibatch-size", "8", "--max-new-tokens", "48", "--logging-steps", "1", "--dtype", dtype]
+    raise ValueError(stage)
+
+
+def rollout_check(base: Path, device: str) -> dict:
+    import torch
+    from prefalign.models import load_causal_lm
+    from prefalign.rollout import forward_logps, sample
+    res = {}
+    for dtype in ("float32", "bfloat16"):
+        model, tok = load_causal_lm(str(base), dtype=dtype, device=device, trainable=False)
+        model.eval()
+        prompts = [tok(t)["input_ids"] for t in ["The film", "Honestly the acting was", "My friends said"] * 22]
+        g = torch.Generator(device=device).manual_seed(0)
+        torch.cuda.synchronize() if device.startswith("cuda") else None
+        t = time.perf_counter()
+        with torch.no_grad():
+            ro = sample(model, prompts, max_new_tokens=64, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                        temperature=1.0, generator=g)
+        torch.cuda.synchronize() if device.startswith("cuda") else None
+        dt = time.perf_counter() - t
+        with torch.no_grad():
+            recomputed, _ = forward_logps(model, ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+        diff = (recomputed - ro.logprobs).abs()[ro.response_mask].max().item()
+        res[dtype] = {"sampled_tokens": int(ro.response_mask.sum()), "tokens_per_s": round(int(ro.response_mask.sum()) / dt, 1),
+                      "max_abs_logprob_diff_sampled_vs_recomputed": diff}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--pairs", type=int, default=512)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--stages", default="sft,reward,dpo,ppo")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+    import transformers
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "cuda": torch.cuda.is_available(),
+                     "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                     "bf16_supported": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+                     "hidden": a.hidden, "layers": a.layers, "steps": a.steps, "sections": {}}
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "prefalign-gpu"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = write_data(work, a.pairs)
+    base = build_model(work, rows, a.hidden, a.layers)
+    results["params_m"] = round(sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(base).parameters()) / 1e6, 2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if a.device != "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    extra = {"rm": work / "rm-auto"}
+    for stage in a.stages.split(","):
+        for dtype in ("auto", "float32"):
+            key = f"{stage}/{dtype}"
+            run_out = work / f"{stage}-{dtype}" if stage != "reward" else work / f"rm-{dtype}"
+            try:
+                results["sections"][key] = run_stage(key, stage_args(stage, work, base, run_out, a.steps, dtype, extra),
+                                                     run_out, env)
+            except Exception as e:
+                results["sections"][key] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            print(key, json.dumps({k: v for k, v in results["sections"][key].items() if k != "last"})[:600], flush=True)
+            (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str))
+    try:
+        results["sections"]["rollout"] = rollout_check(base, a.device if a.device != "cuda" else "cuda:0")
+    except Exception as e:
+        results["sections"]["rollout"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+    print("rollout", json.dumps(results["sections"]["rollout"])[:600], flush=True)
+    (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
