@@ -208,7 +208,8 @@ def generate_review(rng: random.Random) -> Review:
         while (group, index) in used:     # no frame twice in one review
             index = rng.randrange(len(GROUPS[group]))
         used.add((group, index))
-        text, tid = realise(group, index, _Sentence(polarity, intensity, title), rng)
+        # A review does not open with "Still," or "On top of that,".
+        text, tid = realise(group, index, _Sentence(polarity, intensity, title), rng, 0.2 if sentences else 0.0)
         sentences.append(text)
         tids.append(tid)
     return Review(" ".join(sentences), label, tuple(tids))
