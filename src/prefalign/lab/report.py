@@ -1,0 +1,190 @@
+"""The demo's report: results.json, PNG plots and one self-contained report.html.
+
+report.html opens from disk with no server and no network: every plot is embedded as a base64
+PNG and also written next to it (the image links to its file, for a full-size view).
+
+results.json schema::
+
+    {"methods": [{"method": "sft"|"ppo"|"dpo"|"best-of-n"|..., "beta": float|null, "gold_reward": float,
+                  "kl": float, "win_rate_vs_sft": float|null, "gain_share": float|null,
+                  ... optional "step" (PPO checkpoints), "n" (best-of-n)}],
+     "reward_model": {"heldout_accuracy": float, "bayes_optimal_accuracy": float},
+     "frontier": [{"beta": float, "mean_reward": float, "mean_kl": float}],
+     "settings": {...}}
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")   # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Keys of metrics.jsonl rows that are bookkeeping, not curves.
+NOT_CURVES = {"step", "epoch", "time", "elapsed", "elapsed_s", "tokens", "samples", "iteration"}
+MAX_CURVES_PER_STAGE = 8
+STYLE = {"ppo": ("tab:blue", "o"), "dpo": ("tab:orange", "s"), "best-of-n": ("tab:green", "^"),
+         "sft": ("black", "*")}
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _frontier_points(frontier: Sequence) -> list[tuple[float, float, float]]:
+    """(beta, mean_reward, mean_kl) from dicts or tuples (FrontierPoint), sorted by KL."""
+    pts = [(p["beta"], p["mean_reward"], p["mean_kl"]) if isinstance(p, dict) else tuple(p) for p in frontier]
+    return sorted(pts, key=lambda p: p[2])
+
+
+def plot_reward_vs_kl(results: dict, path: Path) -> Path:
+    """Gold reward vs KL(pi || pi_SFT): every method family as one series, plus the optimum."""
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
+    pts = _frontier_points(results.get("frontier", []))
+    if pts:
+        n = results.get("settings", {}).get("frontier_samples")
+        label = "KL-regularised optimum (SNIS" + (f", N={n})" if n else ")")
+        ax.plot([p[2] for p in pts], [p[1] for p in pts], "--", color="gray", lw=2, label=label)
+    families: dict[str, list[dict]] = {}
+    for m in results.get("methods", []):
+        families.setdefault(m["method"], []).append(m)
+    for name, rows in families.items():
+        color, marker = STYLE.get(name, (None, "D"))
+        rows = sorted(rows, key=lambda m: m.get("step", m.get("n", m["kl"])))
+        xs, ys = [m["kl"] for m in rows], [m["gold_reward"] for m in rows]
+        ax.plot(xs, ys, marker=marker, color=color, ms=8 if name == "sft" else 6,
+                ls="-" if name in ("ppo", "best-of-n") else "none", label=name.upper() if len(name) <= 4 else name)
+        for m in rows:   # annotate DPO beta and best-of-n n so points can be told apart
+            tag = f"β={m['beta']:g}" if name == "dpo" and m.get("beta") is not None else (
+                f"n={m['n']}" if m.get("n") else None)
+            if tag:
+                ax.annotate(tag, (m["kl"], m["gold_reward"]), textcoords="offset points", xytext=(5, -11), fontsize=8)
+    ax.set_xlabel("KL(π ‖ π_SFT)  [nats per completion]")
+    ax.set_ylabel("gold reward r* (VADER, 0..1)")
+    ax.set_title("Gold reward vs KL on held-out prompts")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(stage: str, rows: Sequence[dict], path: Path) -> Path | None:
+    """One panel per logged metric of one stage, vs step. None when nothing numeric was logged."""
+    keys: list[str] = []
+    for row in rows:
+        for k, v in row.items():
+            if k not in NOT_CURVES and k not in keys and _num(v) is not None:
+                keys.append(k)
+    keys = sorted(keys, key=lambda k: (0 if "loss" in k else 1, keys.index(k)))[:MAX_CURVES_PER_STAGE]
+    if not keys:
+        return None
+    cols = min(4, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.6 * nrows), dpi=100, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r.get("step", i), _num(r.get(key))) for i, r in enumerate(rows) if _num(r.get(key)) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.5)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(f"{stage}: training curves", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    v = _num(x)
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _figure(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><a href="{html.escape(path.name)}"><img alt="{html.escape(alt)}" '
+            f'src="data:image/png;base64,{data}"></a></figure>')
+
+
+def _methods_table(methods: Sequence[dict]) -> str:
+    head = ("<tr><th>method</th><th>β / n / step</th><th>gold reward</th><th>KL (nats)</th>"
+            "<th>win rate vs SFT</th><th>share of optimum gain at equal KL</th></tr>")
+    rows = []
+    for m in methods:
+        knob = m.get("beta") if m.get("beta") is not None else m.get("n", m.get("step", ""))
+        rows.append(f"<tr><td>{html.escape(str(m['method']))}</td><td>{html.escape(str(knob))}</td>"
+                    f"<td>{_fmt(m.get('gold_reward'))}</td><td>{_fmt(m.get('kl'))}</td>"
+                    f"<td>{_fmt(m.get('win_rate_vs_sft'))}</td><td>{_fmt(m.get('gain_share'), 2)}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _samples_table(samples: Sequence[dict]) -> str:
+    """samples: [{"prompt": str, "completions": {method: text}, "rewards": {method: float} (optional)}]."""
+    if not samples:
+        return "<p>No samples.</p>"
+    methods: list[str] = []
+    for s in samples:
+        methods += [m for m in s.get("completions", {}) if m not in methods]
+    head = "<tr><th>prompt</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in methods) + "</tr>"
+    rows = []
+    for s in samples:
+        cells = []
+        for m in methods:
+            text = html.escape(str(s.get("completions", {}).get(m, "")))
+            r = s.get("rewards", {}).get(m)
+            cells.append(f"<td>{text}" + (f"<br><small>r* = {_fmt(r, 2)}</small>" if _num(r) is not None else "") + "</td>")
+        rows.append(f"<tr><td><b>{html.escape(str(s['prompt']))}</b></td>{''.join(cells)}</tr>")
+    return f'<table class="samples">{head}{"".join(rows)}</table>'
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;
+vertical-align:top}th{background:#f3f3f3}img{max-width:100%}table.samples td{max-width:320px;font-size:90%}
+pre{background:#f7f7f7;padding:.6em;overflow-x:auto}"""
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf -> null so results.json is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_report(out_dir, results: dict, curves: dict[str, list[dict]], samples: list[dict]) -> Path:
+    """Write results.json, the PNG plots and report.html into ``out_dir``; returns report.html's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
+    parts = ["<h2>Gold reward vs KL</h2>", _figure(plot_reward_vs_kl(results, out / "reward_vs_kl.png"), "reward vs KL"),
+             "<h2>Methods</h2>", _methods_table(results.get("methods", []))]
+    rm = results.get("reward_model")
+    if rm:
+        parts += ["<h2>Reward model</h2>",
+                  f"<table><tr><th>held-out pairwise accuracy</th><td>{_fmt(rm.get('heldout_accuracy'))}</td></tr>"
+                  f"<tr><th>Bayes-optimal accuracy (ceiling for any reward model on these labels)</th>"
+                  f"<td>{_fmt(rm.get('bayes_optimal_accuracy'))}</td></tr></table>"]
+    parts.append("<h2>Training curves</h2>")
+    for stage, rows in curves.items():
+        png = plot_curves(stage, rows, out / f"curves_{''.join(c if c.isalnum() else '_' for c in stage)}.png")
+        parts.append(_figure(png, f"{stage} curves") if png else f"<p>{html.escape(stage)}: no metrics logged.</p>")
+    parts += ["<h2>Sample completions (same prompts)</h2>", _samples_table(samples),
+              "<h2>Settings</h2>", f"<pre>{html.escape(json.dumps(_json_safe(results.get('settings', {})), indent=2))}</pre>"]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>prefalign sentiment lab</title>"
+            f"<style>{CSS}</style></head><body><h1>prefalign sentiment lab</h1>{''.join(parts)}</body></html>\n")
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,79 @@
+"""report.html, results.json and the plots, from synthetic results."""
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from prefalign.lab.frontier import best_of_n, gain_share, optimum_frontier
+from prefalign.lab.report import write_report
+
+
+def fake_inputs():
+    """Numbers shaped like a demo run: SFT at 0.55, PPO/DPO climbing towards the optimum."""
+    rng = np.random.default_rng(0)
+    gold = np.clip(rng.normal(0.55, 0.2, size=(32, 64)), 0, 1)                      # (P, N) SFT samples
+    frontier = optimum_frontier(gold, [3.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03])
+    sft = float(gold.mean())
+    methods = [{"method": "sft", "beta": None, "gold_reward": sft, "kl": 0.0, "win_rate_vs_sft": 0.5,
+                "gain_share": math.nan}]
+    for step, (r, kl) in enumerate([(0.6, 0.3), (0.68, 0.9), (0.74, 1.6), (0.78, 2.4)]):
+        methods.append({"method": "ppo", "beta": 0.05, "step": (step + 1) * 50, "gold_reward": r, "kl": kl,
+                        "win_rate_vs_sft": 0.5 + r - sft, "gain_share": gain_share(r, kl, frontier, sft)})
+    for beta, r, kl in [(0.5, 0.62, 0.4), (0.1, 0.72, 1.2), (0.05, 0.77, 2.0)]:
+        methods.append({"method": "dpo", "beta": beta, "gold_reward": r, "kl": kl, "win_rate_vs_sft": 0.5 + r - sft,
+                        "gain_share": gain_share(r, kl, frontier, sft)})
+    for n in (2, 4, 8, 16):
+        r, kl = best_of_n(gold, n)
+        methods.append({"method": "best-of-n", "beta": None, "n": n, "gold_reward": r, "kl": kl,
+                        "win_rate_vs_sft": None, "gain_share": gain_share(r, kl, frontier, sft)})
+    results = {"methods": methods, "reward_model": {"heldout_accuracy": 0.71, "bayes_optimal_accuracy": 0.78},
+               "frontier": [p._asdict() for p in frontier], "settings": {"frontier_samples": 64, "tau": 0.1}}
+    curves = {"sft": [{"step": s, "loss": 5 * math.exp(-s / 80) + 1, "lr": 1e-3} for s in range(0, 400, 10)],
+              "reward": [{"step": s, "loss": 0.69 - 0.1 * s / 100, "accuracy": 0.5 + s / 500} for s in range(0, 100, 5)],
+              "dpo beta=0.1": [{"step": s, "loss": 0.69 - 0.002 * s, "rewards/margins": 0.01 * s} for s in range(50)],
+              "ppo": [{"step": s, "policy_loss": -0.01 * s, "kl": 0.02 * s, "score": 0.5 + 0.005 * s} for s in range(60)]}
+    samples = [{"prompt": "The acting", "completions": {"sft": " was fine.", "ppo": " was superb!",
+                                                          "dpo": " <script>alert(1)</script> was lovely."},
+                "rewards": {"sft": 0.6, "ppo": 0.95, "dpo": 0.9}},
+               {"prompt": "I watched <b>", "completions": {"sft": " it twice.", "ppo": " a gem.", "dpo": " a joy."}}]
+    return results, curves, samples
+
+
+def test_report_is_self_contained_and_escaped(tmp_path):
+    results, curves, samples = fake_inputs()
+    path = write_report(tmp_path, results, curves, samples)
+    page = path.read_text(encoding="utf-8")
+    assert path == tmp_path / "report.html"
+    for href in re.findall(r'href="([^"]+)"', page):           # every linked image exists on disk
+        assert (tmp_path / href).is_file() and (tmp_path / href).read_bytes()[:4] == b"\x89PNG"
+    assert {"reward_vs_kl.png", "curves_sft.png", "curves_reward.png", "curves_dpo_beta_0_1.png",
+            "curves_ppo.png"} <= {p.name for p in tmp_path.glob("*.png")}
+    assert page.count("data:image/png;base64,") == 5            # embedded: opens without the PNG files
+    assert "http://" not in page and "https://" not in page     # nothing fetched from the network
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "I watched &lt;b&gt;" in page
+    # The methods table: one row per method, with the numbers.
+    assert page.count("<tr><td>dpo</td>") == 3 and page.count("<tr><td>ppo</td>") == 4
+    assert "0.710" in page and "0.780" in page                  # RM accuracy next to the Bayes ceiling
+
+
+def test_results_json_is_strict_json_with_schema(tmp_path):
+    results, curves, samples = fake_inputs()
+    write_report(tmp_path, results, curves, samples)
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text
+    data = json.loads(text)
+    assert set(data) == {"methods", "reward_model", "frontier", "settings"}
+    for m in data["methods"]:
+        assert {"method", "beta", "gold_reward", "kl", "win_rate_vs_sft", "gain_share"} <= set(m)
+    assert data["methods"][0]["gain_share"] is None
+    assert set(data["frontier"][0]) == {"beta", "mean_reward", "mean_kl"}
+
+
+@pytest.mark.parametrize("curves", [{}, {"sft": []}, {"sft": [{"step": 1, "note": "x"}]}])
+def test_report_survives_missing_curves(tmp_path, curves):
+    results, _, samples = fake_inputs()
+    page = write_report(tmp_path, results, curves, samples).read_text()
+    assert "Training curves" in page
