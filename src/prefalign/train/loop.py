@@ -232,8 +232,6 @@ def _resume(out_dir: Path, dist: DistInfo, logger: MetricsLogger, plan: dict) ->
         return None
     path, state = found
     _check_plan(path, state.get("plan"), plan)
-    if dist.is_main:
-        print(f"prefalign: resuming from {path} (step {state['position']['step']}).", file=sys.stderr)
     return {**state, "path": path}
 
 
@@ -289,6 +287,8 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
         ckpt.set_rng_state(state["rng"])
         resumed_from = pos["step"]
         logger.truncate_after(pos["step"])  # rows logged after the checkpoint are produced again
+        if dist.is_main:
+            print(f"prefalign: resumed from {state['path']} (step {pos['step']}).", file=sys.stderr)
 
     def save(step: int) -> None:
         if dist.is_main:
