@@ -148,3 +148,13 @@ def test_last_step_is_checkpointed_and_resume_after_the_end_keeps_metrics(lm, tm
     again = fit(make_cfg(tmp_path, max_steps=3, save_steps=2, resume=True), tiny_llama(tok), TokenLM(), data,
                 collate, out_dir=tmp_path, dist=CPU)
     assert again.steps == 3 and again.resumed_from == 3 and again.last_metrics == first.last_metrics
+
+
+def test_new_lr_on_resume_takes_effect(lm, tmp_path):
+    """The bad-steps message says: lower --lr, then --resume. The new LR must really apply."""
+    tok, data = lm
+    fit(make_cfg(tmp_path, max_steps=2, save_steps=2, lr_schedule="constant"), tiny_llama(tok), TokenLM(), data,
+        collate, out_dir=tmp_path, dist=CPU)
+    fit(make_cfg(tmp_path, max_steps=4, resume=True, lr=1e-4, lr_schedule="constant"), tiny_llama(tok), TokenLM(),
+        data, collate, out_dir=tmp_path, dist=CPU)
+    assert [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1e-3, 1e-3, 1e-4, 1e-4]

@@ -235,6 +235,18 @@ def _resume(out_dir: Path, dist: DistInfo, logger: MetricsLogger, plan: dict) ->
     return {**state, "path": path}
 
 
+def _apply_new_lr(lr: float, optimizer, scheduler) -> None:
+    """A --lr changed on resume takes effect (the checkpoint holds the old peak LR), so a run
+    stopped by non-finite steps can continue with a lower one."""
+    if all(base == lr for base in scheduler.base_lrs):
+        return
+    print(f"prefalign: --lr {lr:g} replaces the checkpoint's {scheduler.base_lrs[0]:g}.", file=sys.stderr)
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def _load_states(state: dict, parts: dict, extra_state: dict) -> None:
     """load_state_dict for every part; a checkpoint of another model or stage is a ConfigError."""
     try:
@@ -284,6 +296,7 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
         meter.load(state["meter"])
         logged = state.get("logged", {})
         last_metrics, eval_metrics = dict(logged.get("last", {})), dict(logged.get("eval", {}))
+        _apply_new_lr(cfg.lr, optimizer, scheduler)
         ckpt.set_rng_state(state["rng"])
         resumed_from = pos["step"]
         logger.truncate_after(pos["step"])  # rows logged after the checkpoint are produced again
@@ -333,6 +346,8 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
             bar.update(1)
             step = pos["step"]
             if not finite and pos["bad_steps"] > cfg.max_bad_steps:
+                logger.log({"step": step, "epoch": pos["epoch"] + pos["offset"] / per_epoch,
+                            "lr": scheduler.get_last_lr()[0], "bad_steps": pos["bad_steps"]})
                 save(step)
                 raise TrainingStopped(
                     f"stopped at step {step}: {pos['bad_steps']} steps had a non-finite loss or gradient "
