@@ -25,19 +25,41 @@ STATE = "state.pt"
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "rng", "position")
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: Optional[torch.device] = None) -> dict[str, Any]:
+    """Python, NumPy and torch CPU states, plus the state of the GPU this process trains on.
+
+    Only that GPU's state: under torchrun rank 0 writes the checkpoint, and its view of the
+    other GPUs' generators is stale (each rank advances its own). Ranks are seeded alike and
+    draw alike, so rank 0's own state is every rank's state.
+    """
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    cuda = _cuda_device(device)
+    if cuda is not None:
+        state["cuda"] = torch.cuda.get_rng_state(cuda)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: Optional[torch.device] = None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = _cuda_device(device)
+    if "cuda" in state and cuda is not None:
+        if isinstance(state["cuda"], (list, tuple)):  # older checkpoints: every visible GPU
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"], cuda)
+
+
+def _cuda_device(device: Optional[torch.device]) -> Optional[torch.device]:
+    """The GPU whose generator matters: ``device`` when it is a GPU, else the current one."""
+    if not torch.cuda.is_available():
+        return None
+    if device is not None and torch.device(device).type != "cuda":
+        return None
+    if device is None or torch.device(device).index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
 
 
 def _fsync_dir(path: Path) -> None:

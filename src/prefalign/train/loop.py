@@ -287,7 +287,7 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
         return {"model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "position": dict(pos), "plan": plan,
                 "meter": meter.state(), "logged": {"last": last_metrics, "eval": eval_metrics},
-                "extra": {k: v.state_dict() for k, v in extra_state.items()}, "rng": ckpt.rng_state()}
+                "extra": {k: v.state_dict() for k, v in extra_state.items()}, "rng": ckpt.rng_state(dist.device)}
 
     state = _resume(out_dir, dist, logger, plan) if cfg.resume else None
     if state is not None:
@@ -297,7 +297,7 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
         logged = state.get("logged", {})
         last_metrics, eval_metrics = dict(logged.get("last", {})), dict(logged.get("eval", {}))
         _apply_new_lr(cfg.lr, optimizer, scheduler)
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng"], dist.device)
         resumed_from = pos["step"]
         logger.truncate_after(pos["step"])  # rows logged after the checkpoint are produced again
         if dist.is_main:
