@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, ViTConfig
 from prefalign.cli import main
 from prefalign.errors import ModelError
 from prefalign.models import check_same_vocab, load_tokenizer
-from prefalign.tiny import SAMPLE_TEXTS, save_tiny_model
+from prefalign.tiny import save_tiny_model
 from conftest import run_cli
 
 PAIR = {"prompt": "The movie was", "chosen": " great.", "rejected": " awful."}

@@ -1,5 +1,4 @@
 """Atomic checkpoints: a kill mid-save keeps the previous one; broken ones are skipped, never loaded half."""
-import os
 import signal
 import subprocess
 import sys
