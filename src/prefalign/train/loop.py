@@ -14,12 +14,18 @@ Data order: one permutation per epoch from (seed, epoch); each optimizer step ta
 global batch (batch_size * grad_accum * world_size examples; an incomplete one at the end of
 an epoch is dropped) and rank r takes its contiguous slice. The position (epoch, offset) is
 part of every checkpoint, so a resumed run sees exactly the batches it would have seen.
+
+Under torchrun the global batch is what must stay fixed: a checkpoint written by N processes
+resumes in M when --batch-size x --grad-accum x M equals the checkpoint's global batch (checked).
+Per-step decisions (skip a non-finite step, stop on a signal) are agreed by all ranks, and
+checkpoints are gathered by all ranks and written by rank 0 (train/checkpoint.py).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +36,7 @@ import torch
 
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.train import checkpoint as ckpt
-from prefalign.train.dist import DistInfo, all_reduce_sum, no_grad_sync
+from prefalign.train.dist import DistInfo, all_reduce_sum, barrier, no_grad_sync
 from prefalign.train.logger import MetricsLogger, Stopwatch, progress
 from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
 
@@ -68,6 +74,16 @@ class LoopResult:
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def rank_batch_indices(order: Sequence[int], offset: int, batch_size: int, grad_accum: int, rank: int,
+                       world_size: int) -> list[int]:
+    """The examples rank ``rank`` trains on at step ``offset`` of an epoch: its contiguous slice of
+    that step's global batch (batch_size * grad_accum * world_size entries of ``order``). The
+    slices of all ranks are disjoint and together are exactly the global batch."""
+    per_rank = batch_size * grad_accum
+    start = offset * per_rank * world_size + rank * per_rank
+    return list(order[start:start + per_rank])
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -162,12 +178,17 @@ def evaluate(model, objective: Objective, eval_set: Sequence, collate: Callable,
     model.eval()
     meter = _Meter()
     mine = list(range(dist.rank, len(eval_set), dist.world_size))
+    # Every rank runs the same number of forwards (FSDP forwards are collectives); a rank out of
+    # examples runs a stand-in batch and drops its result.
+    n_batches = math.ceil(math.ceil(len(eval_set) / dist.world_size) / batch_size)
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            batch = to_device(collate([eval_set[j] for j in mine[i:i + batch_size]]), dist.device)
+        for i in range(0, n_batches * batch_size, batch_size):
+            idx = mine[i:i + batch_size]
+            batch = to_device(collate([eval_set[j] for j in (idx or [0])]), dist.device)
             with autocast_for(dist.device, dtype):
                 out = objective(model, batch)
-            meter.add({"loss": (out.loss.detach(), objective.units(batch)), **out.metrics})
+            if idx:
+                meter.add({"loss": (out.loss.detach(), objective.units(batch)), **out.metrics})
     model.train(was_training)
     return {f"eval/{k}": v for k, v in finalize(objective, meter.reduce(dist.device)).items()}
 
@@ -202,6 +223,16 @@ def backward_step(model, objective: Objective, micro: list[dict], dist: DistInfo
     return loss_sum, units, metrics, tokens
 
 
+def agree(finite: bool, signum: Optional[int], dist: DistInfo) -> tuple[bool, int]:
+    """The same (step is finite, signal received) on every rank: a rank that skips or stops
+    alone would leave the others waiting in a collective."""
+    if not dist.distributed:
+        return finite, signum or 0
+    t = torch.tensor([0.0 if finite else 1.0, float(signum or 0)], dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t[0].item() == 0, int(t[1].item())
+
+
 def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, collate: Callable[[list], dict], *,
         out_dir, dist: DistInfo, eval_set: Optional[Sequence] = None, extra_state: Optional[dict] = None,
         desc: str = "train", trainable: Optional[torch.nn.Module] = None,
@@ -220,35 +251,38 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
     pos = {"step": 0, "epoch": 0, "offset": 0, "bad_steps": 0}
     meter = _Meter()
     resumed_from = None
-
-    def state_dict() -> dict:
-        return {"model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "position": dict(pos),
-                "meter": meter.state(), "extra": {k: v.state_dict() for k, v in extra_state.items()}}
+    B, A, W = cfg.batch_size, cfg.grad_accum, dist.world_size
+    if W > 1 and dist.is_main:
+        print(f"prefalign {desc}: global batch {B * A * W} = --batch-size {B} x --grad-accum {A} x {W} processes",
+              file=sys.stderr)
 
     if cfg.resume:
-        found = ckpt.load_latest(out_dir)
-        if found is not None:
-            path, state = found
-            trainable.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+        state = ckpt.load_resume_state(out_dir, dist)
+        if state is not None:
+            ckpt.check_global_batch(state, B * A * W, out_dir)
+            ckpt.load_train_state(trainable, optimizer, state["model"], state["optimizer"], dist)
             scheduler.load_state_dict(state["scheduler"])
-            ckpt.set_rng_state(state["rng"])
+            rngs = state.get("rng_ranks") or []
+            # Per-rank streams continue exactly when the world size is unchanged.
+            ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == W else state["rng"])
             pos.update(state["position"])
             meter.load(state["meter"])
             for k, v in extra_state.items():
-                v.load_state_dict(state["extra"][k])
+                ckpt.load_extra(v, state["extra"][k], dist)
             resumed_from = pos["step"]
             logger.truncate_after(pos["step"])
 
     def save(step: int) -> None:
+        """All ranks gather the state; rank 0 writes it; nobody leaves before it is on disk."""
+        state = ckpt.checkpoint_state(trainable, optimizer, scheduler, pos, meter.state(), extra_state, dist,
+                                      B * A * W)
         if dist.is_main:
-            ckpt.save_checkpoint(out_dir, step, state_dict(), keep=cfg.keep_checkpoints)
+            ckpt.save_checkpoint(out_dir, step, state, keep=cfg.keep_checkpoints)
+        barrier()
 
     if cfg.gradient_checkpointing and hasattr(trainable, "gradient_checkpointing_enable"):
         trainable.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    B, A, W = cfg.batch_size, cfg.grad_accum, dist.world_size
     order: list[int] = []
     order_epoch = -1
     clock, window = Stopwatch(), {"t": time.perf_counter(), "tokens": 0, "steps": 0}
@@ -262,13 +296,12 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
                 pos["offset"] = 0
             if order_epoch != pos["epoch"]:
                 order, order_epoch = epoch_order(len(train_set), cfg.seed, pos["epoch"]), pos["epoch"]
-            start = pos["offset"] * B * A * W + dist.rank * B * A
-            mine = order[start:start + B * A]
+            mine = rank_batch_indices(order, pos["offset"], B, A, dist.rank, W)
             micro = [collate([train_set[i] for i in mine[k * B:(k + 1) * B]]) for k in range(A)]
             loss_sum, units, step_metrics, tokens = backward_step(model, objective, micro, dist, cfg.dtype)
             window["tokens"] += tokens
             grad_norm, finite = clip_and_check(trainable.parameters(), cfg.max_grad_norm)
-            finite = finite and math.isfinite(loss_sum)
+            finite, signum = agree(finite and math.isfinite(loss_sum), stop.signum, dist)
             if finite:
                 optimizer.step()
                 meter.add({"loss": (loss_sum, units / W), "grad_norm": (float(grad_norm) / W, 1.0 / W),
@@ -308,12 +341,12 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
                 row.update(eval_metrics)
             if row:
                 logger.log({"step": step, **row})
-            if (cfg.save_steps and step % cfg.save_steps == 0) or stop.signum is not None:
+            if (cfg.save_steps and step % cfg.save_steps == 0) or signum:
                 save(step)
-            if stop.signum is not None and step < total:
-                name = signal.Signals(stop.signum).name
+            if signum and step < total:
+                name = signal.Signals(signum).name
                 raise TrainingStopped(f"{name} received: saved a checkpoint at step {step} in "
                                       f"{out_dir / ckpt.CKPT_DIR}; rerun with --resume to continue.",
-                                      exit_code=128 + stop.signum)
+                                      exit_code=128 + signum)
     return LoopResult(steps=pos["step"], last_metrics=last_metrics, eval_metrics=eval_metrics,
                       bad_steps=pos["bad_steps"], wall_time_s=clock.elapsed(), resumed_from=resumed_from)
