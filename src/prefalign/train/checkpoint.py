@@ -182,15 +182,16 @@ def load_resume_state(out_dir, dist) -> Optional[dict]:
     return {**small, "model": state["model"] if state else None, "optimizer": state["optimizer"] if state else None}
 
 
-def check_global_batch(state: dict, global_batch: int, out_dir) -> None:
+def check_global_batch(state: dict, batch_size: int, grad_accum: int, world_size: int, out_dir) -> None:
     """Resuming must keep the global batch: the data position counts global batches, and a
     different one changes what every later step trains on."""
-    saved = state.get("global_batch")
-    if saved is None or saved == global_batch:
+    saved, now = state.get("global_batch"), batch_size * grad_accum * world_size
+    if saved is None or saved == now:
         return
-    n = state.get("world_size", 1)
+    fix = f"--batch-size x --grad-accum x number of processes = {saved}"
+    if saved % (grad_accum * world_size) == 0:
+        fix += f": with {world_size} process(es) and --grad-accum {grad_accum}, use --batch-size {saved // (grad_accum * world_size)}"
     raise ConfigError(
         f"the checkpoint {state.get('path', out_dir)} was written with a global batch of {saved} examples "
-        f"({n} process(es)); this run's is {global_batch} (--batch-size x --grad-accum x processes). "
-        f"To resume, keep --batch-size x --grad-accum x number of processes = {saved}; e.g. with one process "
-        f"and --grad-accum 1, use --batch-size {saved}.")
+        f"({state.get('world_size', 1)} process(es)); this run's is {now} (--batch-size {batch_size} x "
+        f"--grad-accum {grad_accum} x {world_size} process(es)). To resume, keep {fix}.")

@@ -259,7 +259,7 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
     if cfg.resume:
         state = ckpt.load_resume_state(out_dir, dist)
         if state is not None:
-            ckpt.check_global_batch(state, B * A * W, out_dir)
+            ckpt.check_global_batch(state, B, A, W, out_dir)
             ckpt.load_train_state(trainable, optimizer, state["model"], state["optimizer"], dist)
             scheduler.load_state_dict(state["scheduler"])
             rngs = state.get("rng_ranks") or []
