@@ -37,7 +37,7 @@ STAGE_ARGS = {
     "reward": ["--lr", "3e-3", "--normalize", "std"],
     "dpo": ["--lr", "3e-3", "--beta", "0.5"],
 }
-STEPS, SAVE_AT = 6, 3
+STEPS, SAVE_AT = 6, 3  # logging every 2 steps: a checkpoint at 3 holds step 3's metric sums
 # Adam's step lr * g / (|g| + eps) is ~lr whatever |g| is, so where a gradient nearly cancels
 # (one lm_head entry had g = -9.6e-8, beside entries of 0.14) summation-order noise of ~2e-9
 # (2% of it) moved that weight 4e-6 apart with eps 1e-8 or 1e-6. eps 1e-4 bounds the
@@ -128,7 +128,7 @@ def stage_data(stage: str, d: Path) -> Path:
 
 def run_args(stage, d, out, batch, *extra):
     return [stage, "--model", str(d / "base"), "--data", str(d / f"{stage}.jsonl"), "--output", str(out),
-            "--batch-size", str(batch), "--max-steps", str(STEPS), "--logging-steps", "1", "--seed", "3",
+            "--batch-size", str(batch), "--max-steps", str(STEPS), "--logging-steps", "2", "--seed", "3",
             "--max-length", "32", "--save-steps", str(SAVE_AT), "--eval-fraction", "0.1", "--eval-steps", "3",
             "--no-progress", *ADAM, *STAGE_ARGS[stage], *extra]
 
@@ -162,7 +162,7 @@ def metrics(out: Path):
 
 def assert_same_run(a: Path, b: Path):
     ma, mb = metrics(a), metrics(b)
-    assert [r["step"] for r in ma] == [r["step"] for r in mb] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [2, 3, 4, 6]  # 3: evaluation
     for ra, rb in zip(ma, mb):
         assert ra.keys() == rb.keys()
         for k in ra:
@@ -246,3 +246,10 @@ def test_torchrun_cli_error_exits_cleanly_once(runs):
     assert "global batch of 8" in proc.stderr and "this run's is 16" in proc.stderr
     assert "exitcode  : 2" in proc.stderr
     assert "src/prefalign/" not in proc.stderr  # no traceback from our code on any rank
+
+
+@pytest.mark.slow
+def test_dist_helpers_across_two_ranks():
+    """Global whitening and mean/var equal the one-process values over the global batch;
+    sharded_map over a frozen FSDP2 model equals the whole model (tests/dist_helpers_check.py)."""
+    check(torchrun([TESTS / "dist_helpers_check.py"], timeout=240))

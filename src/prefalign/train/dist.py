@@ -166,18 +166,18 @@ def prepare_frozen(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp"
 def sharded_map(fn, items: list, info: DistInfo, batch_size: int) -> list:
     """``fn`` (a list of items -> a list of results, one each) over ``items`` split across ranks,
     the results gathered in order on every rank. Each item is computed once in the world, not
-    once per rank (e.g. precomputed reference log-probs). Ranks with less work call ``fn`` on a
-    stand-in batch (results dropped) so FSDP collectives stay matched."""
+    once per rank (e.g. precomputed reference log-probs). Every call of ``fn`` gets exactly
+    ``batch_size`` items, short chunks filled up with stand-ins (results dropped), and every rank
+    makes the same number of calls: FSDP forwards inside ``fn`` stay matched across ranks."""
+    if not items:
+        return []
     per = -(-len(items) // info.world_size)  # ceil
     mine = items[info.rank * per:(info.rank + 1) * per]
-    n_batches = -(-per // batch_size)
     results: list = []
-    for b in range(n_batches):
+    for b in range(-(-per // batch_size)):
         chunk = mine[b * batch_size:(b + 1) * batch_size]
-        if chunk:
-            results.extend(fn(chunk))
-        elif items:
-            fn(items[:1])  # keeps this rank's forwards in step with the others
+        out = fn(chunk + [items[0]] * (batch_size - len(chunk)))
+        results.extend(out[:len(chunk)])
     if not info.distributed:
         return results
     return [r for part in all_gather_object(results) for r in part]

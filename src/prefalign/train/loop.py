@@ -36,7 +36,7 @@ import torch
 
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.train import checkpoint as ckpt
-from prefalign.train.dist import DistInfo, all_reduce_sum, barrier, no_grad_sync
+from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, no_grad_sync
 from prefalign.train.logger import MetricsLogger, Stopwatch, progress
 from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
 
@@ -109,15 +109,28 @@ class _Meter:
             self.sums[k] = self.sums.get(k, 0.0) + float(s)
             self.counts[k] = self.counts.get(k, 0.0) + float(c)
 
-    def reduce(self, device: torch.device) -> dict[str, float]:
+    def _summed(self, device: torch.device) -> tuple[list[str], torch.Tensor]:
+        """Keys and [sums..., counts...] summed over ranks."""
         keys = sorted(self.sums)
-        if not keys:
-            return {}
-        t = torch.tensor([self.sums[k] for k in keys] + [self.counts[k] for k in keys], dtype=torch.float64,
-                         device=device)
-        all_reduce_sum(t)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # A rank that saw no examples (a short eval set) has no keys: agree on the union.
+            keys = sorted(set().union(*all_gather_object(keys)))
+        t = torch.tensor([self.sums.get(k, 0.0) for k in keys] + [self.counts.get(k, 0.0) for k in keys],
+                         dtype=torch.float64, device=device)
+        return keys, all_reduce_sum(t) if keys else t
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        keys, t = self._summed(device)
         n = len(keys)
         return {k: (t[i] / t[n + i]).item() if t[n + i] > 0 else float("nan") for i, k in enumerate(keys)}
+
+    def global_state(self, device: torch.device) -> dict:
+        """The sums of all ranks (for a checkpoint between two logged steps). Loaded by rank 0
+        alone on resume, so nothing is lost or counted twice, whatever the new world size."""
+        keys, t = self._summed(device)
+        n = len(keys)
+        return {"sums": {k: t[i].item() for i, k in enumerate(keys)},
+                "counts": {k: t[n + i].item() for i, k in enumerate(keys)}}
 
     def state(self) -> dict:
         return {"sums": dict(self.sums), "counts": dict(self.counts)}
@@ -266,7 +279,8 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
             # Per-rank streams continue exactly when the world size is unchanged.
             ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == W else state["rng"])
             pos.update(state["position"])
-            meter.load(state["meter"])
+            if dist.is_main:  # the saved sums are already those of all ranks
+                meter.load(state["meter"])
             for k, v in extra_state.items():
                 ckpt.load_extra(v, state["extra"][k], dist)
             resumed_from = pos["step"]
@@ -274,8 +288,8 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
 
     def save(step: int) -> None:
         """All ranks gather the state; rank 0 writes it; nobody leaves before it is on disk."""
-        state = ckpt.checkpoint_state(trainable, optimizer, scheduler, pos, meter.state(), extra_state, dist,
-                                      B * A * W)
+        state = ckpt.checkpoint_state(trainable, optimizer, scheduler, pos, meter.global_state(dist.device),
+                                      extra_state, dist, B * A * W)
         if dist.is_main:
             ckpt.save_checkpoint(out_dir, step, state, keep=cfg.keep_checkpoints)
         barrier()
