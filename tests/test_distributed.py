@@ -3,8 +3,9 @@ that must equal one process with the same global batch.
 
 For each stage one module fixture trains the same tiny model on the same data for 6 steps with
 a global batch of 8: one process with --batch-size 8 (in this process), and in ONE torchrun
-launch (tests/dist_worker.py) DDP with --batch-size 4 per process, FSDP2 with --batch-size 4,
-and an FSDP2 resume of the one-process checkpoint. Then one process resumes the FSDP2
+launch (tests/dist_worker.py) DDP with --batch-size 4 per process, FSDP2 with --batch-size 2
+and --grad-accum 2 (micro-batches without gradient sync), and an FSDP2 resume of the
+one-process checkpoint. Then one process resumes the FSDP2
 checkpoint. Every run must end at the same metrics and weights to fp32 summation-order noise.
 """
 import json
@@ -147,7 +148,7 @@ def runs(request, tmp_path_factory):
     single(run_args(stage, d, d / "one", 8))
     cut_back(d / "one", d / "one-then-two", SAVE_AT)
     batch = [run_args(stage, d, d / "ddp", 4),
-             run_args(stage, d, d / "fsdp", 4, "--distributed", "fsdp"),
+             run_args(stage, d, d / "fsdp", 2, "--grad-accum", "2", "--distributed", "fsdp"),
              run_args(stage, d, d / "one-then-two", 4, "--distributed", "fsdp", "--resume")]
     (d / "runs.json").write_text(json.dumps(batch))
     check(torchrun([TESTS / "dist_worker.py", d / "runs.json"]))

@@ -189,8 +189,10 @@ def check_global_batch(state: dict, batch_size: int, grad_accum: int, world_size
     if saved is None or saved == now:
         return
     fix = f"--batch-size x --grad-accum x number of processes = {saved}"
-    if saved % (grad_accum * world_size) == 0:
-        fix += f": with {world_size} process(es) and --grad-accum {grad_accum}, use --batch-size {saved // (grad_accum * world_size)}"
+    per_process = grad_accum * world_size
+    if saved % per_process == 0:
+        fix += (f": with {world_size} process(es) and --grad-accum {grad_accum}, "
+                f"use --batch-size {saved // per_process}")
     raise ConfigError(
         f"the checkpoint {state.get('path', out_dir)} was written with a global batch of {saved} examples "
         f"({state.get('world_size', 1)} process(es)); this run's is {now} (--batch-size {batch_size} x "

@@ -51,6 +51,10 @@ def init_distributed(device_spec: str = "auto") -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
+    if rank != 0:  # one set of progress bars and notices: rank 0's
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

@@ -216,7 +216,8 @@ def backward_step(model, objective: Objective, micro: list[dict], dist: DistInfo
     as sum(per-unit losses) / (units of the whole step over all ranks).
 
     Returns (loss_sum on this rank, global units, metric sums, tokens on this rank)."""
-    units_t = torch.tensor(float(sum(objective.units(mb) for mb in micro)), dtype=torch.float64)
+    # On the training device: NCCL reduces CUDA tensors only.
+    units_t = torch.tensor(float(sum(objective.units(mb) for mb in micro)), dtype=torch.float64, device=dist.device)
     all_reduce_sum(units_t)
     units = units_t.item()
     W = dist.world_size
