@@ -196,12 +196,17 @@ class ScalarModel(nn.Module):
             model.eval().requires_grad_(False)
         return model
 
-    def save_pretrained(self, out_dir: str) -> None:
-        """A standard HF sequence-classification checkpoint; config.json keeps shift and scale."""
+    def save_pretrained(self, out_dir: str, state_dict: Optional[dict] = None) -> None:
+        """A standard HF sequence-classification checkpoint; config.json keeps shift and scale.
+        ``state_dict`` (keyed like ``self.state_dict()``) replaces the weights, e.g. gathered from FSDP."""
         from prefalign.models.lora import merged_copy
 
         setattr(self.config, SHIFT_KEY, self.shift)
         setattr(self.config, SCALE_KEY, self.scale)
+        if state_dict is not None:  # drop our "model." prefix: keys of the wrapped HF model
+            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+            self.model.save_pretrained(out_dir, state_dict=state_dict)
+            return
         merged_copy(self.model).save_pretrained(out_dir)
 
 

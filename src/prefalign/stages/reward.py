@@ -16,10 +16,10 @@ import torch
 from prefalign.data import encode_preference, load_preferences, load_sft
 from prefalign.errors import ConfigError
 from prefalign.losses import bradley_terry_loss
-from prefalign.models import ScalarModel, load_scalar_model, save_pretrained
+from prefalign.models import ScalarModel, load_scalar_model
 from prefalign.stages.batching import collate_padded
-from prefalign.stages.common import finish, report, save_final, split_eval, start
-from prefalign.train.dist import wrap_model
+from prefalign.stages.common import finish, report, save_model_final, split_eval, start
+from prefalign.train.dist import sharded_map, wrap_model
 from prefalign.train.logger import iter_progress
 from prefalign.train.loop import LossOutput, fit, to_device
 
@@ -109,15 +109,20 @@ def run_reward(cfg) -> int:
                  eval_set=eval_pairs or None, desc="reward", trainable=model)
     norm = {"mode": cfg.normalize, "shift": 0.0, "scale": 1.0}
     if cfg.normalize != "none":
-        scores = score_sequences(model, normalization_sequences(cfg, tokenizer, pairs), pad_id, cfg.batch_size * 2,
-                                 dist.device, "normalising", cfg.progress and dist.is_main).double()
+        seqs, bs = normalization_sequences(cfg, tokenizer, pairs), cfg.batch_size * 2
+        if dist.distributed:  # each completion scored once in the world, gathered on every rank
+            scores = torch.tensor(sharded_map(lambda c: score_sequences(model, c, pad_id, bs, dist.device,
+                                                                        progress=False).tolist(), seqs, dist, bs))
+        else:
+            scores = score_sequences(model, seqs, pad_id, bs, dist.device, "normalising", cfg.progress)
+        scores = scores.double()
         norm["shift"] = float(scores.mean())
         if cfg.normalize == "std":
             norm["scale"] = float(scores.std()) or 1.0
         norm["over"] = cfg.normalize_data or "training completions"
         norm["n_completions"] = int(scores.numel())
     model.set_normalization(norm["shift"], norm["scale"])
-    save_final(out, dist, lambda d: save_pretrained(model, tokenizer, d))
+    save_model_final(out, dist, model, tokenizer)
     summary = finish(cfg, out, dist, "reward", t0, result, normalization=norm, train_pairs=len(pairs),
                      eval_pairs=len(eval_pairs or []))
     if dist.is_main:
