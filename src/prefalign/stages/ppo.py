@@ -101,8 +101,9 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
         value_head = new_value_head(policy.config.hidden_size, cfg.seed).to(device)
     else:
         # Values are per policy token, so the value model must share the policy's tokenizer.
-        path = cfg.value_model or (cfg.reward_model if rm is not None and not retokenize else cfg.model)
-        if not cfg.value_model and path == cfg.model:
+        path = cfg.value_model or (cfg.reward_model if rm is not None and not retokenize else None)
+        if path is None:
+            path = cfg.model
             print(f"prefalign ppo: value model: a new value head on the policy's backbone ({cfg.model}), "
                   f"since the reward model's tokenizer differs or no reward model was given.", file=sys.stderr)
         value_model, value_tok = load_scalar_model(path, seed=cfg.seed, **kw)
