@@ -284,6 +284,17 @@ def explained_variance(batch: dict) -> float:
     return float(1 - var_error / var_returns) if var_returns > 0 else float("nan")
 
 
+def iteration_row(meter: _Meter, batch: dict, device, elapsed: float, times: dict, **extra) -> dict:
+    """The metrics.jsonl row of one iteration: means over all ranks, timings, ``extra`` as given."""
+    row = meter.reduce(device)
+    tokens = torch.tensor(float(batch["query_mask"].sum() + batch["response_mask"].sum()), device=device)
+    row.update(extra)
+    row.update({"val/explained_variance": explained_variance(batch),
+                "perf/tokens_per_s": float(all_reduce_sum(tokens)) / max(elapsed, 1e-9),
+                **{f"perf/time_{k}_s": v for k, v in times.items()}})
+    return row
+
+
 def sample_rows(step: int, prompts: list, batch: dict) -> dict:
     return {"step": step, "samples": [
         {"prompt": p, "completion": c, "score": float(s), "ended_with_eos": bool(e)}
@@ -339,19 +350,14 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
                                      dist.world_size)
             times["update"] = time.perf_counter() - t_update
             meter.add(rollout_metrics(batch, beta))
-            last = meter.reduce(dist.device)
-            kl_ctl.update(last["objective/kl"], cfg.rollout_batch_size * dist.world_size)
             pos["iteration"] += 1
             pos["bad_steps"] += bad
             step = pos["iteration"]
-            tokens = torch.tensor(float(batch["query_mask"].sum() + batch["response_mask"].sum()))
             elapsed = time.perf_counter() - t_iter
             train_time += elapsed
-            last.update({"kl_coef": beta, "lr": scheduler.get_last_lr()[0], "bad_steps": pos["bad_steps"],
-                         "val/explained_variance": explained_variance(batch),
-                         "policy/first_minibatch_logprob_maxdiff": gap,
-                         "perf/tokens_per_s": float(all_reduce_sum(tokens)) / max(elapsed, 1e-9),
-                         **{f"perf/time_{k}_s": v for k, v in times.items()}})
+            last = iteration_row(meter, batch, dist.device, elapsed, times, kl_coef=beta, bad_steps=pos["bad_steps"],
+                                 lr=scheduler.get_last_lr()[0], **{"policy/first_minibatch_logprob_maxdiff": gap})
+            kl_ctl.update(last["objective/kl"], cfg.rollout_batch_size * dist.world_size)
             logger.log({"step": step, **last})
             if cfg.sample_every and step % cfg.sample_every == 0:
                 samples.log(sample_rows(step, prompts, batch))
