@@ -34,7 +34,8 @@ from torch import nn
 from prefalign.data import encode_prompt, load_prompts
 from prefalign.errors import ConfigError, ModelError
 from prefalign.losses import gae, kl_estimate, ppo_policy_loss, ppo_value_loss
-from prefalign.models import apply_lora, disabled_adapter, load_causal_lm, load_scalar_model, save_pretrained
+from prefalign.models import (apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, load_scalar_model,
+                              save_pretrained)
 from prefalign.ops import masked_mean
 from prefalign.rollout import Rollout, forward_logps, sample
 from prefalign.stages.common import finish, save_final, start
@@ -91,9 +92,7 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
     ref = None
     if cfg.ref_model or not cfg.lora:
         ref, ref_tok = load_causal_lm(cfg.ref_model or cfg.model, trainable=False, **kw)
-        if not same_tokenizer(tok, ref_tok):
-            raise ModelError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
-                             f"the reference must score the policy's tokens.")
+        check_same_vocab(tok, ref_tok, cfg.model, cfg.ref_model or cfg.model, role="reference")
     rm, rm_tok = (None, None) if reward_fn else load_scalar_model(cfg.reward_model, trainable=False, seed=cfg.seed, **kw)
     retokenize = rm is not None and not same_tokenizer(tok, rm_tok)
     value_model = value_head = None
@@ -320,7 +319,7 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     stats = RunningMoments()
     generators = {"sample": torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + dist.rank),
                   "shuffle": torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 + dist.rank)}
-    stateful = {"trainable": m.trainable, "optimizer": optimizer, "scheduler": scheduler, "kl_ctl": kl_ctl,
+    stateful = {"model": m.trainable, "optimizer": optimizer, "scheduler": scheduler, "kl_ctl": kl_ctl,
                 "score_stats": stats}
     pos = {"iteration": 0, "bad_steps": 0}
     logger, samples = MetricsLogger(out, dist.is_main), MetricsLogger(out, dist.is_main, "samples.jsonl")
