@@ -184,7 +184,7 @@ def test_precomputed_reference_equals_live(tok, tmp_path, packing, length_normal
 @pytest.mark.parametrize("switches", [{}, {"length_normalize": True, "nll_weight": 0.5, "loss": "ipo"}])
 def test_packed_equals_padded(tok, switches):
     policy, ref = tiny_llama(tok, seed=4), tiny_llama(tok, seed=5).eval()
-    pairs = tokenize_pairs(examples(pair_rows(9, 4)), tok, 20, 8)
+    pairs = tokenize_pairs(examples(pair_rows(9, 4)), tok, 40, 8)
     padded, packed = collate_pairs(pairs, tok.pad_token_id), collate_pair_rows(pairs, tok.pad_token_id)
     assert packed["input_ids"].shape[0] > 1  # several packed rows, right-padded
     assert "attention_mask" not in packed and packed["input_ids"].numel() < padded["input_ids"].numel()
