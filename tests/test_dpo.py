@@ -188,9 +188,13 @@ def test_packed_equals_padded(tok, switches):
     padded, packed = collate_pairs(pairs, tok.pad_token_id), collate_pair_rows(pairs, tok.pad_token_id)
     assert packed["input_ids"].shape[0] > 1  # several packed rows, right-padded
     assert "attention_mask" not in packed and packed["input_ids"].numel() < padded["input_ids"].numel()
+    wide = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=64)  # fewer, longer rows
+    assert 1 < wide["input_ids"].shape[0] < packed["input_ids"].shape[0]
     objective = DPOObjective(objective_cfg(**switches), reference=frozen_reference(ref))
     assert objective.units(padded) == objective.units(packed) == 9
-    assert_same(loss_and_grads(objective, policy, padded), loss_and_grads(objective, policy, packed))
+    want = loss_and_grads(objective, policy, padded)
+    assert_same(want, loss_and_grads(objective, policy, packed))
+    assert_same(want, loss_and_grads(objective, policy, wide))
 
 
 def test_packed_chosen_and_rejected_share_a_row(tok):

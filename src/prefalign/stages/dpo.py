@@ -160,8 +160,10 @@ def run_dpo(cfg) -> int:
     eval_pairs = (tokenize_pairs(load_preferences(cfg.eval_data, cfg.data_format), tokenizer, cfg.max_length,
                                  cfg.max_prompt_length) if cfg.eval_data else None)
     pad_id = tokenizer.pad_token_id
-    collate_fn = collate_pair_rows if cfg.packing else collate_pairs
-    collate = lambda rows: collate_fn(rows, pad_id)
+    if cfg.packing:
+        collate = lambda rows: collate_pair_rows(rows, pad_id, row_tokens=2 * cfg.max_length)
+    else:
+        collate = lambda rows: collate_pairs(rows, pad_id)
     reference, ref_info = None, {"mode": "none" if cfg.reference_free else "live" if cfg.live_reference else "cached"}
     if cfg.live_reference and not cfg.reference_free:
         ref_model = load_reference(cfg, tokenizer, dist.device) if cfg.ref_model else None

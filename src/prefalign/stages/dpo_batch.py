@@ -53,15 +53,17 @@ def collate_pairs(pairs: list[DPOPair], pad_id: int) -> dict:
     return _with_refs(batch, pairs)
 
 
-def collate_pair_rows(pairs: list[DPOPair], pad_id: int) -> dict:
-    """Packed layout: pairs grouped (first-fit decreasing) into rows no longer than the longest
-    pair, so a row never holds less than one whole pair and padding is only the rows' tails.
+def collate_pair_rows(pairs: list[DPOPair], pad_id: int, row_tokens: int = 0) -> dict:
+    """Packed layout: pairs grouped (first-fit decreasing) into rows of at most ``row_tokens``
+    tokens, or the longest pair's length when that is more; a pair never straddles two rows.
+    Fewer, longer rows waste less padding, but attention inside a row costs (row length)^2, so
+    the stage uses row_tokens = 2 x --max-length (one pair at the length budget).
 
     Returns input_ids, position_ids, completion_mask, segment_ids (R, T) with segment ids unique
     over the batch (-1 = padding), n_pairs and the reference log-probs in packed order.
     """
     lengths = [p.n_tokens for p in pairs]
-    groups = pack_groups(lengths, max(lengths))
+    groups = pack_groups(lengths, max(max(lengths), row_tokens))
     rows = [pair_pack_batch([pairs[i].chosen for i in g], [pairs[i].rejected for i in g]) for g in groups]
     batch = pad_packed_rows(rows, pad_id)
     first_segment = torch.tensor([0] + [2 * len(g) for g in groups[:-1]]).cumsum(0)  # (R,)
