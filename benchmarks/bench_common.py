@@ -41,27 +41,28 @@ def env_for(threads: int | None = None) -> dict:
     return env
 
 
-def run_with_rss(cmd: list[str], env: dict | None = None) -> tuple[str, str, float, float]:
-    """Run cmd; return (stdout, stderr, wall seconds, peak RSS in MiB of that child alone, via wait4)."""
-    t = time.perf_counter()
+def run_with_rss(cmd: list[str], env: dict | None = None) -> dict:
+    """Run cmd and measure it. Returns {"lines": [(seconds since start, stdout line)], "stdout",
+    "stderr", "wall_s", "rss_mib"}: the peak resident memory of that child process alone (os.wait4
+    gives one child's rusage; RUSAGE_CHILDREN would mix all the runs of this script)."""
+    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or env_for())
-    out_chunks, err_chunks = [], []
-    def pump(stream, sink):
-        for line in stream:
-            sink.append(line)
-    threads = [threading.Thread(target=pump, args=(proc.stdout, out_chunks)),
-               threading.Thread(target=pump, args=(proc.stderr, err_chunks))]
-    for th in threads:
+    lines, err = [], []
+    pumps = [threading.Thread(target=lambda: [lines.append((time.perf_counter() - t0, l)) for l in proc.stdout]),
+             threading.Thread(target=lambda: [err.append(l) for l in proc.stderr])]
+    for th in pumps:
         th.start()
     _, status, usage = os.wait4(proc.pid, 0)
-    for th in threads:
+    for th in pumps:
         th.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t
-    out, err = "".join(out_chunks), "".join(err_chunks)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}")
-    return out, err, wall, usage.ru_maxrss / 1024  # Linux: ru_maxrss in KiB
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    out = "".join(l for _, l in lines)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {code}\n{out[-3000:]}\n{''.join(err)[-3000:]}")
+    return {"lines": lines, "stdout": out, "stderr": "".join(err), "wall_s": wall,
+            "rss_mib": usage.ru_maxrss / 1024}  # Linux: ru_maxrss in KiB
 
 
 def make_fixture(out: Path, python: str, **kw) -> Path:

@@ -29,8 +29,8 @@ from bench_common import (default_python, env_for, find_bench_dir, json_lines, m
 
 
 def run_trl(python: str, fx: Path, ref: Path) -> dict:
-    out, _, _, _ = run_with_rss([python, str(find_bench_dir() / "trl_dpo.py"), str(fx), "--ref", str(ref),
-                                 "--steps", "1", "--log-every", "1", "--batch", "8", "--max-length", "256"])
+    out = run_with_rss([python, str(find_bench_dir() / "trl_dpo.py"), str(fx), "--ref", str(ref),
+                                 "--steps", "1", "--log-every", "1", "--batch", "8", "--max-length", "256"])["stdout"]
     rows = [r for r in json_lines(out) if r.get("step") == 1]
     if not rows:
         raise RuntimeError(f"trl_dpo.py printed no step-1 row:\n{out[-2000:]}")
