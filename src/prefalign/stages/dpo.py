@@ -161,7 +161,7 @@ def run_dpo(cfg) -> int:
                                  cfg.max_prompt_length) if cfg.eval_data else None)
     pad_id = tokenizer.pad_token_id
     if cfg.packing:
-        collate = lambda rows: collate_pair_rows(rows, pad_id, row_tokens=2 * cfg.max_length)
+        collate = lambda rows: collate_pair_rows(rows, pad_id, row_tokens=cfg.max_length)
     else:
         collate = lambda rows: collate_pairs(rows, pad_id)
     reference, ref_info = None, {"mode": "none" if cfg.reference_free else "live" if cfg.live_reference else "cached"}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefalign.data import Tokenized, encode_preference, pack_groups, pair_pack_batch
+from prefalign.data import Tokenized, encode_preference, pair_pack_batch
 from prefalign.ops import masked_sum, segment_sum, token_logps
 from prefalign.stages.batching import collate_padded, label_mask, pad_packed_rows
 
@@ -53,17 +53,31 @@ def collate_pairs(pairs: list[DPOPair], pad_id: int) -> dict:
     return _with_refs(batch, pairs)
 
 
+def balanced_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Split items into ceil(total / row_tokens) rows of nearly equal length: longest first, each
+    into the currently shortest row. Rows are right-padded to the longest, so balance is what keeps
+    padding small (first-fit would leave a short last row padded to full length). A row may pass
+    row_tokens by less than one item."""
+    n_rows = max(1, min(len(lengths), math.ceil(sum(lengths) / max(row_tokens, 1))))
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    load = [0] * n_rows
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = min(range(n_rows), key=load.__getitem__)
+        rows[r].append(i)
+        load[r] += lengths[i]
+    return [sorted(r) for r in rows if r]
+
+
 def collate_pair_rows(pairs: list[DPOPair], pad_id: int, row_tokens: int = 0) -> dict:
-    """Packed layout: pairs grouped (first-fit decreasing) into rows of at most ``row_tokens``
-    tokens, or the longest pair's length when that is more; a pair never straddles two rows.
-    Fewer, longer rows waste less padding, but attention inside a row costs (row length)^2, so
-    the stage uses row_tokens = 2 x --max-length (one pair at the length budget).
+    """Packed layout: pairs split into balanced rows of about ``row_tokens`` tokens (0: one pair
+    per row); a pair never straddles two rows. Longer rows pad less, but attention inside a row
+    costs (row length)^2; the stage uses row_tokens = --max-length.
 
     Returns input_ids, position_ids, completion_mask, segment_ids (R, T) with segment ids unique
     over the batch (-1 = padding), n_pairs and the reference log-probs in packed order.
     """
     lengths = [p.n_tokens for p in pairs]
-    groups = pack_groups(lengths, max(max(lengths), row_tokens))
+    groups = balanced_rows(lengths, row_tokens) if row_tokens else [[i] for i in range(len(pairs))]
     rows = [pair_pack_batch([pairs[i].chosen for i in g], [pairs[i].rejected for i in g]) for g in groups]
     batch = pad_packed_rows(rows, pad_id)
     first_segment = torch.tensor([0] + [2 * len(g) for g in groups[:-1]]).cumsum(0)  # (R,)
