@@ -63,8 +63,9 @@ class DPOObjective:
         ref_chosen, ref_rejected = self.reference_logps(batch)
         policy_chosen, policy_rejected = chosen_sum, rejected_sum
         if self.length_normalize:  # mean log-prob per completion token (SimPO-style)
-            policy_chosen, policy_rejected = chosen_sum / chosen_tokens.clamp(min=1), rejected_sum / rejected_tokens.clamp(min=1)
-            ref_chosen, ref_rejected = ref_chosen / chosen_tokens.clamp(min=1), ref_rejected / rejected_tokens.clamp(min=1)
+            chosen_n, rejected_n = chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1)
+            policy_chosen, policy_rejected = chosen_sum / chosen_n, rejected_sum / rejected_n
+            ref_chosen, ref_rejected = ref_chosen / chosen_n, ref_rejected / rejected_n
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
             label_smoothing=self.label_smoothing, reference_free=self.reference_free, target_margin=self.target_margin)
@@ -147,6 +148,23 @@ def check_options(cfg) -> None:
         raise ConfigError(f"--nll-weight must not be negative, got {cfg.nll_weight}.")
 
 
+def live_reference(cfg, model, tokenizer, device) -> Reference:
+    """--live-reference: --ref-model kept in memory, the policy with adapters off (--lora), or a
+    frozen copy of the initial policy."""
+    if cfg.ref_model:
+        return frozen_reference(load_reference(cfg, tokenizer, device))
+    return adapter_off_reference(model) if cfg.lora else frozen_reference(_frozen_copy(model))
+
+
+def precompute_reference(cfg, model, tokenizer, pairs, eval_pairs, collate, dist) -> dict:
+    """Fill every pair's reference log-probs from the cache, or compute them once (ref_cache.py)."""
+    jobs = {"train": (pairs, reference_settings(cfg, cfg.data, pairs, dist.device))}
+    if eval_pairs:
+        jobs["eval"] = (eval_pairs, reference_settings(cfg, cfg.eval_data, eval_pairs, dist.device))
+    return fill_reference_logps(jobs, lambda: open_reference(cfg, model, tokenizer, dist.device), collate,
+                                2 * cfg.batch_size, cfg.ref_cache_dir or default_cache_dir(), dist, cfg.progress)
+
+
 def run_dpo(cfg) -> int:
     dist, out, t0 = start(cfg, "model", "data", "output")
     check_options(cfg)
@@ -156,26 +174,20 @@ def run_dpo(cfg) -> int:
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model.to(dist.device)
-    pairs = tokenize_pairs(load_preferences(cfg.data, cfg.data_format), tokenizer, cfg.max_length, cfg.max_prompt_length)
-    eval_pairs = (tokenize_pairs(load_preferences(cfg.eval_data, cfg.data_format), tokenizer, cfg.max_length,
-                                 cfg.max_prompt_length) if cfg.eval_data else None)
+    tokenize = lambda path: tokenize_pairs(load_preferences(path, cfg.data_format), tokenizer, cfg.max_length,
+                                           cfg.max_prompt_length)
+    pairs = tokenize(cfg.data)
+    eval_pairs = tokenize(cfg.eval_data) if cfg.eval_data else None
     pad_id = tokenizer.pad_token_id
     if cfg.packing:
         collate = lambda rows: collate_pair_rows(rows, pad_id, row_tokens=cfg.max_length)
     else:
         collate = lambda rows: collate_pairs(rows, pad_id)
     reference, ref_info = None, {"mode": "none" if cfg.reference_free else "live" if cfg.live_reference else "cached"}
-    if cfg.live_reference and not cfg.reference_free:
-        ref_model = load_reference(cfg, tokenizer, dist.device) if cfg.ref_model else None
-        reference = frozen_reference(ref_model) if ref_model is not None else (
-            adapter_off_reference(model) if cfg.lora else frozen_reference(_frozen_copy(model)))
-    elif not cfg.reference_free:
-        jobs = {"train": (pairs, reference_settings(cfg, cfg.data, pairs, dist.device))}
-        if eval_pairs:
-            jobs["eval"] = (eval_pairs, reference_settings(cfg, cfg.eval_data, eval_pairs, dist.device))
-        ref_info.update(fill_reference_logps(
-            jobs, lambda: open_reference(cfg, model, tokenizer, dist.device), collate, 2 * cfg.batch_size,
-            cfg.ref_cache_dir or default_cache_dir(), dist, cfg.progress))
+    if ref_info["mode"] == "live":
+        reference = live_reference(cfg, model, tokenizer, dist.device)
+    elif ref_info["mode"] == "cached":
+        ref_info.update(precompute_reference(cfg, model, tokenizer, pairs, eval_pairs, collate, dist))
     pairs, eval_pairs = split_eval(pairs, eval_pairs, cfg.eval_fraction, cfg.seed)
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, DPOObjective(cfg, reference), pairs, collate, out_dir=out, dist=dist,
