@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -167,8 +168,8 @@ def main() -> None:
     peak = matmul_peak_gflops(a.threads)
     print(f"fp32 matmul peak (1024^2, {a.threads} threads): {peak:.1f} GFLOP/s", flush=True)
     fx = make_fixture(work / "fixture", a.ours_python)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, {platform.platform()}", "threads": a.threads,
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+              f"{platform.platform()}", "load_average": os.getloadavg(), "threads": a.threads,
               "peak_gflop_per_s": peak, "steps": a.steps, "warmup": a.warmup,
               "side_by_side": side_by_side(a, fx, work)}
     for got in result["side_by_side"]["runs"]:
