@@ -12,11 +12,16 @@ def collate_padded(seqs, pad_id: int, side: str = "right") -> dict:
 
 def collate_packed_rows(groups, pad_id: int) -> dict:
     """Each group (a list of Tokenized) becomes one packed row; rows are right-padded to the
-    longest. Padding gets segment id -1, position id 0 and no completion mask.
+    longest (see ``pad_packed_rows``)."""
+    return pad_packed_rows([pack_batch(g) for g in groups], pad_id)
+
+
+def pad_packed_rows(rows: list[dict], pad_id: int) -> dict:
+    """Stack packed rows (each from pack_batch / pair_pack_batch, shape (1, T_i)) into (B, T),
+    right-padded to the longest. Padding gets segment id -1, position id 0 and no completion mask.
 
     Returns input_ids, position_ids, completion_mask, segment_ids (B, T) and n_segments (B,).
     """
-    rows = [pack_batch(g) for g in groups]
     T = max(r["input_ids"].shape[1] for r in rows)
     B = len(rows)
     out = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
