@@ -32,7 +32,7 @@ from prefalign.train.loop import epoch_order, rank_batch_indices
 TESTS = Path(__file__).resolve().parent
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 # Add "dpo" once stages/dpo.py lands: its data and options are below.
-EQUIV_STAGES = ["sft", "reward"]
+EQUIV_STAGES = ["sft", "reward", "dpo"]
 STAGE_ARGS = {
     "sft": ["--lr", "3e-3"],
     "reward": ["--lr", "3e-3", "--normalize", "std"],

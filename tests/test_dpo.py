@@ -9,7 +9,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import prefalign.config as C
 from prefalign.data import PreferenceExample
@@ -18,7 +17,7 @@ from prefalign.stages import dpo as dpo_stage
 from prefalign.stages.dpo import DPOObjective, adapter_off_reference, frozen_reference, run_dpo
 from prefalign.stages.dpo_batch import collate_pair_rows, collate_pairs, tokenize_pairs
 from prefalign.stages.ref_cache import fill_reference_logps
-from prefalign.tiny import save_tiny_model, tiny_llama, tiny_tokenizer
+from prefalign.tiny import save_tiny_model, tiny_llama
 from prefalign.train.dist import DistInfo
 from prefalign.train.logger import read_metrics
 from conftest import run_cli

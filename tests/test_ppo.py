@@ -2,7 +2,6 @@
 reward a test can compute, the KL leash, adaptive beta, exact resume, a reward model with another
 tokenizer through the CLI."""
 import json
-import math
 
 import pytest
 import torch

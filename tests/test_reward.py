@@ -3,9 +3,7 @@ import json
 import random
 
 import pytest
-import torch
 
-from prefalign.models import ScalarModel
 from prefalign.tiny import save_tiny_model
 from conftest import run_cli
 

@@ -25,8 +25,8 @@ import torch
 from prefalign.data import load_preferences
 from prefalign.errors import ConfigError
 from prefalign.losses import dpo_loss
-from prefalign.models import apply_lora, disabled_adapter, load_causal_lm, resolve_dtype, save_pretrained
-from prefalign.stages.common import finish, report, save_final, split_eval, start
+from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, resolve_dtype
+from prefalign.stages.common import finish, report, save_model_final, split_eval, start
 from prefalign.stages.dpo_batch import collate_pair_rows, collate_pairs, pair_logps, tokenize_pairs
 from prefalign.stages.ref_cache import (default_cache_dir, file_digest, fill_reference_logps, model_fingerprint,
                                         sequences_digest)
@@ -34,7 +34,6 @@ from prefalign.train.dist import wrap_model
 from prefalign.train.loop import LossOutput, fit
 
 Reference = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]  # batch -> ref (chosen, rejected) summed logps (B,)
-
 
 class DPOObjective:
     """Sum over pairs of the DPO-family loss (+ RPO's NLL term); the unit is one pair.
@@ -80,10 +79,8 @@ class DPOObjective:
                    "logps/rejected": (policy_rejected.detach().sum(), n), "nll": (nll.detach().sum(), n)}
         return LossOutput(losses.sum(), metrics)
 
-
 def frozen_reference(ref_model) -> Reference:
     return lambda batch: pair_logps(ref_model, batch)[:2]
-
 
 def adapter_off_reference(model) -> Reference:
     """The LoRA policy with its adapters switched off: the base weights, no second copy."""
@@ -92,7 +89,6 @@ def adapter_off_reference(model) -> Reference:
             return pair_logps(model, batch)[:2]
     return reference
 
-
 def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -100,16 +96,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
         if isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style attention modules
             module.attention_dropout = 0.0
 
-
 def load_reference(cfg, tokenizer, device):
     """The frozen --ref-model; its tokenizer must be the policy's (the ids are shared)."""
     ref, ref_tokenizer = load_causal_lm(cfg.ref_model, dtype=cfg.dtype, device=device,
                                         attn_implementation=cfg.attn_implementation, trainable=False)
-    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
-                          f"DPO scores the same token ids under both, so they must share one.")
+    check_same_vocab(tokenizer, ref_tokenizer, cfg.model, cfg.ref_model, role="reference")
     return ref
-
 
 @contextlib.contextmanager
 def open_reference(cfg, model, tokenizer, device):
@@ -127,14 +119,12 @@ def open_reference(cfg, model, tokenizer, device):
     finally:
         model.train(was_training)
 
-
 def reference_settings(cfg, data_path: str, pairs, device) -> dict:
     """What the cached reference log-probs depend on (ref_cache.py hashes these into the key)."""
     return {"reference": model_fingerprint(cfg.ref_model or cfg.model),
             "dtype": str(resolve_dtype(cfg.dtype, device, trainable=not cfg.ref_model)),
             "data": file_digest(data_path), "data_format": cfg.data_format, "max_length": cfg.max_length,
             "max_prompt_length": cfg.max_prompt_length, "sequences": sequences_digest(pairs)}
-
 
 def check_options(cfg) -> None:
     try:  # dpo_loss validates beta, the loss name and label smoothing; fail before loading anything
@@ -147,14 +137,12 @@ def check_options(cfg) -> None:
     if cfg.nll_weight < 0:
         raise ConfigError(f"--nll-weight must not be negative, got {cfg.nll_weight}.")
 
-
 def live_reference(cfg, model, tokenizer, device) -> Reference:
     """--live-reference: --ref-model kept in memory, the policy with adapters off (--lora), or a
     frozen copy of the initial policy."""
     if cfg.ref_model:
         return frozen_reference(load_reference(cfg, tokenizer, device))
     return adapter_off_reference(model) if cfg.lora else frozen_reference(_frozen_copy(model))
-
 
 def precompute_reference(cfg, model, tokenizer, pairs, eval_pairs, collate, dist) -> dict:
     """Fill every pair's reference log-probs from the cache, or compute them once (ref_cache.py)."""
@@ -163,7 +151,6 @@ def precompute_reference(cfg, model, tokenizer, pairs, eval_pairs, collate, dist
         jobs["eval"] = (eval_pairs, reference_settings(cfg, cfg.eval_data, eval_pairs, dist.device))
     return fill_reference_logps(jobs, lambda: open_reference(cfg, model, tokenizer, dist.device), collate,
                                 2 * cfg.batch_size, cfg.ref_cache_dir or default_cache_dir(), dist, cfg.progress)
-
 
 def run_dpo(cfg) -> int:
     dist, out, t0 = start(cfg, "model", "data", "output")
@@ -192,13 +179,12 @@ def run_dpo(cfg) -> int:
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, DPOObjective(cfg, reference), pairs, collate, out_dir=out, dist=dist,
                  eval_set=eval_pairs or None, desc="dpo", trainable=model)
-    save_final(out, dist, lambda d: save_pretrained(model, tokenizer, d))
+    save_model_final(out, dist, model, tokenizer)
     summary = finish(cfg, out, dist, "dpo", t0, result, train_pairs=len(pairs), eval_pairs=len(eval_pairs or []),
                      reference=ref_info)
     if dist.is_main:
         report(summary, ["loss", "rewards/margins", "rewards/accuracies", "eval/loss", "eval/rewards/accuracies"])
     return 0
-
 
 def _frozen_copy(model):
     """--live-reference without --ref-model: a frozen copy of the initial policy."""

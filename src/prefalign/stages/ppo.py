@@ -21,6 +21,7 @@ The models run in eval mode (no dropout), so sampled and recomputed log-probs ag
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -239,8 +240,8 @@ def update(cfg, m: Models, batch: dict, optimizer, scheduler, shuffle: torch.Gen
     params = [p for p in m.trainable.parameters() if p.requires_grad]
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=shuffle)
-        for start in range(0, n, cfg.minibatch_size):
-            idx = order[start:start + cfg.minibatch_size].to(device)
+        for first in range(0, n, cfg.minibatch_size):
+            idx = order[first:first + cfg.minibatch_size].to(device)
             mb = {k: v[idx] for k, v in batch.items() if torch.is_tensor(v)}
             with autocast_for(device, cfg.dtype):
                 loss, metrics = minibatch_loss(cfg, m, mb)
@@ -385,7 +386,7 @@ def resume(cfg, out, stateful: dict, generators: dict, pos: dict, loggers) -> Op
     found = ckpt.load_latest(out) if cfg.resume else None
     if found is None:
         return None
-    _, state = found
+    path, state = found
     for name, obj in stateful.items():
         obj.load_state_dict(state[name])
     ckpt.set_rng_state(state["rng"])
@@ -394,6 +395,8 @@ def resume(cfg, out, stateful: dict, generators: dict, pos: dict, loggers) -> Op
     pos.update(state["position"])
     for logger in loggers:
         logger.truncate_after(pos["iteration"])
+    if os.environ.get("RANK", "0") == "0":
+        print(f"prefalign: resumed from {path} (iteration {pos['iteration']}).", file=sys.stderr)
     return pos["iteration"]
 
 

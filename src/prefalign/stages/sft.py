@@ -7,7 +7,6 @@ the loss equals the padded loss of the same examples (tests/test_sft.py).
 """
 from __future__ import annotations
 
-import torch
 
 from prefalign.data import encode_prompt_completion, encode_text, load_sft, pack_groups
 from prefalign.models import load_causal_lm
