@@ -136,6 +136,9 @@ class _SignalFlag:
 
 
 def count_tokens(batch: dict) -> int:
+    """Real (non-pad) tokens fed to the model: what perf/tokens_per_s counts."""
+    if "segment_ids" in batch and torch.is_tensor(batch["segment_ids"]):  # packed rows: padding is segment -1
+        return int((batch["segment_ids"] >= 0).sum())
     if "attention_mask" in batch and torch.is_tensor(batch["attention_mask"]):
         return int(batch["attention_mask"].sum())
     if "input_ids" in batch:

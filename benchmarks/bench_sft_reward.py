@@ -1,0 +1,174 @@
+"""Side-by-side speed of `prefalign sft --packing` / `prefalign reward` and TRL's SFTTrainer /
+RewardTrainer on the shared fixture (../shared/bench/make_fixture.py), on this CPU.
+
+usage: python benchmarks/bench_sft_reward.py [--rounds R] [--steps N] [--only sft|reward] [--no-write]
+
+Runs peer, ours, peer, ours, ... (alternating, so load from other processes hits both alike) and
+reports the median of the per-round ratios with the raw numbers. Both sides time the training
+loop only: from the end of step --warmup-steps to the end of step --steps, counting the real
+(non-pad) tokens fed to the model in those steps. Peak memory is the max RSS of each whole
+process. Writes the "SFT" and "Reward" sections of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import machine_line, update_section, versions  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT / "benchmarks" / "peers"
+MAKE_FIXTURE = ROOT.parent / "shared" / "bench" / "make_fixture.py"
+HEADERS = {"sft": "## SFT (packing) vs TRL SFTTrainer", "reward": "## Reward model vs TRL RewardTrainer"}
+
+# Runs a command and prints its peak RSS: a fresh wrapper per run, so RUSAGE_CHILDREN holds one child only.
+MAXRSS = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+          "print('maxrss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+
+
+def run_measured(cmd: list[str], env: dict) -> tuple[str, float]:
+    """(stdout, peak RSS in MiB) of cmd; raises with its stderr tail when it fails."""
+    p = subprocess.run([sys.executable, "-c", MAXRSS, *cmd], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    kb = [line.split()[1] for line in p.stderr.splitlines() if line.startswith("maxrss_kb")][-1]
+    return p.stdout, int(kb) / 1024
+
+
+def parse_peer(stdout: str) -> dict:
+    line = [x for x in stdout.splitlines() if x.startswith("trl_")][-1]
+    return {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+
+
+def parse_ours(out_dir: Path, warmup: int) -> dict:
+    """Loop time and tokens of steps warmup+1.. from metrics.jsonl (logged every step)."""
+    rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    timed = [r for r in rows if r["step"] > warmup]
+    wall = sum(1 / r["perf/steps_per_s"] for r in timed)
+    tokens = sum(r["perf/tokens_per_s"] / r["perf/steps_per_s"] for r in timed)
+    return {"timed_steps": len(timed), "wall_s": wall, "tokens": round(tokens), "tokens_per_s": tokens / wall,
+            "s_per_step": wall / len(timed), "loss": rows[-1]["loss"]}
+
+
+def peer_cmd(a, task: str) -> list[str]:
+    return [a.peer_python, str(PEERS / f"trl_{task}.py"), str(a.fixture), "--steps", str(a.steps),
+            "--batch", str(a.batch), "--max-length", str(a.max_length), "--lr", str(LR[task]),
+            "--warmup-steps", str(a.warmup_steps)]
+
+
+LR = {"sft": 2e-5, "reward": 1e-5}
+
+
+def ours_cmd(a, task: str, out_dir: Path) -> list[str]:
+    cmd = [a.ours_python, "-m", "prefalign", task, "--model", str(a.fixture / "model"),
+           "--data", str(a.fixture / "pairs.jsonl"), "--output", str(out_dir), "--max-steps", str(a.steps),
+           "--batch-size", str(a.batch), "--max-length", str(a.max_length), "--lr", str(LR[task]),
+           "--logging-steps", "1", "--no-progress", "--dtype", "float32", "--device", "cpu"]
+    if task == "sft":
+        cmd.append("--packing")
+    if task == "reward":
+        cmd += ["--normalize", "none"]  # TRL has no post-training normalisation pass
+    return cmd
+
+
+def one_round(a, task: str, env: dict) -> tuple[dict, dict]:
+    out, peer_rss = run_measured(peer_cmd(a, task), env)
+    peer = {**parse_peer(out), "rss_mib": peer_rss}
+    with tempfile.TemporaryDirectory() as tmp:
+        _, ours_rss = run_measured(ours_cmd(a, task, Path(tmp) / "run"), env)
+        ours = {**parse_ours(Path(tmp) / "run", a.warmup_steps), "rss_mib": ours_rss}
+    if task == "reward":
+        for r in (peer, ours):
+            r["pairs_per_s"] = a.batch * r["timed_steps"] / r["wall_s"]
+    return peer, ours
+
+
+def bench(a, task: str, env: dict) -> list[tuple[dict, dict]]:
+    unit = "pairs_per_s" if task == "reward" else "tokens_per_s"
+    rounds = []
+    for i in range(a.rounds):
+        peer, ours = one_round(a, task, env)
+        rounds.append((peer, ours))
+        print(f"{task} round {i + 1}: trl {peer[unit]:.1f} {unit}, {peer['rss_mib']:.0f} MiB | prefalign "
+              f"{ours[unit]:.1f} {unit}, {ours['rss_mib']:.0f} MiB | ratio {ours[unit] / peer[unit]:.2f}", flush=True)
+    return rounds
+
+
+def section(a, task: str, rounds, vers: dict) -> str:
+    unit = "pairs_per_s" if task == "reward" else "tokens_per_s"
+    ratios = [o[unit] / p[unit] for p, o in rounds]
+    mem = max(o["rss_mib"] for _, o in rounds) / max(p["rss_mib"] for p, _ in rounds)
+    what = ("`prefalign sft --packing` vs `SFTTrainer(packing=True)` (BFD packing, padding-free), {prompt, "
+            "completion=chosen} rows, completion-only loss" if task == "sft" else
+            "`prefalign reward` vs `RewardTrainer`, AutoModelForSequenceClassification(num_labels=1) on the "
+            "fixture's backbone, batch counted in pairs")
+    lines = [HEADERS[task], "",
+             f"{what}. Fixture: make_fixture.py defaults (3.4 M parameters, 512 pairs). "
+             f"Batch {a.batch}, max length {a.max_length}, {a.steps} optimizer steps, lr {LR[task]}, fp32, CPU, "
+             f"no eval, no saving; timed: steps {a.warmup_steps + 1}-{a.steps} (loop only, load and warm-up "
+             f"excluded). Tokens = real (non-pad) tokens fed to the model.", "",
+             f"- date: {vers['date']}; machine: {machine_line()}",
+             f"- prefalign env: torch {vers['ours']['torch']}, transformers {vers['ours']['transformers']}; "
+             f"peer env: trl {vers['peer']['trl']}, torch {vers['peer']['torch']}, "
+             f"transformers {vers['peer']['transformers']}",
+             f"- threads: {a.threads or 'torch default'} (OMP_NUM_THREADS, same for both); load average before the "
+             f"runs: {vers['load']}",
+             f"- command: `python benchmarks/bench_sft_reward.py --only {task} --rounds {a.rounds} --steps {a.steps}"
+             f"{f' --threads {a.threads}' if a.threads else ''}`",
+             "", f"| round | tool | loop s | tokens | tokens/s |{' pairs/s |' if task == 'reward' else ''} "
+             f"peak RSS MiB | ratio |",
+             f"|---|---|---|---|---|{'---|' if task == 'reward' else ''}---|---|"]
+    for i, (p, o) in enumerate(rounds, 1):
+        for name, r in (("trl", p), ("prefalign", o)):
+            extra = f" {r['pairs_per_s']:.2f} |" if task == "reward" else ""
+            ratio = f"{o[unit] / p[unit]:.2f}" if name == "prefalign" else ""
+            lines.append(f"| {i} | {name} | {r['wall_s']:.2f} | {int(r['tokens'])} | {r['tokens_per_s']:.0f} |{extra} "
+                         f"{r['rss_mib']:.0f} | {ratio} |")
+    lines += ["", f"**Speed ratio (median of per-round ratios, {unit.replace('_per_s', '/s')}): "
+                  f"{statistics.median(ratios):.2f}x** (rounds: {', '.join(f'{r:.2f}' for r in ratios)}). "
+                  f"Peak RSS prefalign / TRL: {mem:.2f}.", ""]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for both sides (default: torch's choice, one per core)")
+    ap.add_argument("--only", choices=["sft", "reward"], default=None)
+    ap.add_argument("--fixture", type=Path, default=ROOT / ".bench" / "fixture")
+    ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON", str(ROOT / ".bench" / "trl" / "bin" / "python")))
+    ap.add_argument("--ours-python", default=sys.executable)
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    ap.add_argument("--no-write", action="store_true", help="print the sections instead of updating RESULTS.md")
+    a = ap.parse_args()
+    # Our side runs this checkout's source, whatever prefalign the interpreter has installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if a.threads:
+        env["OMP_NUM_THREADS"] = str(a.threads)
+    if not (a.fixture / "pairs.jsonl").exists():
+        subprocess.run([a.ours_python, str(MAKE_FIXTURE), str(a.fixture)], env=env, check=True)
+    vers = versions(a.ours_python, a.peer_python, env)
+    for task in ([a.only] if a.only else ["sft", "reward"]):
+        text = section(a, task, bench(a, task, env), vers)
+        if a.no_write:
+            print(text)
+        else:
+            update_section(a.results, HEADERS[task], text)
+            print(f"updated {a.results} ({HEADERS[task]})")
+
+
+if __name__ == "__main__":
+    main()
