@@ -64,56 +64,63 @@ def peer_cmd(a, task: str) -> list[str]:
 
 
 LR = {"sft": 2e-5, "reward": 1e-5}
+# Our variants per task: (name in the table, extra CLI options). Reward runs both the default
+# padded batches and --packing (padding-free rows); TRL's RewardTrainer has only padded batches.
+VARIANTS = {"sft": [("prefalign --packing", ["--packing"])],
+            "reward": [("prefalign", []), ("prefalign --packing", ["--packing"])]}
 
 
-def ours_cmd(a, task: str, out_dir: Path) -> list[str]:
+def ours_cmd(a, task: str, out_dir: Path, extra: list[str]) -> list[str]:
     cmd = [a.ours_python, "-m", "prefalign", task, "--model", str(a.fixture / "model"),
            "--data", str(a.fixture / "pairs.jsonl"), "--output", str(out_dir), "--max-steps", str(a.steps),
            "--batch-size", str(a.batch), "--max-length", str(a.max_length), "--lr", str(LR[task]),
-           "--logging-steps", "1", "--no-progress", "--dtype", "float32", "--device", "cpu"]
-    if task == "sft":
-        cmd.append("--packing")
+           "--logging-steps", "1", "--no-progress", "--dtype", "float32", "--device", "cpu", *extra]
     if task == "reward":
         cmd += ["--normalize", "none"]  # TRL has no post-training normalisation pass
     return cmd
 
 
-def one_round(a, task: str, env: dict) -> tuple[dict, dict]:
+def one_round(a, task: str, env: dict) -> dict[str, dict]:
+    """{tool name: result} for the peer then each of our variants, run one after the other."""
     out, peer_rss = run_measured(peer_cmd(a, task), env)
-    peer = {**parse_peer(out), "rss_mib": peer_rss}
-    with tempfile.TemporaryDirectory() as tmp:
-        _, ours_rss = run_measured(ours_cmd(a, task, Path(tmp) / "run"), env)
-        ours = {**parse_ours(Path(tmp) / "run", a.warmup_steps), "rss_mib": ours_rss}
-    if task == "reward":
-        for r in (peer, ours):
-            r["pairs_per_s"] = a.batch * r["timed_steps"] / r["wall_s"]
-    return peer, ours
+    res = {"trl": {**parse_peer(out), "rss_mib": peer_rss}}
+    for name, extra in VARIANTS[task]:
+        with tempfile.TemporaryDirectory() as tmp:
+            _, rss = run_measured(ours_cmd(a, task, Path(tmp) / "run", extra), env)
+            res[name] = {**parse_ours(Path(tmp) / "run", a.warmup_steps), "rss_mib": rss}
+    for r in res.values():
+        r["pairs_per_s"] = a.batch * r["timed_steps"] / r["wall_s"]
+    return res
 
 
-def bench(a, task: str, env: dict) -> list[tuple[dict, dict]]:
-    unit = "pairs_per_s" if task == "reward" else "tokens_per_s"
+def unit_of(task: str) -> str:
+    return "pairs_per_s" if task == "reward" else "tokens_per_s"
+
+
+def bench(a, task: str, env: dict) -> list[dict[str, dict]]:
+    unit = unit_of(task)
     rounds = []
     for i in range(a.rounds):
-        peer, ours = one_round(a, task, env)
-        rounds.append((peer, ours))
-        print(f"{task} round {i + 1}: trl {peer[unit]:.1f} {unit}, {peer['rss_mib']:.0f} MiB | prefalign "
-              f"{ours[unit]:.1f} {unit}, {ours['rss_mib']:.0f} MiB | ratio {ours[unit] / peer[unit]:.2f}", flush=True)
+        res = one_round(a, task, env)
+        rounds.append(res)
+        print(f"{task} round {i + 1}: " + " | ".join(
+            f"{name} {r[unit]:.1f} {unit} {r['rss_mib']:.0f} MiB x{r[unit] / res['trl'][unit]:.2f}"
+            for name, r in res.items()), flush=True)
     return rounds
 
 
-def section(a, task: str, rounds, vers: dict) -> str:
-    unit = "pairs_per_s" if task == "reward" else "tokens_per_s"
-    ratios = [o[unit] / p[unit] for p, o in rounds]
-    mem = max(o["rss_mib"] for _, o in rounds) / max(p["rss_mib"] for p, _ in rounds)
+def section(a, task: str, rounds: list[dict[str, dict]], vers: dict) -> str:
+    unit = unit_of(task)
+    reward = task == "reward"
     what = ("`prefalign sft --packing` vs `SFTTrainer(packing=True)` (BFD packing, padding-free), {prompt, "
-            "completion=chosen} rows, completion-only loss" if task == "sft" else
-            "`prefalign reward` vs `RewardTrainer`, AutoModelForSequenceClassification(num_labels=1) on the "
-            "fixture's backbone, batch counted in pairs")
+            "completion=chosen} rows, completion-only loss" if not reward else
+            "`prefalign reward` (padded, and `--packing`: padding-free rows) vs `RewardTrainer` (padded), "
+            "AutoModelForSequenceClassification(num_labels=1) on the fixture's backbone, batch counted in pairs")
     lines = [HEADERS[task], "",
              f"{what}. Fixture: make_fixture.py defaults (3.4 M parameters, 512 pairs). "
              f"Batch {a.batch}, max length {a.max_length}, {a.steps} optimizer steps, lr {LR[task]}, fp32, CPU, "
              f"no eval, no saving; timed: steps {a.warmup_steps + 1}-{a.steps} (loop only, load and warm-up "
-             f"excluded). Tokens = real (non-pad) tokens fed to the model.", "",
+             f"excluded). Tokens = real (non-pad) tokens fed to the model. Peak RSS = whole process.", "",
              f"- date: {vers['date']}; machine: {machine_line()}",
              f"- prefalign env: torch {vers['ours']['torch']}, transformers {vers['ours']['transformers']}; "
              f"peer env: trl {vers['peer']['trl']}, torch {vers['peer']['torch']}, "
@@ -122,19 +129,23 @@ def section(a, task: str, rounds, vers: dict) -> str:
              f"runs: {vers['load']}",
              f"- command: `python benchmarks/bench_sft_reward.py --only {task} --rounds {a.rounds} --steps {a.steps}"
              f"{f' --threads {a.threads}' if a.threads else ''}`",
-             "", f"| round | tool | loop s | tokens | tokens/s |{' pairs/s |' if task == 'reward' else ''} "
-             f"peak RSS MiB | ratio |",
-             f"|---|---|---|---|---|{'---|' if task == 'reward' else ''}---|---|"]
-    for i, (p, o) in enumerate(rounds, 1):
-        for name, r in (("trl", p), ("prefalign", o)):
-            extra = f" {r['pairs_per_s']:.2f} |" if task == "reward" else ""
-            ratio = f"{o[unit] / p[unit]:.2f}" if name == "prefalign" else ""
+             "", f"| round | tool | loop s | tokens | tokens/s |{' pairs/s |' if reward else ''} peak RSS MiB | "
+             f"speed vs trl |", f"|---|---|---|---|---|{'---|' if reward else ''}---|---|"]
+    for i, res in enumerate(rounds, 1):
+        for name, r in res.items():
+            extra = f" {r['pairs_per_s']:.2f} |" if reward else ""
+            ratio = f"{r[unit] / res['trl'][unit]:.2f}" if name != "trl" else ""
             lines.append(f"| {i} | {name} | {r['wall_s']:.2f} | {int(r['tokens'])} | {r['tokens_per_s']:.0f} |{extra} "
                          f"{r['rss_mib']:.0f} | {ratio} |")
-    lines += ["", f"**Speed ratio (median of per-round ratios, {unit.replace('_per_s', '/s')}): "
-                  f"{statistics.median(ratios):.2f}x** (rounds: {', '.join(f'{r:.2f}' for r in ratios)}). "
-                  f"Peak RSS prefalign / TRL: {mem:.2f}.", ""]
-    return "\n".join(lines)
+    lines.append("")
+    peer_rss = max(res["trl"]["rss_mib"] for res in rounds)
+    for name, _ in VARIANTS[task]:
+        ratios = [res[name][unit] / res["trl"][unit] for res in rounds]
+        mem = max(res[name]["rss_mib"] for res in rounds) / peer_rss
+        lines.append(f"- **{name}: {statistics.median(ratios):.2f}x** TRL's {unit.replace('_per_s', '/s')} "
+                     f"(median of per-round ratios: {', '.join(f'{x:.2f}' for x in ratios)}); "
+                     f"peak RSS {mem:.2f}x TRL's.")
+    return "\n".join(lines) + "\n"
 
 
 def main():
