@@ -3,8 +3,8 @@ RewardTrainer on the shared fixture (../shared/bench/make_fixture.py), on this C
 
 usage: python benchmarks/bench_sft_reward.py [--rounds R] [--steps N] [--only sft|reward] [--no-write]
 
-Runs peer, ours, peer, ours, ... (alternating, so load from other processes hits both alike) and
-reports the median of the per-round ratios with the raw numbers. Both sides time the training
+Runs peer, ours, ours, peer, peer, ours, ... (alternating, so load from other processes hits both
+alike) and reports the median of the per-round ratios with the raw numbers. Both sides time the training
 loop only: from the end of step --warmup-steps to the end of step --steps, counting the real
 (non-pad) tokens fed to the model in those steps. Peak memory is the max RSS of each whole
 process. Writes the "SFT" and "Reward" sections of benchmarks/RESULTS.md.
@@ -52,8 +52,9 @@ def parse_ours(out_dir: Path, warmup: int) -> dict:
     rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     timed = [r for r in rows if r["step"] > warmup]
     wall = sum(1 / r["perf/steps_per_s"] for r in timed)
+    cpu = sum(r["perf/cpu_s"] for r in timed)
     tokens = sum(r["perf/tokens_per_s"] / r["perf/steps_per_s"] for r in timed)
-    return {"timed_steps": len(timed), "wall_s": wall, "tokens": round(tokens), "tokens_per_s": tokens / wall,
+    return {"timed_steps": len(timed), "wall_s": wall, "cpu_s": cpu, "tokens": round(tokens), "tokens_per_s": tokens / wall,
             "s_per_step": wall / len(timed), "loss": rows[-1]["loss"]}
 
 
@@ -80,17 +81,23 @@ def ours_cmd(a, task: str, out_dir: Path, extra: list[str]) -> list[str]:
     return cmd
 
 
-def one_round(a, task: str, env: dict) -> dict[str, dict]:
-    """{tool name: result} for the peer then each of our variants, run one after the other."""
-    out, peer_rss = run_measured(peer_cmd(a, task), env)
-    res = {"trl": {**parse_peer(out), "rss_mib": peer_rss}}
-    for name, extra in VARIANTS[task]:
+def one_round(a, task: str, env: dict, reverse: bool) -> dict[str, dict]:
+    """{tool name: result} for the peer and each of our variants, run one after the other;
+    ``reverse`` runs them in the opposite order (A B B A ... cancels a steady drift in load)."""
+    tools = [("trl", None)] + VARIANTS[task]
+    res = {}
+    for name, extra in (tools[::-1] if reverse else tools):
+        if extra is None:
+            out, rss = run_measured(peer_cmd(a, task), env)
+            res[name] = {**parse_peer(out), "rss_mib": rss}
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             _, rss = run_measured(ours_cmd(a, task, Path(tmp) / "run", extra), env)
             res[name] = {**parse_ours(Path(tmp) / "run", a.warmup_steps), "rss_mib": rss}
     for r in res.values():
         r["pairs_per_s"] = a.batch * r["timed_steps"] / r["wall_s"]
-    return res
+        r["work_per_cpu_s"] = (a.batch * r["timed_steps"] if task == "reward" else r["tokens"]) / r["cpu_s"]
+    return {name: res[name] for name, _ in tools}
 
 
 def unit_of(task: str) -> str:
@@ -101,10 +108,11 @@ def bench(a, task: str, env: dict) -> list[dict[str, dict]]:
     unit = unit_of(task)
     rounds = []
     for i in range(a.rounds):
-        res = one_round(a, task, env)
+        res = one_round(a, task, env, reverse=i % 2 == 1)
         rounds.append(res)
         print(f"{task} round {i + 1}: " + " | ".join(
-            f"{name} {r[unit]:.1f} {unit} {r['rss_mib']:.0f} MiB x{r[unit] / res['trl'][unit]:.2f}"
+            f"{name} {r[unit]:.1f} {unit} {r['rss_mib']:.0f} MiB x{r[unit] / res['trl'][unit]:.2f} "
+            f"(cpu x{r['work_per_cpu_s'] / res['trl']['work_per_cpu_s']:.2f})"
             for name, r in res.items()), flush=True)
     return rounds
 
@@ -129,21 +137,24 @@ def section(a, task: str, rounds: list[dict[str, dict]], vers: dict) -> str:
              f"runs: {vers['load']}",
              f"- command: `python benchmarks/bench_sft_reward.py --only {task} --rounds {a.rounds} --steps {a.steps}"
              f"{f' --threads {a.threads}' if a.threads else ''}`",
-             "", f"| round | tool | loop s | tokens | tokens/s |{' pairs/s |' if reward else ''} peak RSS MiB | "
-             f"speed vs trl |", f"|---|---|---|---|---|{'---|' if reward else ''}---|---|"]
+             "", f"| round | tool | loop s | loop CPU s | tokens | tokens/s |{' pairs/s |' if reward else ''} "
+             f"peak RSS MiB | speed vs trl (wall) | (CPU) |", f"|---|---|---|---|---|---|{'---|' if reward else ''}---|---|---|"]
     for i, res in enumerate(rounds, 1):
         for name, r in res.items():
             extra = f" {r['pairs_per_s']:.2f} |" if reward else ""
-            ratio = f"{r[unit] / res['trl'][unit]:.2f}" if name != "trl" else ""
-            lines.append(f"| {i} | {name} | {r['wall_s']:.2f} | {int(r['tokens'])} | {r['tokens_per_s']:.0f} |{extra} "
-                         f"{r['rss_mib']:.0f} | {ratio} |")
+            ratio = f"{r[unit] / res['trl'][unit]:.2f} | {r['work_per_cpu_s'] / res['trl']['work_per_cpu_s']:.2f}" \
+                if name != "trl" else " |"
+            lines.append(f"| {i} | {name} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {int(r['tokens'])} | "
+                         f"{r['tokens_per_s']:.0f} |{extra} {r['rss_mib']:.0f} | {ratio} |")
     lines.append("")
     peer_rss = max(res["trl"]["rss_mib"] for res in rounds)
     for name, _ in VARIANTS[task]:
         ratios = [res[name][unit] / res["trl"][unit] for res in rounds]
+        cpu = [res[name]["work_per_cpu_s"] / res["trl"]["work_per_cpu_s"] for res in rounds]
         mem = max(res[name]["rss_mib"] for res in rounds) / peer_rss
         lines.append(f"- **{name}: {statistics.median(ratios):.2f}x** TRL's {unit.replace('_per_s', '/s')} "
-                     f"(median of per-round ratios: {', '.join(f'{x:.2f}' for x in ratios)}); "
+                     f"(median of per-round ratios: {', '.join(f'{x:.2f}' for x in ratios)}); per CPU second "
+                     f"{statistics.median(cpu):.2f}x ({', '.join(f'{x:.2f}' for x in cpu)}); "
                      f"peak RSS {mem:.2f}x TRL's.")
     return "\n".join(lines) + "\n"
 

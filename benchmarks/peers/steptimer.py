@@ -2,7 +2,8 @@
 end of the last step, and counts the real tokens of the timed steps.
 
 Model loading, data preparation and the first (warm-up) steps are left out, so the number
-compares loop against loop. The callback reads the trainer's own running token count
+compares loop against loop. cpu_s is the process's CPU time (all threads) over the same steps:
+on a machine shared with other work it measures the work done rather than the wait for a core. The callback reads the trainer's own running token count
 (``_total_train_tokens``: attention_mask.sum() for padded batches, the flattened length for
 padding-free ones), i.e. the non-pad tokens fed to the model.
 """
@@ -15,19 +16,19 @@ class StepTimer(TrainerCallback):
     def __init__(self, warmup: int):
         self.warmup = warmup
         self.trainer = None  # set after the trainer is built
-        self.t0 = self.t1 = None
+        self.t0 = self.t1 = self.cpu0 = self.cpu1 = None
         self.tokens0 = self.tokens1 = 0
 
     def on_step_end(self, args, state, control, **kw):
         tokens = self.trainer._total_train_tokens
         if state.global_step == self.warmup:
-            self.t0, self.tokens0 = time.perf_counter(), tokens
-        self.t1, self.tokens1 = time.perf_counter(), tokens
+            self.t0, self.cpu0, self.tokens0 = time.perf_counter(), time.process_time(), tokens
+        self.t1, self.cpu1, self.tokens1 = time.perf_counter(), time.process_time(), tokens
 
     def summary(self, steps: int) -> dict:
         timed = steps - self.warmup
         wall = self.t1 - self.t0
-        return {"timed_steps": timed, "wall_s": wall, "tokens": self.tokens1 - self.tokens0,
+        return {"timed_steps": timed, "wall_s": wall, "cpu_s": self.cpu1 - self.cpu0, "tokens": self.tokens1 - self.tokens0,
                 "tokens_per_s": (self.tokens1 - self.tokens0) / wall, "s_per_step": wall / timed}
 
 

@@ -254,7 +254,7 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
     B, A, W = cfg.batch_size, cfg.grad_accum, dist.world_size
     order: list[int] = []
     order_epoch = -1
-    clock, window = Stopwatch(), {"t": time.perf_counter(), "tokens": 0, "steps": 0}
+    clock, window = Stopwatch(), {"t": time.perf_counter(), "cpu": time.process_time(), "tokens": 0, "steps": 0}
     last_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     bar = progress(total, desc, initial=pos["step"], enabled=cfg.progress and dist.is_main)
@@ -303,8 +303,11 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
                 row.update({"epoch": pos["epoch"] + pos["offset"] / per_epoch, "lr": scheduler.get_last_lr()[0],
                             "bad_steps": pos["bad_steps"],
                             "perf/tokens_per_s": window["tokens"] * W / max(elapsed, 1e-9),
-                            "perf/steps_per_s": window["steps"] / max(elapsed, 1e-9)})
-                window = {"t": time.perf_counter(), "tokens": 0, "steps": 0}
+                            "perf/steps_per_s": window["steps"] / max(elapsed, 1e-9),
+                            # CPU seconds of this process (all threads): on a busy machine, work done
+                            # rather than time spent waiting for a core.
+                            "perf/cpu_s": time.process_time() - window["cpu"]})
+                window = {"t": time.perf_counter(), "cpu": time.process_time(), "tokens": 0, "steps": 0}
                 bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}")
             if eval_set and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
                 eval_metrics = evaluate(model, objective, eval_set, eval_collate or collate, B, dist, cfg.dtype)
