@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (default_python, env_for, find_bench_dir, json_lines, make_fixture, make_reference,  # noqa: E402
+from bench_common import (default_python, find_bench_dir, json_lines, make_fixture, make_reference,  # noqa: E402
                           run_with_rss, subset_fixture)
 
 

@@ -167,6 +167,9 @@ class _SignalFlag:
 
 
 def count_tokens(batch: dict) -> int:
+    """Real (non-pad) tokens fed to the model: what perf/tokens_per_s counts."""
+    if "segment_ids" in batch and torch.is_tensor(batch["segment_ids"]):  # packed rows: padding is segment -1
+        return int((batch["segment_ids"] >= 0).sum())
     if "attention_mask" in batch and torch.is_tensor(batch["attention_mask"]):
         return int(batch["attention_mask"].sum())
     if "input_ids" in batch:
@@ -348,7 +351,7 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
     model.train()
     order: list[int] = []
     order_epoch = -1
-    clock, window = Stopwatch(), {"t": time.perf_counter(), "tokens": 0, "steps": 0}
+    clock, window = Stopwatch(), {"t": time.perf_counter(), "cpu": time.process_time(), "tokens": 0, "steps": 0}
     bar = progress(total, desc, initial=pos["step"], enabled=cfg.progress and dist.is_main)
     with _SignalFlag() as stop, bar:
         while pos["step"] < total:
@@ -396,10 +399,13 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
                 row.update({"epoch": pos["epoch"] + pos["offset"] / per_epoch, "lr": scheduler.get_last_lr()[0],
                             "bad_steps": pos["bad_steps"],
                             "perf/tokens_per_s": window["tokens"] * W / max(elapsed, 1e-9),
-                            "perf/steps_per_s": window["steps"] / max(elapsed, 1e-9)})
+                            "perf/steps_per_s": window["steps"] / max(elapsed, 1e-9),
+                            # CPU seconds of this process (all threads): on a busy machine, work done
+                            # rather than time spent waiting for a core.
+                            "perf/cpu_s": time.process_time() - window["cpu"]})
                 if dist.device.type == "cuda":
                     row["perf/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(dist.device) / 1e9
-                window = {"t": time.perf_counter(), "tokens": 0, "steps": 0}
+                window = {"t": time.perf_counter(), "cpu": time.process_time(), "tokens": 0, "steps": 0}
                 bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}")
             if eval_set and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
                 eval_metrics = evaluate(model, objective, eval_set, eval_collate or collate, B, dist, cfg.dtype)
