@@ -23,3 +23,11 @@ def test_hh_split_is_2000_312_disjoint_and_deterministic(shared_data, tmp_path):
     assert not train_ids & heldout_ids and train_ids | heldout_ids == set(range(2312))
     assert (train, heldout) == again  # same seeded rule, same files
     assert set(heldout[0]) == {"id", "chosen", "rejected"}  # the hh format, read by every stage
+
+
+def test_length_baselines_count_ties_as_wrong(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    from hh_baselines import length_accuracy
+    # pairs (chosen, rejected) lengths: longer wins, shorter wins, tie, shorter wins
+    report = length_accuracy([5, 2, 3, 1], [3, 4, 3, 9])
+    assert report == {"pairs": 4, "pick_longer": 1 / 4, "pick_shorter": 2 / 4, "ties": 1}
