@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"), help="base model (make real-model)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
-    ap.add_argument("--max-steps", type=int, default=6)
+    ap.add_argument("--max-steps", type=int, default=8)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.1)
