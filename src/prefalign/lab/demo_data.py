@@ -85,14 +85,15 @@ def sample_pairs(model, tokenizer, prompts: list[str], max_new_tokens: int, seed
 
 
 def make_preferences(d: Path, sft_dir: Path, data_dir: Path, plan: DemoPlan, seed: int) -> None:
-    """SFT samples two completions per training prompt; the simulated labeler picks one (tau).
+    """SFT samples plan.pairs_per_prompt pairs of completions per training prompt; the simulated
+    labeler prefers one of each pair (tau).
 
     Writes prefs.jsonl ({prompt, chosen, rejected} + the labeler's p_true and gold rewards) and
     records the Bayes-optimal accuracy these labels allow.
     """
     model, tokenizer = load_causal_lm(str(sft_dir))
     model.eval()
-    prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts_train.jsonl")]
+    prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts_train.jsonl")] * plan.pairs_per_prompt
     a, b = sample_pairs(model, tokenizer, prompts, plan.max_new_tokens, seed, "preference samples")
     # A completion that is only EOS decodes to "", which preference files cannot hold: drop the pair.
     keep = [i for i in range(len(prompts)) if a[i].strip() and b[i].strip()]

@@ -39,6 +39,7 @@ class DemoPlan:
     max_new_tokens: int = 48             # sampled completion length (a review is ~46 tokens)
     # --- preferences and the reward model
     tau: float = 0.1                     # labeler noise: P(y1 > y2) = sigma((r*(y1) - r*(y2)) / tau)
+    pairs_per_prompt: int = 3            # labelled pairs per training prompt: reward-model accuracy grows with pairs
     reward_epochs: float = 2.0
     reward_batch: int = 16
     reward_lr: float = 1e-4
