@@ -42,7 +42,7 @@ class DemoPlan:
     pairs_per_prompt: int = 3            # labelled pairs per training prompt: reward-model accuracy grows with pairs
     reward_epochs: float = 2.0
     reward_batch: int = 16
-    reward_lr: float = 1e-4
+    reward_lr: float = 5e-4
     # --- DPO: one run per beta
     dpo_betas: tuple[float, ...] = (0.1, 0.3, 1.0)
     dpo_epochs: float = 1.0
@@ -75,7 +75,7 @@ DEFAULT = DemoPlan(name="default")
 QUICK = dataclasses.replace(
     DEFAULT, name="quick", pretrain_reviews=6000, train_prompts=1200, heldout_prompts=64, vocab_size=1500,
     hidden=64, layers=2, heads=2, pretrain_steps=400, pretrain_lr=2e-3, sft_steps=80, sft_lr=5e-4,
-    max_new_tokens=32, reward_epochs=1.0, reward_lr=3e-4, dpo_betas=(0.3,), dpo_lr=2e-4,
+    max_new_tokens=32, reward_epochs=2.0, reward_lr=1e-3, dpo_betas=(0.3,), dpo_lr=2e-4,
     ppo_segments=2, ppo_iterations=8, ppo_lr=5e-5, frontier_samples=32, best_of_n=(4, 16), shown_prompts=4,
     save_steps=100)
 
