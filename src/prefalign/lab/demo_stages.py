@@ -107,11 +107,15 @@ def reward(out: Path, resume: bool, sft_model: Path, prefs: Path, plan: DemoPlan
 
 
 def dpo(out: Path, resume: bool, sft_model: Path, prefs: Path, beta: float, plan: DemoPlan, seed: int) -> None:
-    """DPO on the labeler's pairs with the SFT model as reference (`prefalign dpo --beta`)."""
+    """DPO on the labeler's pairs with the SFT model as reference (`prefalign dpo --beta`).
+
+    The reference log-probs are cached next to the stages (OUTPUT/ref_cache), not in the user's
+    cache folder: every beta reuses them and deleting OUTPUT removes everything the demo wrote."""
     from prefalign.stages.dpo import run_dpo
     cfg = DPOConfig(model=str(sft_model), data=str(prefs), beta=beta, max_length=plan.max_length,
                     epochs=plan.dpo_epochs, batch_size=plan.dpo_batch, lr=plan.dpo_lr, warmup_ratio=0.05,
-                    lr_schedule="cosine", eval_fraction=0.05, **_common(plan, out, resume, seed))
+                    lr_schedule="cosine", eval_fraction=0.05, ref_cache_dir=str(out.parent / "ref_cache"),
+                    **_common(plan, out, resume, seed))
     _check(run_dpo(cfg), f"dpo --beta {beta}")
 
 
