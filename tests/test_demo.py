@@ -108,3 +108,11 @@ def test_demo_end_to_end_and_cached_rerun(tmp_path):
     # A rerun finds every stage done and only rewrites the report.
     again = run_cli("demo", "--output", out, env=env, timeout=300)
     assert "finished in" not in again.stdout and "done earlier" in again.stdout
+
+
+def test_an_output_folder_refuses_a_run_with_other_settings(tmp_path):
+    from prefalign.lab.demo_stages import claim_output
+    claim_output(tmp_path, {"plan": "quick", "seed": 0})
+    claim_output(tmp_path, {"plan": "quick", "seed": 0})          # same settings: a rerun continues
+    with pytest.raises(ConfigError, match="seed"):
+        claim_output(tmp_path, {"plan": "quick", "seed": 1})

@@ -20,6 +20,8 @@ a rerun after a crash) continues where the last one stopped.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -40,7 +42,7 @@ def run_demo(cfg: DemoConfig) -> int:
         raise ConfigError(f"--base {cfg.base}: the demo currently runs only with --base tiny (a Llama "
                           f"pretrained here); a 135M-parameter base does not fit its CPU time budget.")
     plan, out, seed, t0 = plan_for(cfg.quick), Path(cfg.output), cfg.seed, time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    S.claim_output(out, {**json.loads(json.dumps(dataclasses.asdict(plan))), "seed": seed, "base": cfg.base})
     pick_threads()
     has_dpo, has_ppo = S.available("dpo"), S.available("ppo")
     n_stages = 6 + 2 * len(plan.dpo_betas) + 2 * plan.ppo_segments

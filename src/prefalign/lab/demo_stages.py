@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from prefalign.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
-from prefalign.errors import PrefalignError
+from prefalign.errors import ConfigError, PrefalignError
 from prefalign.lab.demo_plan import DemoPlan
 from prefalign.train.checkpoint import CKPT_DIR, MARKER
 
@@ -25,6 +25,20 @@ def is_done(d: Path) -> bool:
 
 def has_checkpoint(d: Path) -> bool:
     return any((p / MARKER).exists() for p in (d / CKPT_DIR).glob("step-*"))
+
+
+def claim_output(out: Path, settings: dict) -> None:
+    """Record the plan in OUTPUT/plan.json; refuse to mix stages from a run with other settings
+    (cached stages are reused by name alone, so a --quick run must not feed a default one)."""
+    path = out / "plan.json"
+    text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
+    if path.exists() and json.loads(path.read_text()) != json.loads(text):
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed[:6])} differ; "
+                          f"see {path}). Choose another --output, or delete {out} to start over.")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 class Pipeline:
