@@ -104,6 +104,8 @@ def rollout_check(base: Path, device: str) -> dict:
         model, tok = load_causal_lm(str(base), dtype=dtype, device=device, trainable=False)
         model.eval()
         prompts = [tok(t)["input_ids"] for t in ["The film", "Honestly the acting was", "My friends said"] * 22]
+        with torch.no_grad():  # warm-up: first use of a dtype's kernels is not what we time
+            sample(model, prompts[:4], max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         g = torch.Generator(device=device).manual_seed(0)
         torch.cuda.synchronize() if device.startswith("cuda") else None
         t = time.perf_counter()

@@ -85,4 +85,4 @@ def test_pairs_cli_errors(tmp_path):
     assert proc.returncode == 2 and "--n-per-prompt must be at least 2" in proc.stderr
     proc = run_cli("pairs", "--model", tmp_path / "missing", "--prompts", prompts, "--output", tmp_path / "o.jsonl",
                    check=False)
-    assert proc.returncode == 2 and "cannot load --model" in proc.stderr
+    assert proc.returncode == 2 and str(tmp_path / "missing") in proc.stderr and "Traceback" not in proc.stderr

@@ -128,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = C.parse_config(cmd.config_cls, rest, prog="prefalign " + " ".join(words))
         result = cmd.run(cfg)
     except PrefalignError as e:
-        print(f"prefalign {' '.join(words)}: error: {e}", file=sys.stderr)
+        print(f"prefalign {' '.join(words)}: {e.label}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"prefalign {' '.join(words)}: interrupted.", file=sys.stderr)

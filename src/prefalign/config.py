@@ -59,6 +59,18 @@ class DataArgs:
     max_prompt_length: Optional[int] = opt(None, "Maximum prompt tokens (default: max_length // 2).")
     packing: bool = opt(False, "Pack short examples into full rows (padding-free, no attention across examples).")
 
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ConfigError(f"--max-length must be at least 2 tokens, got {self.max_length}.")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            raise ConfigError(f"--max-prompt-length must be between 1 and --max-length - 1 "
+                              f"({self.max_length - 1}), got {self.max_prompt_length}.")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction must be at least 0 and below 1, got {self.eval_fraction}.")
+        # Stage configs inherit several argument groups; let the next group check its own fields.
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+
 
 @dataclass
 class TrainArgs:
@@ -81,7 +93,7 @@ class TrainArgs:
     logging_steps: int = opt(10, "Log metrics every N optimizer steps.")
     eval_steps: int = opt(0, "Evaluate every N optimizer steps (0: only at the end).")
     save_steps: int = opt(0, "Write a checkpoint every N optimizer steps (0: only the final model).")
-    keep_checkpoints: int = opt(2, "Keep at most N checkpoints (older ones are pruned after a new one is complete).")
+    keep_checkpoints: int = opt(2, "Keep at most N checkpoints (older ones are pruned after a new one is complete; 0: keep all).")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in --output.")
     max_bad_steps: int = opt(10, "Stop after this many skipped steps with a non-finite loss or gradient.")
     distributed: Literal["ddp", "fsdp"] = opt("ddp", "Data parallel strategy under torchrun.")
@@ -91,9 +103,15 @@ class TrainArgs:
         for name in ("batch_size", "grad_accum", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        for name in ("lr", "epochs"):
+        for name in ("lr", "epochs", "weight_decay", "max_grad_norm", "warmup_ratio"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):  # also catches nan
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}.")
+        for name in ("save_steps", "eval_steps", "keep_checkpoints", "max_bad_steps", "warmup_steps"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}.")
+                zero = "keeps every checkpoint" if name == "keep_checkpoints" else "turns it off"
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)} "
+                                  f"(0 {zero}).")
 
 
 # --------------------------------------------------------------------------- commands

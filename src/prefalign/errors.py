@@ -5,6 +5,7 @@ class PrefalignError(Exception):
     """A problem the user can fix: say which file, record and field, and what to do."""
 
     exit_code = 2
+    label = "error"  # the word the CLI prints before the message
 
 
 class ConfigError(PrefalignError):

@@ -243,11 +243,21 @@ def _with_suffix(err: DataError, suffix: str) -> DataError:
     return new
 
 
+def _nonempty(examples: list, pf: ParsedFile, what: str) -> list:
+    """A file whose every record was skipped trains nothing: say so, and why, before any model loads."""
+    if not examples:
+        reasons = sorted({p.skip for _, _, p in pf.parsed if p.skip})
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        raise DataError(f"gives no {what}: all {pf.n_records} record(s) were skipped{why}.", path=pf.path)
+    return examples
+
+
 def load_preferences(path, data_format: Optional[str] = None) -> list[PreferenceExample]:
     """Preference pairs from explicit, implicit, hh or conversational records (identical pairs skipped)."""
     pf = _load(path, data_format, ("preference",), "preference pairs")
-    return [PreferenceExample(p.fields["prompt"], p.fields["chosen"], p.fields["rejected"], p.fields["margin"],
-                              source=pf.source(n)) for n, _, p in pf.parsed if not p.skip]
+    return _nonempty([PreferenceExample(p.fields["prompt"], p.fields["chosen"], p.fields["rejected"],
+                                        p.fields["margin"], source=pf.source(n))
+                      for n, _, p in pf.parsed if not p.skip], pf, "preference pairs")
 
 
 def load_sft(path, data_format: Optional[str] = None) -> list[SFTExample]:
@@ -261,7 +271,7 @@ def load_sft(path, data_format: Optional[str] = None) -> list[SFTExample]:
                 out.append(SFTExample(p.fields["prompt"], p.fields["chosen"], source=pf.source(n)))
         else:
             out.append(SFTExample(p.fields["prompt"], p.fields["completion"], source=pf.source(n)))
-    return out
+    return _nonempty(out, pf, "supervised examples")
 
 
 def load_prompts(path, data_format: Optional[str] = None) -> list[PromptExample]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefalign.config import PairsConfig, require
-from prefalign.errors import ConfigError, DataError, ModelError
+from prefalign.errors import ConfigError, DataError
 
 
 @dataclass
@@ -98,34 +98,26 @@ def write_jsonl_atomic(path: str, rows) -> None:
 
 
 def sample_completions(cfg: PairsConfig, prompts: list[str]) -> list[list[str]]:
-    """K sampled completions per prompt. The one place that loads and samples a model, so it
-    can later switch to the shared loaders and rollout without touching anything else."""
+    """K sampled completions per prompt, with the shared loader and the KV-cache sampler."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tqdm import tqdm
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load --model {cfg.model} (a local model directory is expected): {e}") from None
-    tokenizer.padding_side = "left"  # generation continues from the last real token of every row
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(device).eval()
-    torch.manual_seed(cfg.seed)
+    from prefalign.models import load_causal_lm, resolve_device
+    from prefalign.rollout import generate_texts
+    from prefalign.train.logger import iter_progress
+
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_causal_lm(cfg.model, device=device, trainable=False)
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    k = cfg.n_per_prompt
     out: list[list[str]] = []
-    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc="sampling", unit="batch"):
-        batch = prompts[start:start + cfg.batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
-        with torch.no_grad():
-            ids = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n_per_prompt,
-                                 pad_token_id=tokenizer.pad_token_id)  # (B * K, T_prompt + T_new)
-        texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        k = cfg.n_per_prompt
-        out.extend(texts[i * k:(i + 1) * k] for i in range(len(batch)))
+    with torch.no_grad():
+        for start in iter_progress(range(0, len(prompts), cfg.batch_size), None, "sampling", unit="batch"):
+            batch = [p for p in prompts[start:start + cfg.batch_size] for _ in range(k)]  # each prompt K times
+            texts = generate_texts(model, tokenizer, batch, max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(batch),
+                                   generator=generator)
+            out.extend(texts[i * k:(i + 1) * k] for i in range(len(batch) // k))
     return out
 
 

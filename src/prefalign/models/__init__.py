@@ -6,14 +6,14 @@ LoRA adapters, saving, and GGUF files as models.
     save_pretrained(model, tokenizer, out_dir, save_adapter=False)
 """
 from prefalign.models.gguf import cache_root, convert_gguf, find_smollm2_gguf, gguf_key, run_convert
-from prefalign.models.loading import (ensure_pad_token, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype,
+from prefalign.models.loading import (check_same_vocab, ensure_pad_token, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype,
                                       save_pretrained)
 from prefalign.models.lora import apply_lora, default_lora_targets, disabled_adapter, is_peft_model, merged_copy
 from prefalign.models.paths import resolve_model_path
 from prefalign.models.scalar import ScalarModel, last_token_index, load_scalar_model, segment_last_index
 
 __all__ = [
-    "ScalarModel", "apply_lora", "cache_root", "convert_gguf", "default_lora_targets", "disabled_adapter",
+    "ScalarModel", "apply_lora", "cache_root", "check_same_vocab", "convert_gguf", "default_lora_targets", "disabled_adapter",
     "ensure_pad_token", "find_smollm2_gguf", "gguf_key", "is_peft_model", "last_token_index", "load_causal_lm",
     "load_scalar_model", "load_tokenizer", "merged_copy", "resolve_device", "resolve_dtype", "resolve_model_path",
     "run_convert", "save_pretrained", "segment_last_index",

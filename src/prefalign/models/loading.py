@@ -172,6 +172,24 @@ def check_vocab(path: str, tokenizer, model) -> None:
                          f"tokenizer next to its weights.")
 
 
+def check_same_vocab(policy_tokenizer, other_tokenizer, policy_path, other_path, role: str = "reference") -> None:
+    """ModelError unless two models share one vocabulary (same size, same token -> id map).
+
+    DPO and PPO compare log-probabilities of the same token ids under the policy and the
+    reference (and PPO scores the policy's tokens with the reward model): a model with another
+    vocabulary reads different tokens and its numbers mean nothing.
+    """
+    n_policy, n_other = len(policy_tokenizer), len(other_tokenizer)
+    if n_policy != n_other:
+        why = f"its tokenizer has {n_other} tokens, the policy's ({policy_path}) has {n_policy}"
+    elif policy_tokenizer.get_vocab() != other_tokenizer.get_vocab():
+        why = f"its tokenizer has as many tokens as the policy's ({policy_path}) but maps them to other ids"
+    else:
+        return
+    raise ModelError(f"{other_path}: the {role} model does not share the policy's vocabulary: {why}. "
+                     f"Use a {role} model trained from the same base model as --model.")
+
+
 def load_causal_lm(path: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
                    attn_implementation: Optional[str] = None, trainable: bool = True):
     """``(model, tokenizer)`` for any AutoModelForCausalLM from a directory, .gguf file or hub name.

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from prefalign.errors import ModelError
-from prefalign.models.loading import (check_vocab, load_config, quiet_transformers, resolve_device,
+from prefalign.models.loading import (check_causal_lm_config, check_vocab, load_config, quiet_transformers, resolve_device,
                                       resolve_dtype)
 from prefalign.models.paths import resolve_model_path
 
@@ -190,7 +190,7 @@ class ScalarModel(nn.Module):
             raise ModelError(f"{path} cannot be loaded as a reward/value model: {e}") from None
         except (ValueError, KeyError) as e:
             raise ModelError(f"{path}: this architecture has no sequence-classification (scalar head) "
-                             f"variant in transformers, or cannot be loaded: {e}") from None
+                             f"variant in transformers, or cannot be loaded: {str(e).splitlines()[0]}") from None
         model = cls(hf).to(device)
         if not trainable:
             model.eval().requires_grad_(False)
@@ -211,10 +211,12 @@ def load_scalar_model(path: str, dtype="auto", device="cpu", attn_implementation
     from prefalign.models.loading import ensure_pad_token, load_tokenizer
 
     path = resolve_model_path(path)
-    architectures = list(getattr(load_config(path), "architectures", None) or [])
+    config = load_config(path)
+    architectures = list(getattr(config, "architectures", None) or [])
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         model = ScalarModel.from_pretrained(path, dtype, device, attn_implementation, trainable)
     else:
+        check_causal_lm_config(path, config)  # a new reward model starts from a causal LM
         model = ScalarModel.from_causal_lm(path, dtype, device, attn_implementation, trainable, seed)
     tokenizer = load_tokenizer(path)
     check_vocab(path, tokenizer, model._hf)

@@ -35,6 +35,9 @@ def check_output(cfg) -> Path:
         if (out / ckpt.CKPT_DIR).exists() or (out / "metrics.jsonl").exists():
             raise ConfigError(f"--output {out} already holds a run (checkpoints or metrics.jsonl). "
                               f"Pass --resume to continue it, or choose a new directory.")
+    parent = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {out}: {parent} is not writable; choose a directory you can write to.")
     return out
 
 
@@ -59,17 +62,33 @@ def split_eval(examples: list, eval_examples: Optional[list], fraction: float, s
 
 
 def save_final(out: Path, dist: DistInfo, save_fn: Callable[[Path], None]) -> None:
-    """Write the final model into a temporary folder, then move its files into OUTPUT, so a
-    kill during the save never leaves a half-written model next to a finished summary."""
+    """Write the final model into a temporary folder, fsync it, then move its files into OUTPUT
+    with config.json last: a folder with config.json holds a whole model, and summary.json
+    (written after this) marks a finished run. A kill before that leaves the last checkpoint
+    to --resume from; a stale temporary folder is removed by the next save."""
     if dist.is_main:
         tmp = out / ".final-tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         save_fn(tmp)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-        tmp.rmdir()
+        files = sorted((f for f in tmp.rglob("*") if f.is_file()), key=lambda f: f.name == "config.json")
+        for f in files:
+            _fsync_file(f)
+        for f in files:
+            dest = out / f.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
+        shutil.rmtree(tmp)
+        _fsync_file(out)
     barrier()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def finish(cfg, out: Path, dist: DistInfo, stage: str, t0: float, result=None, **extra: Any) -> dict:

@@ -25,6 +25,14 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _step_of(line: str) -> Optional[int]:
+    """The step of one metrics.jsonl row; None for a blank or torn line (a kill mid-write)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
 class MetricsLogger:
     """Appends rows to OUTPUT/metrics.jsonl; only the main process writes."""
 
@@ -36,12 +44,15 @@ class MetricsLogger:
         """On resume, drop rows logged after the checkpoint (they are produced again)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        keep = [l for l in self.path.read_text().splitlines() if (_step_of(l) or step + 1) <= step]
         self._atomic_write("".join(l + "\n" for l in keep))
 
     def _atomic_write(self, text: str) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(text)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
     def log(self, row: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class Objective(Protocol):
 
 class TrainingStopped(PrefalignError):
     """Raised after a signal or too many bad steps, once a checkpoint is safely written."""
+
+    label = "stopped"  # not a usage error; the exit code (128 + signal, or 3) says why
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -202,6 +205,61 @@ def backward_step(model, objective: Objective, micro: list[dict], dist: DistInfo
     return loss_sum, units, metrics, tokens
 
 
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    bad = torch.tensor([0.0 if flag else 1.0], device=device)
+    all_reduce_sum(bad)
+    return bool(bad.item() == 0)
+
+
+def _check_plan(path: Path, saved: Optional[dict], plan: dict) -> None:
+    """The data position means nothing if the data set or the global batch changed."""
+    if saved is not None and saved != plan:
+        raise ConfigError(f"cannot resume from {path}: it was written with {saved['examples']} training examples "
+                          f"and a global batch of {saved['global_batch']}, this run has {plan['examples']} and "
+                          f"{plan['global_batch']}. Resume with the same --data, --eval-fraction, --batch-size, "
+                          f"--grad-accum and number of processes, or start a new --output.")
+
+
+def _resume(out_dir: Path, dist: DistInfo, logger: MetricsLogger, plan: dict) -> Optional[dict]:
+    """The newest usable checkpoint's state (with "path" added), or None to start at step 0
+    (then rows a killed run logged without a checkpoint are dropped from metrics.jsonl)."""
+    found = ckpt.load_latest(out_dir)
+    if found is None:
+        if dist.is_main:
+            print(f"prefalign: --resume: no complete checkpoint in {out_dir / ckpt.CKPT_DIR}; "
+                  f"starting from step 0.", file=sys.stderr)
+        logger.truncate_after(0)
+        return None
+    path, state = found
+    _check_plan(path, state.get("plan"), plan)
+    return {**state, "path": path}
+
+
+def _apply_new_lr(lr: float, optimizer, scheduler) -> None:
+    """A --lr changed on resume takes effect (the checkpoint holds the old peak LR), so a run
+    stopped by non-finite steps can continue with a lower one."""
+    if all(base == lr for base in scheduler.base_lrs):
+        return
+    print(f"prefalign: --lr {lr:g} replaces the checkpoint's {scheduler.base_lrs[0]:g}.", file=sys.stderr)
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _load_states(state: dict, parts: dict, extra_state: dict) -> None:
+    """load_state_dict for every part; a checkpoint of another model or stage is a ConfigError."""
+    try:
+        for name, obj in parts.items():
+            obj.load_state_dict(state[name])
+        for k, v in extra_state.items():
+            v.load_state_dict(state["extra"][k])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(f"cannot resume from {state['path']}: it does not match this run's model or stage "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Resume with the same "
+                          f"--model and options, or start a new --output.") from None
+
+
 def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, collate: Callable[[list], dict], *,
         out_dir, dist: DistInfo, eval_set: Optional[Sequence] = None, extra_state: Optional[dict] = None,
         desc: str = "train", trainable: Optional[torch.nn.Module] = None,
@@ -220,26 +278,30 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
     pos = {"step": 0, "epoch": 0, "offset": 0, "bad_steps": 0}
     meter = _Meter()
     resumed_from = None
+    plan = {"examples": len(train_set), "global_batch": cfg.batch_size * cfg.grad_accum * dist.world_size}
+    last_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
 
     def state_dict() -> dict:
+        # Everything a continuation needs; the RNG states last, as they are at this moment.
         return {"model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "position": dict(pos),
-                "meter": meter.state(), "extra": {k: v.state_dict() for k, v in extra_state.items()}}
+                "scheduler": scheduler.state_dict(), "position": dict(pos), "plan": plan,
+                "meter": meter.state(), "logged": {"last": last_metrics, "eval": eval_metrics},
+                "extra": {k: v.state_dict() for k, v in extra_state.items()}, "rng": ckpt.rng_state(dist.device)}
 
-    if cfg.resume:
-        found = ckpt.load_latest(out_dir)
-        if found is not None:
-            path, state = found
-            trainable.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            ckpt.set_rng_state(state["rng"])
-            pos.update(state["position"])
-            meter.load(state["meter"])
-            for k, v in extra_state.items():
-                v.load_state_dict(state["extra"][k])
-            resumed_from = pos["step"]
-            logger.truncate_after(pos["step"])
+    state = _resume(out_dir, dist, logger, plan) if cfg.resume else None
+    if state is not None:
+        _load_states(state, {"model": trainable, "optimizer": optimizer, "scheduler": scheduler}, extra_state)
+        pos.update(state["position"])
+        meter.load(state["meter"])
+        logged = state.get("logged", {})
+        last_metrics, eval_metrics = dict(logged.get("last", {})), dict(logged.get("eval", {}))
+        _apply_new_lr(cfg.lr, optimizer, scheduler)
+        ckpt.set_rng_state(state["rng"], dist.device)
+        resumed_from = pos["step"]
+        logger.truncate_after(pos["step"])  # rows logged after the checkpoint are produced again
+        if dist.is_main:
+            print(f"prefalign: resumed from {state['path']} (step {pos['step']}).", file=sys.stderr)
 
     def save(step: int) -> None:
         if dist.is_main:
@@ -252,8 +314,6 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
     order: list[int] = []
     order_epoch = -1
     clock, window = Stopwatch(), {"t": time.perf_counter(), "tokens": 0, "steps": 0}
-    last_metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
     bar = progress(total, desc, initial=pos["step"], enabled=cfg.progress and dist.is_main)
     with _SignalFlag() as stop, bar:
         while pos["step"] < total:
@@ -268,7 +328,8 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
             loss_sum, units, step_metrics, tokens = backward_step(model, objective, micro, dist, cfg.dtype)
             window["tokens"] += tokens
             grad_norm, finite = clip_and_check(trainable.parameters(), cfg.max_grad_norm)
-            finite = finite and math.isfinite(loss_sum)
+            # Every rank must agree to skip: a loss can be inf on one rank with finite gradients.
+            finite = all_ranks_true(finite and math.isfinite(loss_sum), dist.device)
             if finite:
                 optimizer.step()
                 meter.add({"loss": (loss_sum, units / W), "grad_norm": (float(grad_norm) / W, 1.0 / W),
@@ -285,6 +346,8 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
             bar.update(1)
             step = pos["step"]
             if not finite and pos["bad_steps"] > cfg.max_bad_steps:
+                logger.log({"step": step, "epoch": pos["epoch"] + pos["offset"] / per_epoch,
+                            "lr": scheduler.get_last_lr()[0], "bad_steps": pos["bad_steps"]})
                 save(step)
                 raise TrainingStopped(
                     f"stopped at step {step}: {pos['bad_steps']} steps had a non-finite loss or gradient "
@@ -310,7 +373,8 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
                 row.update(eval_metrics)
             if row:
                 logger.log({"step": step, **row})
-            if (cfg.save_steps and step % cfg.save_steps == 0) or stop.signum is not None:
+            # The last step is checkpointed too, so a kill during the final save loses no training.
+            if (cfg.save_steps and (step % cfg.save_steps == 0 or step == total)) or stop.signum is not None:
                 save(step)
             if stop.signum is not None and step < total:
                 name = signal.Signals(stop.signum).name
