@@ -28,36 +28,36 @@ class DemoPlan:
     layers: int = 4
     heads: int = 4
     # --- pretraining (run_sft on {text}, packed) and SFT (run_sft on prompt -> continuation)
-    pretrain_steps: int = 1800
+    pretrain_steps: int = 1000
     pretrain_batch: int = 8              # packed rows of pretrain_length tokens
     pretrain_length: int = 256
     pretrain_lr: float = 1e-3
-    sft_steps: int = 300
+    sft_steps: int = 200
     sft_batch: int = 16
     sft_lr: float = 2e-4
     max_length: int = 128                # prompt + completion tokens in every later stage
     max_new_tokens: int = 48             # sampled completion length (a review is ~46 tokens)
     # --- preferences and the reward model
     tau: float = 0.1                     # labeler noise: P(y1 > y2) = sigma((r*(y1) - r*(y2)) / tau)
-    pairs_per_prompt: int = 3            # labelled pairs per training prompt: reward-model accuracy grows with pairs
-    reward_epochs: float = 2.0
+    pairs_per_prompt: int = 2            # labelled pairs per training prompt: reward-model accuracy grows with pairs
+    reward_epochs: float = 1.5
     reward_batch: int = 16
     reward_lr: float = 5e-4
     # --- DPO: one run per beta
-    dpo_betas: tuple[float, ...] = (0.1, 0.3, 1.0)
+    dpo_betas: tuple[float, ...] = (0.3, 1.0)
     dpo_epochs: float = 1.0
     dpo_batch: int = 16
-    dpo_lr: float = 5e-5
+    dpo_lr: float = 2e-4
     # --- PPO: segments of iterations, each continuing the last; one evaluated checkpoint per segment
-    ppo_segments: int = 4
+    ppo_segments: int = 3
     ppo_iterations: int = 20             # per segment
-    ppo_rollout_batch: int = 32
-    ppo_minibatch: int = 16
-    ppo_epochs: int = 4
-    ppo_kl_coef: float = 0.05
-    ppo_lr: float = 2e-5
+    ppo_rollout_batch: int = 64
+    ppo_minibatch: int = 32
+    ppo_epochs: int = 2
+    ppo_kl_coef: float = 0.2
+    ppo_lr: float = 5e-5
     # --- evaluation
-    eval_samples_per_prompt: int = 2     # samples per held-out prompt per policy (for KL and gold)
+    eval_samples_per_prompt: int = 4     # samples per held-out prompt per policy (for KL and gold)
     frontier_samples: int = 64           # SFT samples per held-out prompt for the optimum and best-of-n
     best_of_n: tuple[int, ...] = (2, 4, 8, 16, 32)
     frontier_betas: tuple[float, ...] = field(default=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
