@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,26 @@ from prefalign.lab.demo_plan import DemoPlan, plan_for
 from prefalign.lab.report import write_report
 
 
+@dataclass
+class Run:
+    """What every stage after SFT needs: the plan, the pipeline and the folders made so far."""
+    plan: DemoPlan
+    seed: int
+    pipe: S.Pipeline
+    data: Path
+    sft: Path
+    prefs: Path
+    reward: Path
+    samples: Path
+
+    def evaluate(self, name: str, policy: Path) -> Path:
+        """The held-out evaluation of one policy, as its own cached stage eval/<name>."""
+        plan, sft_gold = self.plan, np.load(self.samples / "samples.npz")["gold"]     # (P, N)
+        return self.pipe.stage(f"eval/{name}", f"{plan.eval_samples_per_prompt} samples x {plan.heldout_prompts} "
+                               f"held-out prompts, gold reward and KL to SFT ({eta(plan, 'eval')})",
+                               lambda d, r: evaluate(d, policy, self.sft, self.data, plan, self.seed, sft_gold))
+
+
 def run_demo(cfg: DemoConfig) -> int:
     if cfg.base != "tiny":
         raise ConfigError(f"--base {cfg.base}: the demo currently runs only with --base tiny (a Llama "
@@ -44,12 +65,22 @@ def run_demo(cfg: DemoConfig) -> int:
     plan, out, seed, t0 = plan_for(cfg.quick), Path(cfg.output), cfg.seed, time.perf_counter()
     S.claim_output(out, {**json.loads(json.dumps(dataclasses.asdict(plan))), "seed": seed, "base": cfg.base})
     pick_threads()
-    has_dpo, has_ppo = S.available("dpo"), S.available("ppo")
-    n_stages = 6 + 2 * len(plan.dpo_betas) + 2 * plan.ppo_segments
-    pipe = S.Pipeline(out, n_stages)
+    pipe = S.Pipeline(out, 6 + 2 * len(plan.dpo_betas) + 2 * plan.ppo_segments)
     print(f"prefalign demo ({plan.name}): {plan.base_params_hint}, {plan.pretrain_steps} pretraining steps, "
           f"{plan.train_prompts} training prompts, {plan.heldout_prompts} held-out prompts -> {out}", flush=True)
+    run = base_stages(pipe, plan, seed)
+    policies = dpo_policies(run) + ppo_policies(run)           # [(method, knobs, eval dir)]
+    results = collect_results(out, plan, seed, run.samples, run.prefs, policies, time.perf_counter() - t0)
+    trained = ["pretrain", "sft", "reward"] + [e.name for _, _, e in policies]
+    report = write_report(out, results, R.curves(out, trained),
+                          R.side_by_side(out, plan.shown_prompts, plan.frontier_samples, shown_policies(policies),
+                                         max(plan.best_of_n) if plan.best_of_n else None))
+    print_summary(results, report)
+    return 0
 
+
+def base_stages(pipe: S.Pipeline, plan: DemoPlan, seed: int) -> Run:
+    """Stages 1-6: data, pretraining, SFT, labelled pairs, reward model, SFT samples."""
     data = pipe.stage("data", f"{plan.pretrain_reviews} reviews, a {plan.vocab_size}-token BPE, an untrained Llama "
                       f"(seconds)", lambda d, r: prepare_data(d, plan, seed))
     base = pipe.stage("pretrain", f"{plan.pretrain_steps} steps x {plan.pretrain_batch} packed rows of "
@@ -57,51 +88,50 @@ def run_demo(cfg: DemoConfig) -> int:
                       lambda d, r: S.pretrain(d, r, data / "init-model", data / "pretrain.jsonl", plan, seed))
     sft = pipe.stage("sft", f"{plan.sft_steps} steps on prompt -> continuation ({eta(plan, 'sft')})",
                      lambda d, r: S.sft(d, r, base, data / "sft.jsonl", plan, seed))
-    prefs = pipe.stage("preferences", f"{plan.pairs_per_prompt} pairs x {plan.train_prompts} prompts, labelled with tau={plan.tau} "
+    n_pairs = plan.pairs_per_prompt * plan.train_prompts
+    prefs = pipe.stage("preferences", f"{n_pairs} pairs of SFT samples, labelled with tau={plan.tau} "
                        f"({eta(plan, 'preferences')})", lambda d, r: make_preferences(d, sft, data, plan, seed))
-    rm = pipe.stage("reward", f"{plan.reward_epochs:g} epochs over {plan.pairs_per_prompt * plan.train_prompts} pairs "
-                    f"({eta(plan, 'reward')})", lambda d, r: S.reward(d, r, sft, prefs / "prefs.jsonl", plan, seed))
-    samples_dir = pipe.stage("sft-samples", f"{plan.frontier_samples} SFT samples x {plan.heldout_prompts} held-out "
-                             f"prompts, gold and reward-model scores ({eta(plan, 'sft-samples')})",
-                             lambda d, r: sft_samples(d, sft, rm, data, plan, seed))
-    sft_gold = np.load(samples_dir / "samples.npz")["gold"]                        # (P, N)
+    rm = pipe.stage("reward", f"{plan.reward_epochs:g} epochs over {n_pairs} pairs ({eta(plan, 'reward')})",
+                    lambda d, r: S.reward(d, r, sft, prefs / "prefs.jsonl", plan, seed))
+    samples = pipe.stage("sft-samples", f"{plan.frontier_samples} SFT samples x {plan.heldout_prompts} held-out "
+                         f"prompts, gold and reward-model scores ({eta(plan, 'sft-samples')})",
+                         lambda d, r: sft_samples(d, sft, rm, data, plan, seed))
+    return Run(plan, seed, pipe, data, sft, prefs, rm, samples)
 
-    def evaluate_stage(name: str, policy: Path) -> Path:
-        return pipe.stage(f"eval/{name}", f"{plan.eval_samples_per_prompt} samples x {plan.heldout_prompts} held-out "
-                          f"prompts, gold reward and KL to SFT ({eta(plan, 'eval')})",
-                          lambda d, r: evaluate(d, policy, sft, data, plan, seed, sft_gold))
 
-    policies: list[tuple[str, dict, Path]] = []                               # (method, knobs, eval dir)
+def dpo_policies(run: Run) -> list[tuple[str, dict, Path]]:
+    """One `prefalign dpo` per beta, each evaluated."""
+    plan, out = run.plan, []
     for beta in plan.dpo_betas:
         name = f"dpo-beta{beta:g}"
-        if not has_dpo:
-            pipe.skip(name, "prefalign.stages.dpo is not in this checkout"), pipe.skip(f"eval/{name}", "no policy")
+        if not S.available("dpo"):
+            run.pipe.skip(name, "prefalign.stages.dpo is not in this checkout")
+            run.pipe.skip(f"eval/{name}", "no policy")
             continue
-        policy = pipe.stage(name, f"DPO beta={beta:g}, {plan.dpo_epochs:g} epoch(s) ({eta(plan, 'dpo')})",
-                            lambda d, r, b=beta: S.dpo(d, r, sft, prefs / "prefs.jsonl", b, plan, seed))
-        policies.append(("dpo", {"beta": beta}, evaluate_stage(name, policy)))
-    policy, value = sft, None
-    for k in range(1, plan.ppo_segments + 1):
-        name = f"ppo-{k}"
-        if not has_ppo:
-            pipe.skip(name, "prefalign.stages.ppo is not in this checkout"), pipe.skip(f"eval/{name}", "no policy")
-            continue
-        policy = pipe.stage(name, f"PPO iterations {(k - 1) * plan.ppo_iterations + 1}-{k * plan.ppo_iterations} "
-                            f"of {plan.ppo_segments * plan.ppo_iterations}, kl_coef={plan.ppo_kl_coef:g} "
-                            f"({eta(plan, 'ppo')})",
-                            lambda d, r, p=policy, v=value, s=seed + k - 1:
-                            S.ppo_segment(d, r, p, v, sft, rm, data / "prompts_train.jsonl", plan, s))
-        value = policy / "value_model"
-        policies.append(("ppo", {"beta": plan.ppo_kl_coef, "step": k * plan.ppo_iterations},
-                         evaluate_stage(name, policy)))
+        policy = run.pipe.stage(name, f"DPO beta={beta:g}, {plan.dpo_epochs:g} epoch(s) ({eta(plan, 'dpo')})",
+                                lambda d, r, b=beta: S.dpo(d, r, run.sft, run.prefs / "prefs.jsonl", b, plan, run.seed))
+        out.append(("dpo", {"beta": beta}, run.evaluate(name, policy)))
+    return out
 
-    results = collect_results(out, plan, seed, samples_dir, prefs, policies, time.perf_counter() - t0)
-    trained = ["pretrain", "sft", "reward"] + [e.name for _, _, e in policies]
-    report = write_report(out, results, R.curves(out, trained),
-                          R.side_by_side(out, plan.shown_prompts, plan.frontier_samples, shown_policies(policies),
-                                         max(plan.best_of_n) if plan.best_of_n else None))
-    print_summary(results, report)
-    return 0
+
+def ppo_policies(run: Run) -> list[tuple[str, dict, Path]]:
+    """PPO in plan.ppo_segments segments, each continuing the last; every segment is evaluated."""
+    plan, out = run.plan, []
+    policy, value = run.sft, None
+    for k in range(1, plan.ppo_segments + 1):
+        name, first, last = f"ppo-{k}", (k - 1) * plan.ppo_iterations + 1, k * plan.ppo_iterations
+        if not S.available("ppo"):
+            run.pipe.skip(name, "prefalign.stages.ppo is not in this checkout")
+            run.pipe.skip(f"eval/{name}", "no policy")
+            continue
+        policy = run.pipe.stage(
+            name, f"PPO iterations {first}-{last} of {plan.ppo_segments * plan.ppo_iterations}, "
+                  f"{plan.ppo_rollout_batch} prompts each, kl_coef={plan.ppo_kl_coef:g} ({eta(plan, 'ppo')})",
+            lambda d, r, p=policy, v=value, s=run.seed + k - 1:
+            S.ppo_segment(d, r, p, v, run.sft, run.reward, run.data / "prompts_train.jsonl", plan, s))
+        value = policy / "value_model"
+        out.append(("ppo", {"beta": plan.ppo_kl_coef, "step": last}, run.evaluate(name, policy)))
+    return out
 
 
 def pick_threads() -> None:
