@@ -1,4 +1,4 @@
-"""How big each step of `prefalign demo` is: one DemoPlan per size (default, --quick, test).
+"""How big each step of `prefalign demo` is: one DemoPlan per size (default and --quick).
 
 Every number a run depends on lives here, so a reader can see the whole experiment's scale at
 once and results.json can record it (``settings``). Sizes were chosen by timing on 2 shared CPU
@@ -7,13 +7,7 @@ cores (docs/README-SECTION-demo.md gives the measured wall times).
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
-
-from prefalign.errors import ConfigError
-
-# A test-only size below --quick, for CI runners slower than the build machine (tests/test_demo.py).
-SIZE_ENV = "PREFALIGN_DEMO_SIZE"
 
 
 @dataclass(frozen=True)
@@ -75,23 +69,9 @@ DEFAULT = DemoPlan(name="default")
 QUICK = dataclasses.replace(
     DEFAULT, name="quick", pretrain_reviews=6000, train_prompts=1200, heldout_prompts=64, vocab_size=1500,
     hidden=64, layers=2, heads=2, pretrain_steps=400, pretrain_lr=2e-3, sft_steps=80, sft_lr=5e-4,
-    max_new_tokens=32, reward_epochs=2.0, reward_lr=1e-3, dpo_betas=(0.3,), dpo_lr=2e-4,
-    ppo_segments=2, ppo_iterations=8, ppo_lr=5e-5, frontier_samples=32, best_of_n=(4, 16), shown_prompts=4,
-    save_steps=100)
-
-# For CI: the --quick model with less of everything else, and learning rates high enough that DPO
-# and PPO beat SFT by a clear margin in a few steps (the test checks that). Not for results.
-TEST = dataclasses.replace(
-    QUICK, name="test", pretrain_reviews=4000, train_prompts=800, vocab_size=1000, pretrain_steps=300,
-    sft_steps=40, dpo_betas=(1.0,), dpo_lr=5e-4, ppo_iterations=8, ppo_kl_coef=0.05, ppo_lr=2e-4,
-    frontier_samples=16, best_of_n=(4,), shown_prompts=3)
-
-PLANS = {"default": DEFAULT, "quick": QUICK, "test": TEST}
-
+    max_new_tokens=32, reward_epochs=2.0, reward_lr=1e-3, dpo_betas=(1.0,), dpo_lr=5e-4,
+    ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=1e-4, frontier_samples=32, best_of_n=(4, 16),
+    shown_prompts=4, save_steps=100)
 
 def plan_for(quick: bool) -> DemoPlan:
-    """--quick picks QUICK; the PREFALIGN_DEMO_SIZE environment variable (test, quick, default) overrides."""
-    name = os.environ.get(SIZE_ENV) or ("quick" if quick else "default")
-    if name not in PLANS:
-        raise ConfigError(f"{SIZE_ENV}={name!r} is not one of {', '.join(PLANS)}.")
-    return PLANS[name]
+    return QUICK if quick else DEFAULT
