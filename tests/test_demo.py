@@ -45,6 +45,18 @@ def test_gain_shares_ignore_near_zero_kl_and_pick_each_methods_best():
     assert methods[1]["gain_share"] == pytest.approx(0.8) and methods[3]["gain_share"] == pytest.approx(1.9)
     assert best["dpo"]["gain_share"] == pytest.approx(0.8) and best["dpo"]["beta"] == 0.1
     assert best["ppo"]["gain_share"] == pytest.approx(0.6) and best["ppo"]["step"] == 2
+    assert not best["dpo"]["upper_bound"]
+
+
+def test_a_share_past_the_frontiers_kl_is_only_a_headline_when_nothing_else_is():
+    """Past KL 2 the optimum is held at 0.7, so r = 0.68 at KL 5 shows share 0.9: an upper bound."""
+    frontier = [FrontierPoint(1.0, 0.5, 0.0), FrontierPoint(0.1, 0.7, 2.0)]
+    far = {"method": "dpo", "beta": 0.1, "gold_reward": 0.68, "kl": 5.0}
+    near = {"method": "dpo", "beta": 1.0, "gold_reward": 0.56, "kl": 1.0}
+    best = add_gain_shares([dict(far), dict(near)], frontier, sft_reward=0.5)
+    assert best["dpo"]["beta"] == 1.0 and best["dpo"]["gain_share"] == pytest.approx(0.6)
+    best = add_gain_shares([dict(far)], frontier, sft_reward=0.5)
+    assert best["dpo"]["upper_bound"] and best["dpo"]["gain_share"] == pytest.approx(0.9)
 
 
 def test_pipeline_skips_done_stages_and_restarts_half_written_ones(tmp_path, capsys):

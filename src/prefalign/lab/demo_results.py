@@ -40,8 +40,15 @@ def policy_row(method: str, eval_dir: Path, **knobs) -> dict:
 
 
 def add_gain_shares(methods: list[dict], frontier, sft_reward: float) -> dict:
-    """Write gain_share into every row; return each method family's headline share."""
+    """Write gain_share into every row; return each method family's headline share.
+
+    Past the frontier's largest estimated KL (about log N) the optimum is held at its last value,
+    which understates it, so a share there is an upper bound: such rows get
+    ``beyond_frontier: true``, and a headline comes from them only when a method has no row
+    inside the frontier's range (it then carries ``upper_bound: true``).
+    """
     top_gain = max(p.mean_reward for p in frontier) - sft_reward
+    max_kl = max(p.mean_kl for p in frontier)
     by_method: dict[str, dict] = {}
     for m in methods:
         if m["method"] == "sft":
@@ -49,10 +56,15 @@ def add_gain_shares(methods: list[dict], frontier, sft_reward: float) -> dict:
             continue
         m["gain_share"] = gain_share(m["gold_reward"], m["kl"], frontier, sft_reward)
         m["optimum_at_kl"] = optimum_at_kl(frontier, m["kl"])
+        m["beyond_frontier"] = m["kl"] > max_kl
         eligible = m["optimum_at_kl"] - sft_reward >= MIN_GAIN_FRACTION * top_gain
+        if not (eligible and math.isfinite(m["gain_share"])):
+            continue
         best = by_method.get(m["method"])
-        if eligible and math.isfinite(m["gain_share"]) and (best is None or m["gain_share"] > best["gain_share"]):
+        rank = (not m["beyond_frontier"], m["gain_share"])
+        if best is None or rank > (not best["upper_bound"], best["gain_share"]):
             by_method[m["method"]] = {"gain_share": m["gain_share"], "kl": m["kl"], "gold_reward": m["gold_reward"],
+                                      "upper_bound": m["beyond_frontier"],
                                       **{k: m[k] for k in ("beta", "n", "step") if m.get(k) is not None}}
     return by_method
 
