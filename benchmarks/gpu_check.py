@@ -18,6 +18,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -73,7 +74,8 @@ def run_stage(name: str, args: list[str], out: Path, env: dict) -> dict:
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     first = rows[0] if rows else {}
     last = rows[-1] if rows else {}
-    res.update({"first_loss": first.get("loss"), "last_loss": last.get("loss"),
+    res.update({"first_loss": first.get("loss", first.get("objective/scores")),
+                "last_loss": last.get("loss", last.get("objective/scores")),
                 "steps_per_s": last.get("perf/steps_per_s"), "tokens_per_s": last.get("perf/tokens_per_s"),
                 "peak_gpu_mem_gb": last.get("perf/peak_gpu_mem_gb"), "last": last})
     return res
@@ -141,8 +143,7 @@ def main() -> None:
                      "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                      "bf16_supported": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
                      "hidden": a.hidden, "layers": a.layers, "steps": a.steps, "sections": {}}
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / "prefalign-gpu"
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="prefalign-gpu-"))
     rows = write_data(work, a.pairs)
     base = build_model(work, rows, a.hidden, a.layers)
     results["params_m"] = round(sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(base).parameters()) / 1e6, 2)

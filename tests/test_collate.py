@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from prefalign.data.collate import pack_batch, pack_groups, pad_batch, pair_pack_batch
+from prefalign.data.collate import balanced_groups, pack_batch, pack_groups, pad_batch, pair_pack_batch
 from prefalign.data.tokenize import Tokenized, encode_prompt_completion, encode_text
 from prefalign.tiny import SAMPLE_TEXTS, tiny_llama, tiny_tokenizer
 
@@ -73,6 +73,22 @@ def test_pack_groups_respects_the_budget_like_a_loop():
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     # First-fit decreasing never needs more rows than items / ceil(total / budget) * 11/9 + 1.
     assert len(groups) <= -(-sum(lengths) // 10) * 11 // 9 + 1
+
+
+def test_balanced_groups_by_hand():
+    # total 24, budget 10 -> 3 rows. Longest first, each to the least-loaded row: 9 -> r0, 7 -> r1, 5 -> r2,
+    # 3 -> r2 (loads 9, 7, 5), then 0 -> r1 (loads 9, 7, 8).
+    assert balanced_groups([3, 9, 5, 7, 0], 10) == [[1], [3, 4], [0, 2]]
+
+
+def test_balanced_groups_rows_are_near_equal():
+    lengths = [7, 3, 9, 1, 4, 4, 6, 2, 8, 5, 30, 11]
+    groups = balanced_groups(lengths, 25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert len(groups) == -(-sum(lengths) // 25)
+    loads = [sum(lengths[i] for i in g) for g in groups]
+    assert max(loads) < 25 + max(lengths)  # LPT: over budget by less than one item
+    assert balanced_groups([], 4) == [] and balanced_groups([5], 1) == [[0]]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """The shared training loop: batch-split invariance, exact resume, non-finite guard."""
-import json
 
 import pytest
 import torch

@@ -86,6 +86,27 @@ def test_packed_scores_equal_per_sequence_scores(tiny_dir, attn):
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
 
 
+@torch.no_grad()
+def test_packed_rows_with_global_segment_ids(scalar):
+    """Several packed rows at once: segment ids are global, scores come back in id order."""
+    model, tok = scalar
+    seqs = _ids(tok)
+    alone = torch.stack([model(torch.tensor([s]))[0] for s in seqs])
+    rows = [[2, 0], [1]]  # row 0 holds sequences 2 then 0, row 1 holds sequence 1
+    T = max(sum(len(seqs[i]) for i in r) for r in rows)
+    ids = torch.full((2, T), tok.pad_token_id)
+    positions = torch.zeros(2, T, dtype=torch.long)
+    segments = torch.full((2, T), -1)
+    for r, members in enumerate(rows):
+        t = 0
+        for i in members:
+            n = len(seqs[i])
+            ids[r, t:t + n], positions[r, t:t + n], segments[r, t:t + n] = torch.tensor(seqs[i]), torch.arange(n), i
+            t += n
+    packed = model(ids, position_ids=positions, segment_ids=segments, n_segments=len(seqs))
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
+
+
 def test_from_causal_lm_copies_backbone_and_seeds_head(tiny_dir):
     a = ScalarModel.from_causal_lm(str(tiny_dir), seed=7)
     b = ScalarModel.from_causal_lm(str(tiny_dir), seed=7)

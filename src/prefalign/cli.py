@@ -5,6 +5,7 @@ function that imports the stage lazily (so ``--help`` does not import torch).
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -124,15 +125,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         hint = f" Did you mean `prefalign {close[0]}`?" if close else ""
         print(f"prefalign: unknown command `{argv[0]}`.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    # Under torchrun every rank raises the same PrefalignError (they read the same inputs and
+    # agree on stops): rank 0 alone reports it.
+    quiet = os.environ.get("RANK", "0") != "0"
     try:
         cfg = C.parse_config(cmd.config_cls, rest, prog="prefalign " + " ".join(words))
         result = cmd.run(cfg)
     except PrefalignError as e:
-        print(f"prefalign {' '.join(words)}: {e.label}: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"prefalign {' '.join(words)}: {e.label}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"prefalign {' '.join(words)}: interrupted.", file=sys.stderr)
+        if not quiet:
+            print(f"prefalign {' '.join(words)}: interrupted.", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # only a stage that trained imported it
+            from prefalign.train.dist import shutdown
+            shutdown()
     return int(result or 0)
 
 

@@ -159,7 +159,9 @@ class DPOConfig(ModelArgs, DataArgs, TrainArgs):
     target_margin: float = opt(0.0, "Target reward margin gamma subtracted inside the loss (SimPO-style).")
     nll_weight: float = opt(0.0, "Weight of an NLL term on chosen completions (RPO).")
     live_reference: bool = opt(False, "Keep the reference model in memory instead of precomputing its log-probs.")
-    ref_cache_dir: Optional[str] = opt(None, "Where cached reference log-probs live (default: OUTPUT/ref_cache).")
+    ref_cache_dir: Optional[str] = opt(
+        None, "Where cached reference log-probs live, shared by runs (default: $PREFALIGN_CACHE/ref_logps, "
+              "else ~/.cache/prefalign/ref_logps).")
 
 
 @dataclass

@@ -156,7 +156,7 @@ def forward_logps(model, query_ids: torch.Tensor, query_mask: torch.Tensor, resp
     R = response_ids.shape[1]
     # The last R + 1 positions suffice: logits at P - 1 + r predict response token r.
     logits = model(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
-                   logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V)
+                   logits_to_keep=R + 1, use_cache=False).logits[:, :-1]  # (B, R, V)
     logits = logits.float() / temperature
     zero = torch.zeros((), device=logits.device)
     logps = torch.where(response_mask, token_logps(logits, response_ids), zero)

@@ -19,7 +19,7 @@ import torch
 
 from prefalign.data.tokenize import Tokenized
 
-__all__ = ["pad_batch", "pack_batch", "pair_pack_batch", "pack_groups"]
+__all__ = ["pad_batch", "pack_batch", "pair_pack_batch", "pack_groups", "balanced_groups"]
 
 
 def pad_batch(seqs: list[Tokenized], pad_id: int, side: str = "right",
@@ -116,3 +116,22 @@ def pack_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
             rows.append([i])
             room.append(max_tokens - lengths[i])
     return [sorted(row) for row in rows]
+
+
+def balanced_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Split items into ceil(sum / max_tokens) rows of nearly equal token counts.
+
+    For one batch packed padding-free: rows are padded to the longest, so equal rows waste
+    least. Longest items go first, each to the currently shortest row (Graham's LPT rule), so a
+    row exceeds ``max_tokens`` by less than one item. Deterministic; indices sorted per row.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    n_rows = max(1, min(len(lengths), -(-sum(lengths) // max_tokens)))
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    load = [0] * n_rows
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = load.index(min(load))
+        rows[r].append(i)
+        load[r] += lengths[i]
+    return [sorted(row) for row in rows if row]

@@ -220,21 +220,28 @@ def load_causal_lm(path: str, dtype: str | torch.dtype = "auto", device: str | t
     return model, tokenizer
 
 
-def save_pretrained(model, tokenizer, out_dir: str, save_adapter: bool = False) -> None:
+def save_pretrained(model, tokenizer, out_dir: str, save_adapter: bool = False, state_dict=None) -> None:
     """Write ``model`` and ``tokenizer`` to ``out_dir`` so plain transformers loads them back.
 
     A LoRA model is saved merged (a plain HF checkpoint); ``save_adapter=True`` also writes the
     adapter alone to ``out_dir/adapter`` (peft format). A ScalarModel saves as a
-    ``*ForSequenceClassification`` checkpoint with its reward shift and scale.
+    ``*ForSequenceClassification`` checkpoint with its reward shift and scale. ``state_dict``
+    (the full weights keyed like ``model.state_dict()``) replaces the model's own tensors: an
+    FSDP-sharded model is saved from the state gathered on rank 0 (not with LoRA).
     """
     from prefalign.models.lora import is_peft_model, merged_copy
     from prefalign.models.scalar import ScalarModel
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None and is_peft_model(getattr(model, "model", model)):
+        raise ModelError("saving a LoRA model from a gathered state_dict is not supported.")
     if isinstance(model, ScalarModel):
-        model.save_pretrained(str(out))
+        model.save_pretrained(str(out), state_dict=state_dict)
         inner = model.model
+    elif state_dict is not None:
+        model.save_pretrained(str(out), state_dict=state_dict)
+        inner = model
     else:
         merged_copy(model).save_pretrained(str(out))
         inner = model

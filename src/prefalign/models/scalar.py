@@ -102,8 +102,9 @@ class ScalarModel(nn.Module):
         Padded batch: input_ids (B, T), attention_mask (B, T) bool (left or right padding) -> (B,).
         position_ids default to the count of real tokens before each position, so left and right
         padding give the same scores.
-        Packed row: input_ids (1, T), position_ids (1, T) restarting at 0 per segment, segment_ids
-        (1, T) long with -1 for padding -> (n_segments,). attention_mask is ignored there: no mask is
+        Packed rows: input_ids (R, T), position_ids (R, T) restarting at 0 per segment, segment_ids
+        (R, T) long with -1 for padding and ids 0..n-1 unique across the rows -> (n_segments,) in
+        segment-id order. attention_mask is ignored there: no mask is
         passed on, and transformers derives the block-diagonal causal mask from the restarting
         position_ids (tested for sdpa and eager attention).
         """
@@ -112,7 +113,7 @@ class ScalarModel(nn.Module):
                 raise ValueError("packed rows need position_ids that restart at 0 for each segment")
             n = int(segment_ids.max()) + 1 if n_segments is None else n_segments
             hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-            last = hidden[0, segment_last_index(segment_ids[0], n)]  # (n, H)
+            last = hidden.flatten(0, 1)[segment_last_index(segment_ids.flatten(), n)]  # (R*T, H) -> (n, H)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -196,12 +197,17 @@ class ScalarModel(nn.Module):
             model.eval().requires_grad_(False)
         return model
 
-    def save_pretrained(self, out_dir: str) -> None:
-        """A standard HF sequence-classification checkpoint; config.json keeps shift and scale."""
+    def save_pretrained(self, out_dir: str, state_dict: Optional[dict] = None) -> None:
+        """A standard HF sequence-classification checkpoint; config.json keeps shift and scale.
+        ``state_dict`` (keyed like ``self.state_dict()``) replaces the weights, e.g. gathered from FSDP."""
         from prefalign.models.lora import merged_copy
 
         setattr(self.config, SHIFT_KEY, self.shift)
         setattr(self.config, SCALE_KEY, self.scale)
+        if state_dict is not None:  # drop our "model." prefix: keys of the wrapped HF model
+            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+            self.model.save_pretrained(out_dir, state_dict=state_dict)
+            return
         merged_copy(self.model).save_pretrained(out_dir)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from prefalign.data import pack_batch, pad_batch
+from prefalign.data.collate import balanced_groups
 
 
 def collate_padded(seqs, pad_id: int, side: str = "right") -> dict:
@@ -12,21 +13,48 @@ def collate_padded(seqs, pad_id: int, side: str = "right") -> dict:
 
 def collate_packed_rows(groups, pad_id: int) -> dict:
     """Each group (a list of Tokenized) becomes one packed row; rows are right-padded to the
-    longest. Padding gets segment id -1, position id 0 and no completion mask.
+    longest (see ``pad_packed_rows``)."""
+    return pad_packed_rows([pack_batch(g) for g in groups], pad_id)
+
+
+def pad_packed_rows(rows: list[dict], pad_id: int) -> dict:
+    """Stack packed rows (each from pack_batch / pair_pack_batch, shape (1, T_i)) into (B, T),
+    right-padded to the longest. Padding gets segment id -1, position id 0 and no completion mask.
 
     Returns input_ids, position_ids, completion_mask, segment_ids (B, T) and n_segments (B,).
     """
-    rows = [pack_batch(g) for g in groups]
+    out = _stack_rows(rows, pad_id)
+    out["n_segments"] = torch.tensor([int(r["n_segments"]) for r in rows])
+    return out
+
+
+def collate_packed_flat(seqs, pad_id: int, max_tokens: int) -> dict:
+    """All sequences of one batch packed padding-free into a few rows of near-equal length
+    (about ``max_tokens`` each). Segment ids are global: segment i is ``seqs[i]``, whichever row
+    holds it, so per-sequence outputs come back in input order.
+
+    Returns input_ids, position_ids, completion_mask, segment_ids (R, T) and n_segments (int).
+    """
+    groups = balanced_groups([len(s.input_ids) for s in seqs], max_tokens)
+    rows = [pack_batch([seqs[i] for i in g]) for g in groups]
+    for g, r in zip(groups, rows):  # row-local segment j -> global id g[j]
+        r["segment_ids"] = torch.tensor(g, dtype=torch.long)[r["segment_ids"]]
+    out = _stack_rows(rows, pad_id)
+    out["n_segments"] = len(seqs)
+    return out
+
+
+def _stack_rows(rows: list[dict], pad_id: int) -> dict:
+    """Right-pad packed (1, T_i) rows into (R, T) tensors; padding is segment -1, position 0."""
     T = max(r["input_ids"].shape[1] for r in rows)
-    B = len(rows)
-    out = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-           "position_ids": torch.zeros(B, T, dtype=torch.long),
-           "completion_mask": torch.zeros(B, T, dtype=torch.bool),
-           "segment_ids": torch.full((B, T), -1, dtype=torch.long),
-           "n_segments": torch.tensor([int(r["n_segments"]) for r in rows])}
+    R = len(rows)
+    out = {"input_ids": torch.full((R, T), pad_id, dtype=torch.long),
+           "position_ids": torch.zeros(R, T, dtype=torch.long),
+           "completion_mask": torch.zeros(R, T, dtype=torch.bool),
+           "segment_ids": torch.full((R, T), -1, dtype=torch.long)}
     for i, r in enumerate(rows):
         n = r["input_ids"].shape[1]
-        for k in ("input_ids", "position_ids", "completion_mask", "segment_ids"):
+        for k in out:
             out[k][i, :n] = r[k][0]
     return out
 

@@ -15,7 +15,7 @@ import torch
 from prefalign.config import require, to_dict
 from prefalign.errors import ConfigError
 from prefalign.train import checkpoint as ckpt
-from prefalign.train.dist import DistInfo, barrier, init_distributed
+from prefalign.train.dist import DistInfo, barrier, init_distributed, is_fsdp
 from prefalign.train.logger import write_summary
 
 
@@ -89,6 +89,15 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def save_model_final(out: Path, dist: DistInfo, model, tokenizer) -> None:
+    """The trained model in HF format in OUTPUT (see save_final). Under FSDP every rank helps
+    gather the full weights, which rank 0 then writes; otherwise rank 0 saves its replica.
+    ``model`` is the unwrapped module (not the DDP wrapper)."""
+    from prefalign.models import save_pretrained
+    state = ckpt.full_model_state(model, dist) if is_fsdp(model) else None
+    save_final(out, dist, lambda d: save_pretrained(model, tokenizer, d, state_dict=state))
 
 
 def finish(cfg, out: Path, dist: DistInfo, stage: str, t0: float, result=None, **extra: Any) -> dict:

@@ -3,30 +3,36 @@
 The model is the causal LM's backbone plus a linear head giving one scalar at the last real
 token (saved as a standard HF sequence-classification checkpoint). Loss per pair:
 -log sigma(r(x, y_w) - r(x, y_l) - margin). Chosen and rejected go through the model in one
-forward pass. After training, rewards are shifted (and with --normalize std scaled) so that
+forward pass (padded, or with --packing padding-free rows: same loss, no compute on padding). After training, rewards are shifted (and with --normalize std scaled) so that
 E[r] = 0 over the training completions; shift and scale are stored in config.json and every
 later scoring applies them.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from prefalign.data import encode_preference, load_preferences, load_sft
-from prefalign.errors import ConfigError
 from prefalign.losses import bradley_terry_loss
-from prefalign.models import ScalarModel, load_scalar_model, save_pretrained
-from prefalign.stages.batching import collate_padded
-from prefalign.stages.common import finish, report, save_final, split_eval, start
-from prefalign.train.dist import wrap_model
+from prefalign.models import ScalarModel, load_scalar_model
+from prefalign.stages.batching import collate_packed_flat, collate_padded
+from prefalign.stages.common import finish, report, save_model_final, split_eval, start
+from prefalign.train.dist import sharded_map, wrap_model
 from prefalign.train.logger import iter_progress
 from prefalign.train.loop import LossOutput, fit, to_device
 
 
-def collate_pairs(pairs, pad_id: int) -> dict:
-    """[(chosen Tokenized, rejected Tokenized, margin)] -> chosen rows then rejected rows, (2B, T)."""
-    batch = collate_padded([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+def collate_pairs(pairs, pad_id: int, pack_tokens: Optional[int] = None) -> dict:
+    """[(chosen Tokenized, rejected Tokenized, margin)] -> chosen rows then rejected rows, (2B, T).
+
+    With ``pack_tokens`` the 2B sequences are packed padding-free into rows of about that many
+    tokens instead (segment i = sequence i: chosen 0..B-1, then rejected); the scores come back
+    in the same order, so the objective is unchanged and padding costs no compute.
+    """
+    seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
+    batch = collate_packed_flat(seqs, pad_id, pack_tokens) if pack_tokens else collate_padded(seqs, pad_id)
     batch["margin"] = torch.tensor([p[2] if p[2] is not None else 0.0 for p in pairs], dtype=torch.float32)
     return batch
 
@@ -41,8 +47,12 @@ class RewardObjective:
         return float(batch["margin"].shape[0])
 
     def __call__(self, model, batch: dict) -> LossOutput:
-        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (2B,)
         n = batch["margin"].shape[0]
+        if "segment_ids" in batch:  # packed rows
+            scores = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                           segment_ids=batch["segment_ids"], n_segments=2 * n)  # (2B,)
+        else:
+            scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (2B,)
         chosen, rejected = scores[:n].float(), scores[n:].float()
         losses, _ = bradley_terry_loss(chosen, rejected, batch["margin"])
         if self.center_coef:
@@ -93,8 +103,6 @@ def tokenize_pairs(examples, tokenizer, cfg):
 
 def run_reward(cfg) -> int:
     dist, out, t0 = start(cfg, "model", "data", "output")
-    if cfg.packing:
-        raise ConfigError("--packing is not supported by `prefalign reward`; drop the option.")
     examples = load_preferences(cfg.data, cfg.data_format)
     eval_examples = load_preferences(cfg.eval_data, cfg.data_format) if cfg.eval_data else None
     model, tokenizer = load_scalar_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed,
@@ -103,21 +111,27 @@ def run_reward(cfg) -> int:
     eval_pairs = tokenize_pairs(eval_examples, tokenizer, cfg) if eval_examples else None
     pairs, eval_pairs = split_eval(pairs, eval_pairs, cfg.eval_fraction, cfg.seed)
     pad_id = tokenizer.pad_token_id
-    collate = lambda rows: collate_pairs(rows, pad_id)
+    # --packing: each micro-batch's sequences go padding-free into rows of about max_length tokens.
+    collate = lambda rows: collate_pairs(rows, pad_id, cfg.max_length if cfg.packing else None)
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, RewardObjective(cfg.center_coef), pairs, collate, out_dir=out, dist=dist,
                  eval_set=eval_pairs or None, desc="reward", trainable=model)
     norm = {"mode": cfg.normalize, "shift": 0.0, "scale": 1.0}
     if cfg.normalize != "none":
-        scores = score_sequences(model, normalization_sequences(cfg, tokenizer, pairs), pad_id, cfg.batch_size * 2,
-                                 dist.device, "normalising", cfg.progress and dist.is_main).double()
+        seqs, bs = normalization_sequences(cfg, tokenizer, pairs), cfg.batch_size * 2
+        if dist.distributed:  # each completion scored once in the world, gathered on every rank
+            scores = torch.tensor(sharded_map(lambda c: score_sequences(model, c, pad_id, bs, dist.device,
+                                                                        progress=False).tolist(), seqs, dist, bs))
+        else:
+            scores = score_sequences(model, seqs, pad_id, bs, dist.device, "normalising", cfg.progress)
+        scores = scores.double()
         norm["shift"] = float(scores.mean())
         if cfg.normalize == "std":
             norm["scale"] = float(scores.std()) or 1.0
         norm["over"] = cfg.normalize_data or "training completions"
         norm["n_completions"] = int(scores.numel())
     model.set_normalization(norm["shift"], norm["scale"])
-    save_final(out, dist, lambda d: save_pretrained(model, tokenizer, d))
+    save_model_final(out, dist, model, tokenizer)
     summary = finish(cfg, out, dist, "reward", t0, result, normalization=norm, train_pairs=len(pairs),
                      eval_pairs=len(eval_pairs or []))
     if dist.is_main:

@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from prefalign.config import require
 from prefalign.data import encode_preference, encode_prompt_completion, encode_text, load_preferences, load_sft

@@ -7,12 +7,11 @@ the loss equals the padded loss of the same examples (tests/test_sft.py).
 """
 from __future__ import annotations
 
-import torch
 
 from prefalign.data import encode_prompt_completion, encode_text, load_sft, pack_groups
-from prefalign.models import load_causal_lm, save_pretrained
+from prefalign.models import load_causal_lm
 from prefalign.ops import next_token_inputs, token_logps
-from prefalign.stages.common import finish, report, save_final, split_eval, start
+from prefalign.stages.common import finish, report, save_model_final, split_eval, start
 from prefalign.stages.batching import collate_padded, collate_packed_rows, label_mask
 from prefalign.train.dist import wrap_model
 from prefalign.train.loop import LossOutput, fit
@@ -70,7 +69,7 @@ def run_sft(cfg) -> int:
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, SFTObjective(), train_set, collate, out_dir=out, dist=dist,
                  eval_set=eval_tok or None, desc="sft", trainable=model, eval_collate=eval_collate)
-    save_final(out, dist, lambda d: save_pretrained(model, tokenizer, d))
+    save_model_final(out, dist, model, tokenizer)
     summary = finish(cfg, out, dist, "sft", t0, result, train_examples=len(train_tok),
                      train_rows=len(train_set), eval_examples=len(eval_tok or []))
     if dist.is_main:

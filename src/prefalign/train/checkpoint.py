@@ -6,6 +6,11 @@ the byte size of state.pt). It is written under a temporary name, fsynced, then 
 kill during a save leaves the previous checkpoint intact. Old checkpoints are pruned only
 after the new one is complete. `--resume` takes the newest directory that is complete and
 loads; a corrupt or partial one is reported and skipped, never loaded half.
+
+Model and optimizer state are always FULL (unsharded) and keyed by parameter name, whatever
+wrote them (one process, DDP, FSDP2), so a checkpoint written by N processes loads in M. Under
+FSDP2 every rank takes part in gathering it (rank 0 alone receives and writes it) and, on
+resume, rank 0 reads the file and broadcasts each tensor; the other ranks never touch it.
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from prefalign.errors import ConfigError
+from prefalign.train.dist import all_gather_object, broadcast_object, is_fsdp
 
 CKPT_DIR = "checkpoints"
 MARKER = "COMPLETE"
@@ -60,6 +68,40 @@ def _cuda_device(device: Optional[torch.device]) -> Optional[torch.device]:
     if device is None or torch.device(device).index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(model: torch.nn.Module, info) -> Optional[dict[str, Any]]:
+    """The whole model's state dict on CPU on rank 0 (None on other ranks). A collective under
+    torchrun: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    sd = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    return sd if info.is_main else None
+
+
+def full_train_state(model: torch.nn.Module, optimizer, info) -> tuple[Optional[dict], Optional[dict]]:
+    """(model state, optimizer state), full and name-keyed, on rank 0; (None, None) elsewhere."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    model_sd = full_model_state(model, info)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+    return (model_sd, optim_sd) if info.is_main else (None, None)
+
+
+def load_train_state(model: torch.nn.Module, optimizer, model_sd: Optional[dict], optim_sd: Optional[dict],
+                     info) -> None:
+    """Load full states into a (possibly sharded) model and its optimizer. Under torchrun only
+    rank 0 needs them (others pass None): rank 0 broadcasts and each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    opts = _full_options(broadcast_from_rank0=info.distributed)
+    # Model and optimizer in two calls: the combined set_state_dict deadlocked with
+    # broadcast_from_rank0 on gloo (torch 2.13) when other ranks passed empty dicts.
+    set_model_state_dict(model, model_sd or {}, options=opts)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optim_sd or {}, options=opts)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -154,3 +196,60 @@ def load_latest(out_dir, map_location="cpu") -> Optional[tuple[Path, dict[str, A
                 problem = f"{STATE} lacks {', '.join(missing)}"
         print(f"prefalign: skipping checkpoint {path}: {problem}.", file=sys.stderr)
     return None
+
+
+def checkpoint_state(trainable, optimizer, scheduler, pos: dict, meter: dict, extra_state: dict,
+                     dist, global_batch: int) -> Optional[dict]:
+    """Everything a resume needs, full (unsharded) model and optimizer state included, on rank 0
+    (None elsewhere). Every rank must call it: gathering shards and RNG states are collectives."""
+    model_sd, optim_sd = full_train_state(trainable, optimizer, dist)
+    rngs = all_gather_object(rng_state())
+    extra = {k: extra_state_of(v, dist) for k, v in extra_state.items()}
+    if not dist.is_main:
+        return None
+    return {"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "rng": rngs[0],
+            "rng_ranks": rngs, "position": dict(pos), "meter": meter, "extra": extra,
+            "world_size": dist.world_size, "global_batch": global_batch}
+
+
+def extra_state_of(obj, dist):
+    """A stage extra's state: gathered in full for an FSDP-sharded module, else its state_dict()."""
+    return full_model_state(obj, dist) if is_fsdp(obj) else obj.state_dict()
+
+
+def load_extra(obj, sd, dist) -> None:
+    if is_fsdp(obj):
+        load_train_state(obj, None, sd, None, dist)
+    else:
+        obj.load_state_dict(sd)
+
+
+def load_resume_state(out_dir, dist) -> Optional[dict]:
+    """The newest checkpoint, read by rank 0 only. Other ranks get everything but the model and
+    optimizer tensors (rank 0 broadcasts those while loading them), or None on every rank."""
+    found = load_latest(out_dir) if dist.is_main else None
+    state = found[1] if found is not None else None
+    if state is not None:
+        state["path"] = str(found[0])
+    small = {k: v for k, v in state.items() if k not in ("model", "optimizer")} if state is not None else None
+    small = broadcast_object(small)
+    if small is None:
+        return None
+    return {**small, "model": state["model"] if state else None, "optimizer": state["optimizer"] if state else None}
+
+
+def check_global_batch(state: dict, batch_size: int, grad_accum: int, world_size: int, out_dir) -> None:
+    """Resuming must keep the global batch: the data position counts global batches, and a
+    different one changes what every later step trains on."""
+    saved, now = state.get("global_batch"), batch_size * grad_accum * world_size
+    if saved is None or saved == now:
+        return
+    fix = f"--batch-size x --grad-accum x number of processes = {saved}"
+    per_process = grad_accum * world_size
+    if saved % per_process == 0:
+        fix += (f": with {world_size} process(es) and --grad-accum {grad_accum}, "
+                f"use --batch-size {saved // per_process}")
+    raise ConfigError(
+        f"the checkpoint {state.get('path', out_dir)} was written with a global batch of {saved} examples "
+        f"({state.get('world_size', 1)} process(es)); this run's is {now} (--batch-size {batch_size} x "
+        f"--grad-accum {grad_accum} x {world_size} process(es)). To resume, keep {fix}.")

@@ -1,6 +1,11 @@
 """torch.distributed set-up under torchrun: gloo on CPU, NCCL on CUDA, chosen automatically.
 
-A single process (no torchrun) is world size 1 and never touches torch.distributed.
+A single process (no torchrun) is world size 1 and never touches torch.distributed; every helper
+here is then the plain single-process computation.
+
+FSDP2 rule every caller must keep: a sharded module's forward is a collective (it all-gathers
+its weights), so every rank must run the same number of forwards of it, in the same order.
+``sharded_map`` does that for work split over ranks.
 """
 from __future__ import annotations
 
@@ -46,7 +51,17 @@ def init_distributed(device_spec: str = "auto") -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
+    if rank != 0:  # one set of progress bars and notices: rank 0's
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    """Leave the process group (torchrun children should, before they exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -62,6 +77,21 @@ def broadcast_object(obj, src: int = 0):
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any rank (keeps per-rank decisions in step)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(t).item() > 0)
 
 
 def barrier() -> None:
@@ -87,21 +117,79 @@ def no_grad_sync(model, sync: bool):
     return contextlib.nullcontext()
 
 
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """Whether fully_shard (FSDP2) was applied to ``model``'s root."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def shard_fsdp(model: torch.nn.Module) -> torch.nn.Module:
+    """fully_shard each decoder layer, then the root (embeddings, final norm, heads); in place."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
 def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") -> torch.nn.Module:
     """DDP, or FSDP2 (fully_shard per decoder layer, then the root), under torchrun; the model
-    itself in a single process."""
+    itself in a single process. Under FSDP2 the returned module IS ``model`` (sharded in
+    place): build the optimizer after this call."""
     model.to(info.device)
     if not info.distributed:
         return model
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        for layer in decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
-        return model
+        from prefalign.models import is_peft_model
+        inner = getattr(model, "model", model)
+        if is_peft_model(model) or is_peft_model(inner):
+            from prefalign.errors import ConfigError
+            raise ConfigError("--lora with --distributed fsdp is not supported: LoRA trains few weights, so "
+                              "use --distributed ddp (the frozen base is replicated).")
+        return shard_fsdp(model)
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(model, device_ids=ids)
+
+
+def prepare_frozen(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") -> torch.nn.Module:
+    """A frozen model (DPO/PPO reference, PPO reward) ready for no-grad forwards on every rank.
+
+    ddp (or one process): replicated, each rank holds the whole model on its device. fsdp under
+    torchrun: sharded with fully_shard (no optimizer, weights gathered per layer during the
+    forward), for models that do not fit one device; then every rank must call it equally often
+    (see ``sharded_map``)."""
+    model.requires_grad_(False)
+    model.eval()
+    model.to(info.device)
+    if info.distributed and strategy == "fsdp":
+        shard_fsdp(model)
+    return model
+
+
+def sharded_map(fn, items: list, info: DistInfo, batch_size: int) -> list:
+    """``fn`` (a list of items -> a list of results, one each) over ``items`` split across ranks,
+    the results gathered in order on every rank. Each item is computed once in the world, not
+    once per rank (e.g. precomputed reference log-probs). Every call of ``fn`` gets exactly
+    ``batch_size`` items, short chunks filled up with stand-ins (results dropped), and every rank
+    makes the same number of calls: FSDP forwards inside ``fn`` stay matched across ranks."""
+    if not items:
+        return []
+    per = -(-len(items) // info.world_size)  # ceil
+    mine = items[info.rank * per:(info.rank + 1) * per]
+    results: list = []
+    for b in range(-(-per // batch_size)):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        out = fn(chunk + [items[0]] * (batch_size - len(chunk)))
+        results.extend(out[:len(chunk)])
+    if not info.distributed:
+        return results
+    return [r for part in all_gather_object(results) for r in part]
+
+
+def rank_seed(seed: int, info: DistInfo) -> int:
+    """A per-rank seed for sampling (PPO rollouts): ranks must not draw identical samples."""
+    return seed + 1_000_003 * info.rank
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -113,3 +201,35 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
             if n > size:
                 best, size = list(mod), n
     return best
+
+
+def global_mean_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of x over the masked entries of ALL ranks (PPO: statistics of the global
+    rollout batch). x (B, T), mask (B, T) bool -> two scalars, the same on every rank. In one
+    process: ops.masked_mean / masked_var exactly. Two passes (mean, then squared deviations)
+    for the same numerical behaviour as the local version."""
+    from prefalign.ops import masked_mean, masked_var
+    if not (dist.is_available() and dist.is_initialized()):
+        return masked_mean(x, mask), masked_var(x, mask, unbiased=unbiased)
+    xd = x.detach().double()  # statistics are constants: no gradient through an all-reduce
+    sums = all_reduce_sum(torch.stack([torch.where(mask, xd, 0.0).sum(), mask.sum().double()]))
+    n = sums[1]
+    mean = sums[0] / n.clamp(min=1)
+    sq = all_reduce_sum(torch.where(mask, (xd - mean) ** 2, 0.0).sum())
+    var = sq / n.clamp(min=1)
+    if unbiased:
+        var = var * n / (n - 1).clamp(min=1)  # Bessel's correction, as ops.masked_var
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
+def masked_whiten_global(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """losses.advantage.whiten with mean and variance over the global batch (all ranks).
+    x (B, T), mask (B, T) bool -> (B, T), 0 at masked positions."""
+    from prefalign.losses.advantage import whiten
+    if not (dist.is_available() and dist.is_initialized()):
+        return whiten(x, mask, shift_mean=shift_mean)
+    mean, var = global_mean_var(x, mask, unbiased=True)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -14,6 +14,11 @@ Data order: one permutation per epoch from (seed, epoch); each optimizer step ta
 global batch (batch_size * grad_accum * world_size examples; an incomplete one at the end of
 an epoch is dropped) and rank r takes its contiguous slice. The position (epoch, offset) is
 part of every checkpoint, so a resumed run sees exactly the batches it would have seen.
+
+Under torchrun the global batch is what must stay fixed: a checkpoint written by N processes
+resumes in M when --batch-size x --grad-accum x M equals the checkpoint's global batch (checked).
+Per-step decisions (skip a non-finite step, stop on a signal) are agreed by all ranks, and
+checkpoints are gathered by all ranks and written by rank 0 (train/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import torch
 
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.train import checkpoint as ckpt
-from prefalign.train.dist import DistInfo, all_reduce_sum, no_grad_sync
+from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, no_grad_sync
 from prefalign.train.logger import MetricsLogger, Stopwatch, progress
 from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
 
@@ -73,6 +78,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def rank_batch_indices(order: Sequence[int], offset: int, batch_size: int, grad_accum: int, rank: int,
+                       world_size: int) -> list[int]:
+    """The examples rank ``rank`` trains on at step ``offset`` of an epoch: its contiguous slice of
+    that step's global batch (batch_size * grad_accum * world_size entries of ``order``). The
+    slices of all ranks are disjoint and together are exactly the global batch."""
+    per_rank = batch_size * grad_accum
+    start = offset * per_rank * world_size + rank * per_rank
+    return list(order[start:start + per_rank])
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -96,15 +111,28 @@ class _Meter:
             self.sums[k] = self.sums.get(k, 0.0) + float(s)
             self.counts[k] = self.counts.get(k, 0.0) + float(c)
 
-    def reduce(self, device: torch.device) -> dict[str, float]:
+    def _summed(self, device: torch.device) -> tuple[list[str], torch.Tensor]:
+        """Keys and [sums..., counts...] summed over ranks."""
         keys = sorted(self.sums)
-        if not keys:
-            return {}
-        t = torch.tensor([self.sums[k] for k in keys] + [self.counts[k] for k in keys], dtype=torch.float64,
-                         device=device)
-        all_reduce_sum(t)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # A rank that saw no examples (a short eval set) has no keys: agree on the union.
+            keys = sorted(set().union(*all_gather_object(keys)))
+        t = torch.tensor([self.sums.get(k, 0.0) for k in keys] + [self.counts.get(k, 0.0) for k in keys],
+                         dtype=torch.float64, device=device)
+        return keys, all_reduce_sum(t) if keys else t
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        keys, t = self._summed(device)
         n = len(keys)
         return {k: (t[i] / t[n + i]).item() if t[n + i] > 0 else float("nan") for i, k in enumerate(keys)}
+
+    def global_state(self, device: torch.device) -> dict:
+        """The sums of all ranks (for a checkpoint between two logged steps). Loaded by rank 0
+        alone on resume, so nothing is lost or counted twice, whatever the new world size."""
+        keys, t = self._summed(device)
+        n = len(keys)
+        return {"sums": {k: t[i].item() for i, k in enumerate(keys)},
+                "counts": {k: t[n + i].item() for i, k in enumerate(keys)}}
 
     def state(self) -> dict:
         return {"sums": dict(self.sums), "counts": dict(self.counts)}
@@ -139,6 +167,9 @@ class _SignalFlag:
 
 
 def count_tokens(batch: dict) -> int:
+    """Real (non-pad) tokens fed to the model: what perf/tokens_per_s counts."""
+    if "segment_ids" in batch and torch.is_tensor(batch["segment_ids"]):  # packed rows: padding is segment -1
+        return int((batch["segment_ids"] >= 0).sum())
     if "attention_mask" in batch and torch.is_tensor(batch["attention_mask"]):
         return int(batch["attention_mask"].sum())
     if "input_ids" in batch:
@@ -165,12 +196,17 @@ def evaluate(model, objective: Objective, eval_set: Sequence, collate: Callable,
     model.eval()
     meter = _Meter()
     mine = list(range(dist.rank, len(eval_set), dist.world_size))
+    # Every rank runs the same number of forwards (FSDP forwards are collectives); a rank out of
+    # examples runs a stand-in batch and drops its result.
+    n_batches = math.ceil(math.ceil(len(eval_set) / dist.world_size) / batch_size)
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            batch = to_device(collate([eval_set[j] for j in mine[i:i + batch_size]]), dist.device)
+        for i in range(0, n_batches * batch_size, batch_size):
+            idx = mine[i:i + batch_size]
+            batch = to_device(collate([eval_set[j] for j in (idx or [0])]), dist.device)
             with autocast_for(dist.device, dtype):
                 out = objective(model, batch)
-            meter.add({"loss": (out.loss.detach(), objective.units(batch)), **out.metrics})
+            if idx:
+                meter.add({"loss": (out.loss.detach(), objective.units(batch)), **out.metrics})
     model.train(was_training)
     return {f"eval/{k}": v for k, v in finalize(objective, meter.reduce(dist.device)).items()}
 
@@ -185,7 +221,8 @@ def backward_step(model, objective: Objective, micro: list[dict], dist: DistInfo
     as sum(per-unit losses) / (units of the whole step over all ranks).
 
     Returns (loss_sum on this rank, global units, metric sums, tokens on this rank)."""
-    units_t = torch.tensor(float(sum(objective.units(mb) for mb in micro)), dtype=torch.float64)
+    # On the training device: NCCL reduces CUDA tensors only.
+    units_t = torch.tensor(float(sum(objective.units(mb) for mb in micro)), dtype=torch.float64, device=dist.device)
     all_reduce_sum(units_t)
     units = units_t.item()
     W = dist.world_size
@@ -205,10 +242,14 @@ def backward_step(model, objective: Objective, micro: list[dict], dist: DistInfo
     return loss_sum, units, metrics, tokens
 
 
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    bad = torch.tensor([0.0 if flag else 1.0], device=device)
-    all_reduce_sum(bad)
-    return bool(bad.item() == 0)
+def agree(finite: bool, signum: Optional[int], dist: DistInfo) -> tuple[bool, int]:
+    """The same (step is finite, signal received) on every rank: a rank that skips or stops
+    alone would leave the others waiting in a collective."""
+    if not dist.distributed:
+        return finite, signum or 0
+    t = torch.tensor([0.0 if finite else 1.0, float(signum or 0)], dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t[0].item() == 0, int(t[1].item())
 
 
 def _check_plan(path: Path, saved: Optional[dict], plan: dict) -> None:
@@ -218,21 +259,6 @@ def _check_plan(path: Path, saved: Optional[dict], plan: dict) -> None:
                           f"and a global batch of {saved['global_batch']}, this run has {plan['examples']} and "
                           f"{plan['global_batch']}. Resume with the same --data, --eval-fraction, --batch-size, "
                           f"--grad-accum and number of processes, or start a new --output.")
-
-
-def _resume(out_dir: Path, dist: DistInfo, logger: MetricsLogger, plan: dict) -> Optional[dict]:
-    """The newest usable checkpoint's state (with "path" added), or None to start at step 0
-    (then rows a killed run logged without a checkpoint are dropped from metrics.jsonl)."""
-    found = ckpt.load_latest(out_dir)
-    if found is None:
-        if dist.is_main:
-            print(f"prefalign: --resume: no complete checkpoint in {out_dir / ckpt.CKPT_DIR}; "
-                  f"starting from step 0.", file=sys.stderr)
-        logger.truncate_after(0)
-        return None
-    path, state = found
-    _check_plan(path, state.get("plan"), plan)
-    return {**state, "path": path}
 
 
 def _apply_new_lr(lr: float, optimizer, scheduler) -> None:
@@ -247,13 +273,14 @@ def _apply_new_lr(lr: float, optimizer, scheduler) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _load_states(state: dict, parts: dict, extra_state: dict) -> None:
-    """load_state_dict for every part; a checkpoint of another model or stage is a ConfigError."""
+def _load_states(state: dict, trainable, optimizer, scheduler, extra_state: dict, dist: DistInfo) -> None:
+    """Full model/optimizer state (broadcast from rank 0 under torchrun), scheduler and stage
+    extras; a checkpoint of another model or stage is a ConfigError."""
     try:
-        for name, obj in parts.items():
-            obj.load_state_dict(state[name])
+        ckpt.load_train_state(trainable, optimizer, state["model"], state["optimizer"], dist)
+        scheduler.load_state_dict(state["scheduler"])
         for k, v in extra_state.items():
-            v.load_state_dict(state["extra"][k])
+            ckpt.load_extra(v, state["extra"][k], dist)
     except (RuntimeError, KeyError, ValueError) as e:
         raise ConfigError(f"cannot resume from {state['path']}: it does not match this run's model or stage "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Resume with the same "
@@ -278,42 +305,53 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
     pos = {"step": 0, "epoch": 0, "offset": 0, "bad_steps": 0}
     meter = _Meter()
     resumed_from = None
-    plan = {"examples": len(train_set), "global_batch": cfg.batch_size * cfg.grad_accum * dist.world_size}
+    B, A, W = cfg.batch_size, cfg.grad_accum, dist.world_size
+    plan = {"examples": len(train_set), "global_batch": B * A * W}
     last_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
+    if W > 1 and dist.is_main:
+        print(f"prefalign {desc}: global batch {B * A * W} = --batch-size {B} x --grad-accum {A} x {W} processes",
+              file=sys.stderr)
 
-    def state_dict() -> dict:
-        # Everything a continuation needs; the RNG states last, as they are at this moment.
-        return {"model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "position": dict(pos), "plan": plan,
-                "meter": meter.state(), "logged": {"last": last_metrics, "eval": eval_metrics},
-                "extra": {k: v.state_dict() for k, v in extra_state.items()}, "rng": ckpt.rng_state(dist.device)}
-
-    state = _resume(out_dir, dist, logger, plan) if cfg.resume else None
+    state = ckpt.load_resume_state(out_dir, dist) if cfg.resume else None
+    if cfg.resume and state is None:
+        if dist.is_main:
+            print(f"prefalign: --resume: no complete checkpoint in {out_dir / ckpt.CKPT_DIR}; "
+                  f"starting from step 0.", file=sys.stderr)
+        logger.truncate_after(0)  # rows a killed run logged without a checkpoint
     if state is not None:
-        _load_states(state, {"model": trainable, "optimizer": optimizer, "scheduler": scheduler}, extra_state)
+        ckpt.check_global_batch(state, B, A, W, out_dir)
+        _check_plan(Path(state["path"]), state.get("plan"), plan)
+        _load_states(state, trainable, optimizer, scheduler, extra_state, dist)
+        rngs = state.get("rng_ranks") or []
+        # Per-rank streams continue exactly when the world size is unchanged.
+        ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == W else state["rng"], dist.device)
         pos.update(state["position"])
-        meter.load(state["meter"])
+        if dist.is_main:  # the saved sums are already those of all ranks
+            meter.load(state["meter"])
         logged = state.get("logged", {})
         last_metrics, eval_metrics = dict(logged.get("last", {})), dict(logged.get("eval", {}))
         _apply_new_lr(cfg.lr, optimizer, scheduler)
-        ckpt.set_rng_state(state["rng"], dist.device)
         resumed_from = pos["step"]
         logger.truncate_after(pos["step"])  # rows logged after the checkpoint are produced again
         if dist.is_main:
             print(f"prefalign: resumed from {state['path']} (step {pos['step']}).", file=sys.stderr)
 
     def save(step: int) -> None:
+        """All ranks gather the state; rank 0 writes it; nobody leaves before it is on disk."""
+        state = ckpt.checkpoint_state(trainable, optimizer, scheduler, pos, meter.global_state(dist.device),
+                                      extra_state, dist, B * A * W)
         if dist.is_main:
-            ckpt.save_checkpoint(out_dir, step, state_dict(), keep=cfg.keep_checkpoints)
+            state.update(plan=plan, logged={"last": last_metrics, "eval": eval_metrics})
+            ckpt.save_checkpoint(out_dir, step, state, keep=cfg.keep_checkpoints)
+        barrier()
 
     if cfg.gradient_checkpointing and hasattr(trainable, "gradient_checkpointing_enable"):
         trainable.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    B, A, W = cfg.batch_size, cfg.grad_accum, dist.world_size
     order: list[int] = []
     order_epoch = -1
-    clock, window = Stopwatch(), {"t": time.perf_counter(), "tokens": 0, "steps": 0}
+    clock, window = Stopwatch(), {"t": time.perf_counter(), "cpu": time.process_time(), "tokens": 0, "steps": 0}
     bar = progress(total, desc, initial=pos["step"], enabled=cfg.progress and dist.is_main)
     with _SignalFlag() as stop, bar:
         while pos["step"] < total:
@@ -322,14 +360,12 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
                 pos["offset"] = 0
             if order_epoch != pos["epoch"]:
                 order, order_epoch = epoch_order(len(train_set), cfg.seed, pos["epoch"]), pos["epoch"]
-            start = pos["offset"] * B * A * W + dist.rank * B * A
-            mine = order[start:start + B * A]
+            mine = rank_batch_indices(order, pos["offset"], B, A, dist.rank, W)
             micro = [collate([train_set[i] for i in mine[k * B:(k + 1) * B]]) for k in range(A)]
             loss_sum, units, step_metrics, tokens = backward_step(model, objective, micro, dist, cfg.dtype)
             window["tokens"] += tokens
             grad_norm, finite = clip_and_check(trainable.parameters(), cfg.max_grad_norm)
-            # Every rank must agree to skip: a loss can be inf on one rank with finite gradients.
-            finite = all_ranks_true(finite and math.isfinite(loss_sum), dist.device)
+            finite, signum = agree(finite and math.isfinite(loss_sum), stop.signum, dist)
             if finite:
                 optimizer.step()
                 meter.add({"loss": (loss_sum, units / W), "grad_norm": (float(grad_norm) / W, 1.0 / W),
@@ -363,10 +399,13 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
                 row.update({"epoch": pos["epoch"] + pos["offset"] / per_epoch, "lr": scheduler.get_last_lr()[0],
                             "bad_steps": pos["bad_steps"],
                             "perf/tokens_per_s": window["tokens"] * W / max(elapsed, 1e-9),
-                            "perf/steps_per_s": window["steps"] / max(elapsed, 1e-9)})
+                            "perf/steps_per_s": window["steps"] / max(elapsed, 1e-9),
+                            # CPU seconds of this process (all threads): on a busy machine, work done
+                            # rather than time spent waiting for a core.
+                            "perf/cpu_s": time.process_time() - window["cpu"]})
                 if dist.device.type == "cuda":
                     row["perf/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(dist.device) / 1e9
-                window = {"t": time.perf_counter(), "tokens": 0, "steps": 0}
+                window = {"t": time.perf_counter(), "cpu": time.process_time(), "tokens": 0, "steps": 0}
                 bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}")
             if eval_set and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
                 eval_metrics = evaluate(model, objective, eval_set, eval_collate or collate, B, dist, cfg.dtype)
@@ -374,12 +413,12 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
             if row:
                 logger.log({"step": step, **row})
             # The last step is checkpointed too, so a kill during the final save loses no training.
-            if (cfg.save_steps and (step % cfg.save_steps == 0 or step == total)) or stop.signum is not None:
+            if (cfg.save_steps and (step % cfg.save_steps == 0 or step == total)) or signum:
                 save(step)
-            if stop.signum is not None and step < total:
-                name = signal.Signals(stop.signum).name
+            if signum and step < total:
+                name = signal.Signals(signum).name
                 raise TrainingStopped(f"{name} received: saved a checkpoint at step {step} in "
                                       f"{out_dir / ckpt.CKPT_DIR}; rerun with --resume to continue.",
-                                      exit_code=128 + stop.signum)
+                                      exit_code=128 + signum)
     return LoopResult(steps=pos["step"], last_metrics=last_metrics, eval_metrics=eval_metrics,
                       bad_steps=pos["bad_steps"], wall_time_s=clock.elapsed(), resumed_from=resumed_from)

@@ -1,0 +1,37 @@
+"""Times the training loop of a transformers Trainer from the end of a warm-up step to the
+end of the last step, and counts the real tokens of the timed steps.
+
+Model loading, data preparation and the first (warm-up) steps are left out, so the number
+compares loop against loop. cpu_s is the process's CPU time (all threads) over the same steps:
+on a machine shared with other work it measures the work done rather than the wait for a core. The callback reads the trainer's own running token count
+(``_total_train_tokens``: attention_mask.sum() for padded batches, the flattened length for
+padding-free ones), i.e. the non-pad tokens fed to the model.
+"""
+import time
+
+from transformers import TrainerCallback
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.trainer = None  # set after the trainer is built
+        self.t0 = self.t1 = self.cpu0 = self.cpu1 = None
+        self.tokens0 = self.tokens1 = 0
+
+    def on_step_end(self, args, state, control, **kw):
+        tokens = self.trainer._total_train_tokens
+        if state.global_step == self.warmup:
+            self.t0, self.cpu0, self.tokens0 = time.perf_counter(), time.process_time(), tokens
+        self.t1, self.cpu1, self.tokens1 = time.perf_counter(), time.process_time(), tokens
+
+    def summary(self, steps: int) -> dict:
+        timed = steps - self.warmup
+        wall = self.t1 - self.t0
+        return {"timed_steps": timed, "wall_s": wall, "cpu_s": self.cpu1 - self.cpu0, "tokens": self.tokens1 - self.tokens0,
+                "tokens_per_s": (self.tokens1 - self.tokens0) / wall, "s_per_step": wall / timed}
+
+
+def result_line(name: str, steps: int, extra: dict) -> str:
+    return name + f" steps={steps} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                               for k, v in extra.items())

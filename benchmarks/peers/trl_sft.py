@@ -1,0 +1,46 @@
+"""Peer baseline: TRL SFTTrainer with packing on a fixture from make_fixture.py, CPU, fp32.
+
+usage: python trl_sft.py FIXTURE_DIR [--steps N] [--batch B] [--max-length L] [--lr LR] [--warmup-steps K]
+The data are the fixture's pairs as {prompt, completion=chosen} rows (completion-only loss),
+packed best-fit-decreasing into rows of --max-length tokens (TRL then runs padding-free).
+Prints a final line:
+'trl_sft steps=N timed_steps=M wall_s=... tokens=... tokens_per_s=... s_per_step=... loss=...'
+timing the steps after the first K (model loading and warm-up excluded).
+"""
+import argparse, json, os, tempfile
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from steptimer import StepTimer, result_line
+
+ap = argparse.ArgumentParser()
+ap.add_argument("fx")
+ap.add_argument("--steps", type=int, default=20)
+ap.add_argument("--batch", type=int, default=8)
+ap.add_argument("--max-length", type=int, default=256)
+ap.add_argument("--lr", type=float, default=2e-5)
+ap.add_argument("--warmup-steps", type=int, default=2, help="untimed steps at the start")
+ap.add_argument("--out", default=None)
+a = ap.parse_args()
+a.out = a.out or tempfile.mkdtemp()
+
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(os.path.join(a.fx, "model"))
+model = AutoModelForCausalLM.from_pretrained(os.path.join(a.fx, "model"), dtype=torch.float32)
+with open(os.path.join(a.fx, "pairs.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+ds = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+cfg = SFTConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=a.steps, learning_rate=a.lr,
+                lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, logging_steps=a.steps,
+                save_strategy="no", eval_strategy="no", report_to=[], bf16=False, fp16=False, use_cpu=True,
+                gradient_checkpointing=False, max_length=a.max_length, packing=True, completion_only_loss=True,
+                dataloader_num_workers=0, seed=0, disable_tqdm=True)
+timer = StepTimer(a.warmup_steps)
+tr = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[timer])
+timer.trainer = tr
+out = tr.train()
+print(result_line("trl_sft", a.steps, {**timer.summary(a.steps), "rows": len(tr.train_dataset),
+                                       "loss": out.training_loss}), flush=True)

@@ -1,0 +1,107 @@
+"""DPO batches: pairs, their two layouts, and the per-sequence log-probs of one forward pass.
+
+Both layouts run chosen and rejected through the model in ONE forward pass:
+
+- padded: chosen rows then rejected rows, (2B, T), right-padded;
+- packed (--packing): pairs are grouped into padding-free rows (``pair_pack_batch``), each pair's
+  chosen right before its rejected in the same row, with position ids restarting per sequence and
+  no attention across sequences. Segment ids are made unique over the batch, so the k-th packed
+  pair's chosen is segment 2k and its rejected 2k+1.
+
+Each pair carries its reference log-probs (filled once before training by ``ref_cache``), so they
+travel with the example through shuffling, sharding and resume.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from prefalign.data import Tokenized, encode_preference, pair_pack_batch
+from prefalign.ops import masked_sum, segment_sum, token_logps
+from prefalign.stages.batching import collate_padded, label_mask, pad_packed_rows
+
+
+@dataclass
+class DPOPair:
+    chosen: Tokenized
+    rejected: Tokenized
+    ref_chosen_logps: float = math.nan    # summed completion log-probs under the reference
+    ref_rejected_logps: float = math.nan
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+
+def tokenize_pairs(examples, tokenizer, max_length: int, max_prompt_length=None) -> list[DPOPair]:
+    return [DPOPair(*encode_preference(tokenizer, ex, max_length, max_prompt_length)) for ex in examples]
+
+
+def _with_refs(batch: dict, pairs: list[DPOPair]) -> dict:
+    """Add n_pairs and the pairs' reference log-probs (B,), in the batch's pair order."""
+    batch["n_pairs"] = len(pairs)
+    batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logps for p in pairs], dtype=torch.float32)
+    batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logps for p in pairs], dtype=torch.float32)
+    return batch
+
+
+def collate_pairs(pairs: list[DPOPair], pad_id: int) -> dict:
+    """Padded layout: rows 0..B-1 are the chosen, rows B..2B-1 the rejected, (2B, T)."""
+    batch = collate_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    return _with_refs(batch, pairs)
+
+
+def balanced_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Split items into ceil(total / row_tokens) rows of nearly equal length: longest first, each
+    into the currently shortest row. Rows are right-padded to the longest, so balance is what keeps
+    padding small (first-fit would leave a short last row padded to full length). A row may pass
+    row_tokens by less than one item."""
+    n_rows = max(1, min(len(lengths), math.ceil(sum(lengths) / max(row_tokens, 1))))
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    load = [0] * n_rows
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = min(range(n_rows), key=load.__getitem__)
+        rows[r].append(i)
+        load[r] += lengths[i]
+    return [sorted(r) for r in rows if r]
+
+
+def collate_pair_rows(pairs: list[DPOPair], pad_id: int, row_tokens: int = 0) -> dict:
+    """Packed layout: pairs split into balanced rows of about ``row_tokens`` tokens (0: one pair
+    per row); a pair never straddles two rows. Longer rows pad less, but attention inside a row
+    costs (row length)^2; the stage uses row_tokens = --max-length.
+
+    Returns input_ids, position_ids, completion_mask, segment_ids (R, T) with segment ids unique
+    over the batch (-1 = padding), n_pairs and the reference log-probs in packed order.
+    """
+    lengths = [p.n_tokens for p in pairs]
+    groups = balanced_rows(lengths, row_tokens) if row_tokens else [[i] for i in range(len(pairs))]
+    rows = [pair_pack_batch([pairs[i].chosen for i in g], [pairs[i].rejected for i in g]) for g in groups]
+    batch = pad_packed_rows(rows, pad_id)
+    first_segment = torch.tensor([0] + [2 * len(g) for g in groups[:-1]]).cumsum(0)  # (R,)
+    seg = batch["segment_ids"]
+    batch["segment_ids"] = torch.where(seg >= 0, seg + first_segment[:, None], seg)
+    return _with_refs(batch, [pairs[i] for g in groups for i in g])
+
+
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of every pair's chosen and rejected, from one forward pass.
+
+    Returns (chosen_logps (B,), rejected_logps (B,), chosen_tokens (B,), rejected_tokens (B,)),
+    float32, the log-probs differentiable; tokens count the predicted completion tokens.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch["position_ids"], use_cache=False).logits  # (R, T, V)
+    logps = token_logps(logits[:, :-1], batch["input_ids"][:, 1:])  # (R, T-1): logits[t] predicts token t+1
+    mask = label_mask(batch)  # (R, T-1)
+    B = batch["n_pairs"]
+    if "segment_ids" in batch:
+        seg = batch["segment_ids"][:, 1:].masked_fill(~mask, -1)  # (R, T-1): the sequence each target scores
+        sums = segment_sum(logps, seg, 2 * B)  # (2B,) ordered chosen_0, rejected_0, chosen_1, ...
+        counts = segment_sum(mask.to(logps.dtype), seg, 2 * B)
+        return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
+    sums = masked_sum(logps, mask, dim=-1)  # (2B,) chosen rows then rejected rows
+    counts = mask.sum(-1).to(sums.dtype)
+    return sums[:B], sums[B:], counts[:B], counts[B:]

@@ -1,0 +1,210 @@
+"""prefalign ppo: controller and reward maths, sampled == recomputed log-probs, learning against a
+reward a test can compute, the KL leash, adaptive beta, exact resume, a reward model with another
+tokenizer through the CLI."""
+import json
+
+import pytest
+import torch
+
+from prefalign.config import PPOConfig
+from prefalign.errors import ModelError
+from prefalign.losses import whiten
+from prefalign.stages.ppo import final_scores, run_ppo, shaped_rewards
+from prefalign.stages.ppo_parts import AdaptiveKLController, FixedKLController, RunningMoments, global_whiten
+from prefalign.tiny import SAMPLE_TEXTS, save_tiny_model
+from prefalign.train.logger import read_metrics
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ppo")
+    _, tok = save_tiny_model(d / "sft", vocab_size=300)
+    prompts = [t[:12] for t in SAMPLE_TEXTS] * 4  # 96 short prompts
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return d, len(tok)
+
+
+def low_half_reward(vocab_size):
+    """Score = share of response tokens whose id is in the lower half of the vocabulary (about 0.5 at init)."""
+    def reward_fn(prompts, completions, rollout):
+        good = (rollout.response_ids < vocab_size // 2) & rollout.response_mask
+        return good.sum(1).float() / rollout.response_mask.sum(1).float()
+    return reward_fn
+
+
+def config(d, out, **kw):
+    base = dict(model=str(d / "sft"), prompts=str(d / "prompts.jsonl"), output=str(out), iterations=2,
+                rollout_batch_size=32, minibatch_size=16, max_new_tokens=4, lr=5e-3, lr_schedule="constant",
+                kl_coef=0.05, progress=False, sample_every=0)
+    return PPOConfig(**{**base, **kw})
+
+
+def train(fixture, out, reward_fn=None, **kw):
+    d, vocab = fixture
+    run_ppo(config(d, out, **kw), reward_fn=reward_fn or low_half_reward(vocab))
+    return read_metrics(out / "metrics.jsonl")
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+def test_adaptive_controller_fixed_values():
+    # beta = 0.1, target 1, horizon 100, 10 sequences per batch: beta *= 1 + clip(KL - 1, -0.2, 0.2) * 0.1
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    ctl.update(1.5, 10)  # error 0.5 clipped to 0.2 -> 0.1 * 1.02
+    assert ctl.value == pytest.approx(0.102, abs=1e-12)
+    ctl.update(1.1, 10)  # error 0.1 -> 0.102 * 1.01
+    assert ctl.value == pytest.approx(0.10302, abs=1e-12)
+    ctl.update(0.0, 10)  # error -1 clipped to -0.2 -> 0.10302 * 0.98
+    assert ctl.value == pytest.approx(0.1009596, abs=1e-12)
+    fixed = FixedKLController(0.1)
+    fixed.update(5.0, 10)
+    assert fixed.value == 0.1
+
+
+def test_shaped_rewards_fixed_values():
+    # k1 per token = logp - ref; reward = -beta * k1, score added on the last real token.
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -3.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    rewards, kl = shaped_rewards(torch.tensor([2.0, -1.0]), logprobs, ref, mask, beta=0.1, estimator="k1")
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]]))
+    # row 0: -0.05, 0.1, 0 + 2; row 1: -0.1 - 1 on its only token, masked positions stay 0
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-1.1, 0.0, 0.0]]))
+
+
+def test_final_scores_order():
+    class Cfg:
+        normalize_scores, score_clip, missing_eos_penalty = False, 1.5, 1.0
+    raw = torch.tensor([3.0, -0.5, 0.2])
+    ended = torch.tensor([True, False, True])
+    # clip to [-1.5, 1.5] first, then the penalty on the row without EOS
+    torch.testing.assert_close(final_scores(raw, ended, Cfg, RunningMoments()), torch.tensor([1.5, -1.5, 0.2]))
+
+
+def test_running_moments_match_concatenation_and_global_whiten_matches_whiten():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, generator=g) * 3 + 1 for n in (5, 8, 3)]
+    stats = RunningMoments()
+    for b in batches:
+        stats.update(b)
+    allx = torch.cat(batches).double()
+    assert stats.mean == pytest.approx(float(allx.mean()), abs=1e-12)
+    assert stats.var == pytest.approx(float(allx.var(unbiased=False)), abs=1e-12)
+    x = torch.randn(4, 6, generator=g)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    torch.testing.assert_close(global_whiten(x, mask), whiten(x, mask), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- the stage
+
+@pytest.mark.parametrize("kw", [{}, {"shared_value_head": True, "temperature": 0.7, "top_k": 50, "top_p": 0.9}],
+                         ids=["value-model", "shared-head-filtered"])
+def test_sampled_logprobs_equal_recomputed(fixture, tmp_path, kw):
+    rows = train(fixture, tmp_path / "out", **kw)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:  # first minibatch of each iteration, before that iteration's first update
+        assert 0 <= r["policy/first_minibatch_logprob_maxdiff"] < 1e-5
+        assert abs(r["objective/kl"]) < 1e-5 or r["step"] > 1  # policy == reference before any update
+    assert rows[1]["objective/kl"] != 0.0  # the policy moved after the first update
+    for key in ("objective/scores", "objective/entropy", "objective/rlhf_reward", "policy/clipfrac",
+                "policy/approxkl", "val/explained_variance", "val/clipfrac", "kl_coef", "response_length",
+                "eos_rate", "perf/tokens_per_s", "perf/time_rollout_s", "perf/time_score_s", "perf/time_update_s"):
+        assert key in rows[-1], key
+    assert (tmp_path / "out" / "value_model").is_dir() and (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_reward_rises_with_bounded_kl_and_large_beta_stays_at_reference(fixture, tmp_path):
+    free = train(fixture, tmp_path / "free", iterations=16)
+    scores = [r["objective/scores"] for r in free]
+    # At init the score is about 0.5; 16 iterations of PPO lift it well above that (seen: about 0.85).
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.15, scores
+    # Bound: KL of 4 tokens stays under 8 nats per sequence (seen: about 3 at beta 0.05).
+    assert max(r["objective/kl"] for r in free) < 8.0
+    # beta = 20: the KL penalty dominates the shaped reward, the policy stays near the reference
+    # (seen: mean KL of the last 5 iterations about 0.15 against about 2.2 at beta 0.05) and the score does not move.
+    leashed = train(fixture, tmp_path / "leashed", iterations=16, kl_coef=20.0)
+    tail = lambda rows: sum(r["objective/kl"] for r in rows[-5:]) / 5
+    assert abs(tail(leashed)) < 0.5 and abs(tail(leashed)) < 0.2 * tail(free), (tail(leashed), tail(free))
+    assert sum(r["objective/scores"] for r in leashed[-3:]) / 3 < sum(scores[-3:]) / 3 - 0.15
+
+
+def test_adaptive_controller_moves_beta_toward_target(fixture, tmp_path):
+    # horizon 32 = the batch: each iteration beta moves by the clipped error, at most 20 %.
+    high = train(fixture, tmp_path / "high", iterations=3, target_kl=100.0, kl_horizon=32)
+    betas = [r["kl_coef"] for r in high] + [json.loads((tmp_path / "high" / "summary.json").read_text())["final_kl_coef"]]
+    # KL far below target: error -0.2 each time, beta shrinks by 20 % per iteration
+    assert betas == pytest.approx([0.05 * 0.8 ** i for i in range(4)], rel=1e-9)
+    # k3 is >= 0, so once the policy has moved its KL exceeds a tiny target and beta grows again.
+    low = train(fixture, tmp_path / "low", iterations=3, target_kl=1e-3, kl_horizon=32, kl_estimator="k3")
+    for r, nxt in zip(low, low[1:]):
+        error = min(max(r["objective/kl"] / 1e-3 - 1, -0.2), 0.2)
+        assert nxt["kl_coef"] == pytest.approx(r["kl_coef"] * (1 + error), rel=1e-9)
+    assert low[1]["objective/kl"] > 1e-3 and low[2]["kl_coef"] == pytest.approx(low[1]["kl_coef"] * 1.2, rel=1e-9)
+
+
+def test_resume_is_exact(fixture, tmp_path):
+    d, vocab = fixture
+    reward = low_half_reward(vocab)
+    train(fixture, tmp_path / "full", iterations=4, save_steps=2, normalize_scores=True, target_kl=0.5)
+
+    calls = {"n": 0}
+
+    def crashing(prompts, completions, rollout):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash in iteration 4")
+        return reward(prompts, completions, rollout)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(fixture, tmp_path / "cut", reward_fn=crashing, iterations=4, save_steps=2, normalize_scores=True,
+              target_kl=0.5)
+    assert [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")] == [1, 2, 3]
+    train(fixture, tmp_path / "cut", iterations=4, save_steps=2, normalize_scores=True, target_kl=0.5, resume=True)
+
+    def deterministic(path):
+        return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(path)]
+    assert deterministic(tmp_path / "cut" / "metrics.jsonl") == deterministic(tmp_path / "full" / "metrics.jsonl")
+    from safetensors.torch import load_file
+    for name in ("model.safetensors", "value_model/model.safetensors"):
+        a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "cut" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["resumed_from_step"] == 2
+
+
+def test_value_model_with_other_tokenizer_is_refused(fixture, tmp_path):
+    d, _ = fixture
+    save_tiny_model(tmp_path / "sp", kind="sentencepiece", vocab_size=300)
+    with pytest.raises(ModelError, match="different tokenizer"):
+        train(fixture, tmp_path / "out", value_model=str(tmp_path / "sp"))
+
+
+def test_cli_with_reward_model_of_another_tokenizer(fixture, tmp_path):
+    """A saved scalar reward model over a SentencePiece-style tokenizer scores a byte-level BPE policy:
+    the logged scores equal the reward model applied to the re-encoded prompt + completion."""
+    from prefalign.data import encode_prompt_completion
+    from prefalign.models import load_scalar_model, save_pretrained
+    d, _ = fixture
+    save_tiny_model(tmp_path / "sp", kind="sentencepiece", vocab_size=300, seed=3)
+    rm, rm_tok = load_scalar_model(str(tmp_path / "sp"), seed=5)
+    rm.set_normalization(0.25, 2.0)
+    save_pretrained(rm, rm_tok, tmp_path / "rm")
+    out = tmp_path / "out"
+    run_cli("ppo", "--model", d / "sft", "--reward-model", tmp_path / "rm", "--prompts", d / "prompts.jsonl",
+            "--output", out, "--iterations", 2, "--rollout-batch-size", 8, "--minibatch-size", 4,
+            "--max-new-tokens", 6, "--sample-every", 1, "--no-progress", "--lr", "1e-4")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["reward_retokenized"] is True
+    rows = read_metrics(out / "samples.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and len(rows[0]["samples"]) == 4
+    rm.eval()
+    for s in rows[0]["samples"]:
+        ids = encode_prompt_completion(rm_tok, s["prompt"], s["completion"], max_length=10_000).input_ids
+        ids = ids if s["ended_with_eos"] else ids[:-1]
+        with torch.no_grad():
+            expected = rm.normalized(rm(torch.tensor([ids]))).item()
+        assert s["score"] == pytest.approx(expected, abs=1e-5)
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out)  # the final policy is a plain HF checkpoint
+    assert (out / "value_model" / "config.json").exists()
