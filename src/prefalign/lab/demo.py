@@ -163,13 +163,19 @@ def shown_policies(policies: list) -> dict[str, str]:
 
 
 def eta(plan: DemoPlan, stage: str) -> str:
-    """A rough duration for the stage header, from timings on 2 quiet CPU cores (loaded: up to 3x)."""
+    """A rough duration for the stage header (the stage's own bar then shows a live ETA)."""
     minutes = ESTIMATED_MINUTES.get(plan.name, {}).get(stage)
-    return "the bar shows the ETA" if minutes is None else f"~{minutes:g} min on 2 quiet cores"
+    return "the bar shows the ETA" if minutes is None else f"~{minutes:g} min on a busy 2-core CPU"
 
 
-# Measured on the build machine, rounded up; see docs/README-SECTION-demo.md.
-ESTIMATED_MINUTES: dict[str, dict[str, float]] = {}
+# Stage wall times measured on the build machine (2 cores shared with other jobs, load average
+# 6-9), rounded up; a quiet machine is 2-3x faster. PPO and eval are per segment / per policy.
+ESTIMATED_MINUTES: dict[str, dict[str, float]] = {
+    "default": {"pretrain": 12, "sft": 1, "preferences": 4, "reward": 3, "sft-samples": 3, "dpo": 5, "ppo": 1.5,
+                "eval": 1},
+    "quick": {"pretrain": 2, "sft": 0.5, "preferences": 0.5, "reward": 0.5, "sft-samples": 0.5, "dpo": 0.5,
+              "ppo": 0.5, "eval": 0.5},
+}
 
 
 def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, prefs: Path,

@@ -38,13 +38,13 @@ class DemoPlan:
     reward_batch: int = 16
     reward_lr: float = 5e-4
     # --- DPO: one run per beta
-    dpo_betas: tuple[float, ...] = (0.3, 1.0)
+    dpo_betas: tuple[float, ...] = (0.3, 1.0, 3.0)
     dpo_epochs: float = 1.0
     dpo_batch: int = 16
     dpo_lr: float = 2e-4
     # --- PPO: segments of iterations, each continuing the last; one evaluated checkpoint per segment
-    ppo_segments: int = 3
-    ppo_iterations: int = 20             # per segment
+    ppo_segments: int = 5
+    ppo_iterations: int = 12             # per segment
     ppo_rollout_batch: int = 64
     ppo_minibatch: int = 32
     ppo_epochs: int = 2
@@ -52,8 +52,8 @@ class DemoPlan:
     ppo_lr: float = 5e-5
     # --- evaluation
     eval_samples_per_prompt: int = 4     # samples per held-out prompt per policy (for KL and gold)
-    frontier_samples: int = 64           # SFT samples per held-out prompt for the optimum and best-of-n
-    best_of_n: tuple[int, ...] = (2, 4, 8, 16, 32)
+    frontier_samples: int = 128          # SFT samples per held-out prompt for the optimum and best-of-n
+    best_of_n: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
     frontier_betas: tuple[float, ...] = field(default=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
                                                        0.2, 0.3, 0.5, 1.0, 3.0))
     shown_prompts: int = 6               # side-by-side samples in the report
