@@ -211,17 +211,19 @@ def sft_fluency(out: Path, samples) -> dict:
 
 
 def print_summary(results: dict, report: Path) -> None:
-    print("\nmethod       setting     gold reward   KL (nats)   win vs SFT   share of optimum gain")
+    print("\nmethod      setting          gold reward   KL (nats)   win vs SFT   share of optimum gain")
     for m in results["methods"]:
-        knob = m.get("beta") if m["method"] == "dpo" else m.get("step", m.get("n", ""))
+        knob = (f"iteration {m['step']}" if m.get("step") is not None else f"n={m['n']}" if m.get("n") is not None
+                else f"beta={m['beta']:g}" if m.get("beta") is not None else "")
         share = m.get("gain_share")
-        print(f"{m['method']:<12} {str(knob if knob is not None else ''):<11} {m['gold_reward']:>11.3f} "
-              f"{m['kl']:>11.2f} {m['win_rate_vs_sft'] if m.get('win_rate_vs_sft') is not None else float('nan'):>12.2f}"
-              f" {share if share is not None else float('nan'):>12.2f}")
+        share_text = "" if share is None else ("<= " if m.get("beyond_frontier") else "") + f"{share:.2f}"
+        print(f"{m['method']:<11} {knob:<15} {m['gold_reward']:>12.3f} {m['kl']:>11.2f} "
+              f"{m['win_rate_vs_sft']:>12.2f} {share_text:>15}")
     rm = results["reward_model"]
     print(f"reward model held-out accuracy {rm['heldout_accuracy']:.3f} "
           f"(Bayes-optimal {rm['bayes_optimal_accuracy']:.3f} on the same {rm['heldout_pairs']} pairs)")
     for name, t in results["targets"].items():
-        print(f"target {name}: {'met' if t['met'] else 'MISSED'} "
-              f"({', '.join(f'{k}={v:.3f}' for k, v in t.items() if isinstance(v, float))})")
-    print(f"report: {report}\nresults: {report.parent / 'results.json'}")
+        values = ", ".join(f"{k}={v:.3f}" for k, v in t.items() if isinstance(v, float))
+        print(f"target {name}: {'met' if t['met'] else 'MISSED'} ({values})")
+    print(f"(<= : past the frontier's KL range, an upper bound)\nreport: {report}\n"
+          f"results: {report.parent / 'results.json'}")

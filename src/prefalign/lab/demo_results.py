@@ -75,9 +75,12 @@ def targets(results: dict) -> dict:
     gap = rm["bayes_optimal_accuracy"] - rm["heldout_accuracy"]
     out = {"reward_model_within_3_points_of_bayes": {"gap": gap, "met": gap <= TARGET_RM_GAP}}
     for method in ("dpo", "ppo"):
-        share = results["gain_share_by_method"].get(method, {}).get("gain_share")
-        out[f"{method}_at_least_70pct_of_optimum_gain"] = {"share": share,
-                                                          "met": share is not None and share >= TARGET_SHARE}
+        best = results["gain_share_by_method"].get(method, {})
+        share, bound = best.get("gain_share"), bool(best.get("upper_bound"))
+        # An upper bound at or above the target does not show the target is reached.
+        out[f"{method}_at_least_70pct_of_optimum_gain"] = {"share": share, "upper_bound": bound,
+                                                          "met": share is not None and share >= TARGET_SHARE
+                                                          and not bound}
     return out
 
 
