@@ -114,3 +114,18 @@ def test_an_output_folder_refuses_a_run_with_other_settings(tmp_path):
     claim_output(tmp_path, {"plan": "quick", "seed": 0})          # same settings: a rerun continues
     with pytest.raises(ConfigError, match="seed"):
         claim_output(tmp_path, {"plan": "quick", "seed": 1})
+
+
+def test_pipeline_resumes_a_stage_that_left_a_complete_checkpoint(tmp_path):
+    calls = []
+
+    def work(d, resume):
+        calls.append(resume)
+        (d / "summary.json").write_text("{}")
+
+    ckpt = tmp_path / "sft" / "checkpoints" / "step-000000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text("10\n")
+    (tmp_path / "sft" / "checkpoints" / ".tmp-step-000000020-1").mkdir()   # a save that was cut short
+    Pipeline(tmp_path, total=1).stage("sft", "resumable", work)
+    assert calls == [True] and ckpt.exists()
