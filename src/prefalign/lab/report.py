@@ -121,11 +121,29 @@ def _methods_table(methods: Sequence[dict]) -> str:
             "<th>win rate vs SFT</th><th>share of optimum gain at equal KL</th></tr>")
     rows = []
     for m in methods:
-        knob = m.get("beta") if m.get("beta") is not None else m.get("n", m.get("step", ""))
+        knob = (f"iteration {m['step']}" if m.get("step") is not None else f"n = {m['n']}" if m.get("n") is not None
+                else f"β = {m['beta']:g}" if m.get("beta") is not None else "")
         rows.append(f"<tr><td>{html.escape(str(m['method']))}</td><td>{html.escape(str(knob))}</td>"
                     f"<td>{_fmt(m.get('gold_reward'))}</td><td>{_fmt(m.get('kl'))}</td>"
-                    f"<td>{_fmt(m.get('win_rate_vs_sft'))}</td><td>{_fmt(m.get('gain_share'), 2)}</td></tr>")
+                    f"<td>{_fmt(m.get('win_rate_vs_sft'))}</td><td>{'≤ ' if m.get('beyond_frontier') else ''}"
+                    f"{_fmt(m.get('gain_share'), 2)}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _targets_table(results: dict) -> str:
+    """The run's targets (results["targets"]: name -> {met, measured values}) and each method's headline share."""
+    rows = []
+    for name, t in results.get("targets", {}).items():
+        values = ", ".join(f"{k} = {_fmt(v)}" for k, v in t.items() if k != "met")
+        rows.append(f"<tr><td>{html.escape(name.replace('_', ' '))}</td><td>{html.escape(values)}</td>"
+                    f"<td>{'met' if t.get('met') else '<b>missed</b>'}</td></tr>")
+    for method, best in results.get("gain_share_by_method", {}).items():
+        where = ", ".join(f"{k} = {best[k]:g}" for k in ("beta", "n", "step") if best.get(k) is not None)
+        bound = " (upper bound: past the frontier's KL range)" if best.get("upper_bound") else ""
+        rows.append(f"<tr><td>best share of the optimum's gain: {html.escape(method)}</td>"
+                    f"<td>{_fmt(best.get('gain_share'), 2)} at KL {_fmt(best.get('kl'), 2)} ({html.escape(where)})"
+                    f"{bound}</td><td></td></tr>")
+    return f"<table><tr><th>target</th><th>measured</th><th></th></tr>{''.join(rows)}</table>" if rows else ""
 
 
 def _samples_table(samples: Sequence[dict]) -> str:
@@ -170,7 +188,11 @@ def write_report(out_dir, results: dict, curves: dict[str, list[dict]], samples:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
     parts = ["<h2>Gold reward vs KL</h2>", _figure(plot_reward_vs_kl(results, out / "reward_vs_kl.png"), "reward vs KL"),
-             "<h2>Methods</h2>", _methods_table(results.get("methods", []))]
+             "<h2>Methods</h2>", _methods_table(results.get("methods", [])),
+             "<p>Share = (r<sub>method</sub> − r<sub>SFT</sub>) / (optimum at the method's KL − r<sub>SFT</sub>). "
+             "The optimum is estimated from N SFT samples per prompt by self-normalised importance sampling: biased "
+             "low for finite N, and its KL cannot exceed log N, so past its last point it is held flat and a share "
+             "there (marked ≤) is an upper bound.</p>", _targets_table(results)]
     rm = results.get("reward_model")
     if rm:
         parts += ["<h2>Reward model</h2>",

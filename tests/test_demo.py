@@ -1,0 +1,131 @@
+"""`prefalign demo`: the whole pipeline end to end, its cache, and the numbers it reports.
+
+The slow test runs the real `prefalign demo --quick` (about 4.5 minutes on the loaded 2-core
+build machine) and checks results.json's numbers for sanity.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from prefalign.lab.demo_eval import best_of_n_win_rate
+from prefalign.lab.demo_results import add_gain_shares
+from prefalign.lab.demo_stages import Pipeline
+from prefalign.lab.frontier import FrontierPoint
+from prefalign.errors import ConfigError
+
+
+def test_best_of_n_win_rate_matches_a_loop_over_subsets():
+    """Exact expectation vs brute force over every n-subset of N = 5 samples (ties count 1/2)."""
+    from itertools import combinations
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 4, size=(3, 5)).astype(float)        # integer rewards: ties happen
+    proxy = rng.normal(size=(3, 5))
+    for n in (1, 2, 3, 5):
+        per_prompt = []
+        for g, p in zip(gold, proxy):
+            picks = [g[max(s, key=lambda i: p[i])] for s in combinations(range(5), n)]
+            per_prompt.append(np.mean([np.mean((x > g) + 0.5 * (x == g)) for x in picks]))
+        assert best_of_n_win_rate(gold, proxy, n) == pytest.approx(np.mean(per_prompt), abs=1e-12)
+    # n = 1 picks a random sample: it wins exactly half the time against another random sample.
+    assert best_of_n_win_rate(gold, proxy, 1) == pytest.approx(0.5)
+
+
+def test_gain_shares_ignore_near_zero_kl_and_pick_each_methods_best():
+    """Frontier: reward 0.5 + 0.1 * KL up to KL 2 (gain 0.2). Shares are (r - 0.5) / (0.1 * KL)."""
+    frontier = [FrontierPoint(1.0, 0.5, 0.0), FrontierPoint(0.1, 0.7, 2.0)]
+    methods = [{"method": "sft", "gold_reward": 0.5, "kl": 0.0},
+               {"method": "dpo", "beta": 0.1, "gold_reward": 0.58, "kl": 1.0},     # share 0.8
+               {"method": "dpo", "beta": 0.3, "gold_reward": 0.55, "kl": 1.0},     # share 0.5
+               {"method": "ppo", "step": 1, "gold_reward": 0.5019, "kl": 0.01},    # gain 0.001 < 10 % of 0.2: noise
+               {"method": "ppo", "step": 2, "gold_reward": 0.62, "kl": 2.0}]       # share 0.6
+    best = add_gain_shares(methods, frontier, sft_reward=0.5)
+    assert methods[1]["gain_share"] == pytest.approx(0.8) and methods[3]["gain_share"] == pytest.approx(1.9)
+    assert best["dpo"]["gain_share"] == pytest.approx(0.8) and best["dpo"]["beta"] == 0.1
+    assert best["ppo"]["gain_share"] == pytest.approx(0.6) and best["ppo"]["step"] == 2
+    assert not best["dpo"]["upper_bound"]
+
+
+def test_a_share_past_the_frontiers_kl_is_only_a_headline_when_nothing_else_is():
+    """Past KL 2 the optimum is held at 0.7, so r = 0.68 at KL 5 shows share 0.9: an upper bound."""
+    frontier = [FrontierPoint(1.0, 0.5, 0.0), FrontierPoint(0.1, 0.7, 2.0)]
+    far = {"method": "dpo", "beta": 0.1, "gold_reward": 0.68, "kl": 5.0}
+    near = {"method": "dpo", "beta": 1.0, "gold_reward": 0.56, "kl": 1.0}
+    best = add_gain_shares([dict(far), dict(near)], frontier, sft_reward=0.5)
+    assert best["dpo"]["beta"] == 1.0 and best["dpo"]["gain_share"] == pytest.approx(0.6)
+    best = add_gain_shares([dict(far)], frontier, sft_reward=0.5)
+    assert best["dpo"]["upper_bound"] and best["dpo"]["gain_share"] == pytest.approx(0.9)
+
+
+def test_pipeline_skips_done_stages_and_restarts_half_written_ones(tmp_path, capsys):
+    calls = []
+
+    def work(d, resume):
+        calls.append((d.name, resume))
+        (d / "summary.json").write_text("{}")
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "summary.json").write_text("{}")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "leftover.jsonl").write_text("half")         # no checkpoint: start clean
+    pipe = Pipeline(tmp_path, total=2)
+    pipe.stage("a", "first", work)
+    pipe.stage("b", "second", work)
+    assert calls == [("b", False)]
+    assert not (tmp_path / "b" / "leftover.jsonl").exists()
+    assert "demo_wall_time_s" in json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert "[1/2] a: done earlier" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_and_cached_rerun(tmp_path):
+    out = tmp_path / "demo"
+    run_cli("demo", "--quick", "--output", out, timeout=900)
+    results = json.loads((out / "results.json").read_text())
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Sample completions" in html
+
+    def finite(x):
+        return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
+
+    for m in results["methods"]:
+        assert all(finite(m.get(k)) for k in ("beta", "gold_reward", "kl", "win_rate_vs_sft", "gain_share")), m
+        assert 0 <= m["gold_reward"] <= 1
+    rm = results["reward_model"]
+    assert 0 <= rm["heldout_accuracy"] <= 1 and 0.5 <= rm["bayes_optimal_accuracy"] <= 1
+    sft = next(m for m in results["methods"] if m["method"] == "sft")
+    for method in ("dpo", "ppo"):
+        rows = [m for m in results["methods"] if m["method"] == method]
+        assert rows, f"no {method} rows"
+        assert max(m["gold_reward"] for m in rows) > sft["gold_reward"], (method, rows, sft)
+    # Policies are plain transformers checkpoints.
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(rows[-1]["policy"])
+    # A rerun finds every stage done and only rewrites the report.
+    again = run_cli("demo", "--quick", "--output", out, timeout=300)
+    assert "finished in" not in again.stdout and "done earlier" in again.stdout
+
+
+def test_an_output_folder_refuses_a_run_with_other_settings(tmp_path):
+    from prefalign.lab.demo_stages import claim_output
+    claim_output(tmp_path, {"plan": "quick", "seed": 0})
+    claim_output(tmp_path, {"plan": "quick", "seed": 0})          # same settings: a rerun continues
+    with pytest.raises(ConfigError, match="seed"):
+        claim_output(tmp_path, {"plan": "quick", "seed": 1})
+
+
+def test_pipeline_resumes_a_stage_that_left_a_complete_checkpoint(tmp_path):
+    calls = []
+
+    def work(d, resume):
+        calls.append(resume)
+        (d / "summary.json").write_text("{}")
+
+    ckpt = tmp_path / "sft" / "checkpoints" / "step-000000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text("10\n")
+    (tmp_path / "sft" / "checkpoints" / ".tmp-step-000000020-1").mkdir()   # a save that was cut short
+    Pipeline(tmp_path, total=1).stage("sft", "resumable", work)
+    assert calls == [True] and ckpt.exists()
