@@ -42,13 +42,18 @@ def _json_lines(path: str):
             yield n, obj
 
 
+def _prompt_of(obj: dict, path: str, line: int) -> str:
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise DataError('every row needs a non-empty string "prompt".', path=path, line=line, field="prompt")
+    return prompt
+
+
 def read_prompts(path: str) -> list[str]:
     """Prompts from JSONL rows with a string ``prompt`` (other fields are ignored)."""
     prompts = []
     for n, obj in _json_lines(path):
-        prompt = obj.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise DataError('every row needs a non-empty string "prompt".', path=path, line=n, field="prompt")
+        prompt = _prompt_of(obj, path, n)
         prompts.append(prompt)
     if not prompts:
         raise DataError("no prompts found; write one JSON object with a \"prompt\" per line.", path=path)
@@ -59,9 +64,7 @@ def read_pairs(path: str) -> list[PairsRow]:
     """Validated rows of a pairs file: a string prompt and at least two string completions."""
     rows = []
     for n, obj in _json_lines(path):
-        prompt = obj.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise DataError('every row needs a non-empty string "prompt".', path=path, line=n, field="prompt")
+        prompt = _prompt_of(obj, path, n)
         completions = obj.get("completions")
         if not isinstance(completions, list):
             raise DataError('every row needs "completions": a list of at least 2 strings.',
