@@ -10,8 +10,8 @@ import torch
 from prefalign.losses.advantage import whiten
 from prefalign.ops import masked_mean, masked_var
 from prefalign.tiny import SAMPLE_TEXTS, tiny_llama, tiny_tokenizer
-from prefalign.train.dist import (all_gather_object, any_rank, global_mean_var, init_distributed, masked_whiten_global,
-                                  prepare_frozen, sharded_map, shutdown)
+from prefalign.train.dist import (all_gather_object, any_rank, finish, global_mean_var, init_distributed,
+                                  masked_whiten_global, prepare_frozen, sharded_map)
 
 
 def check_global_whitening(info):
@@ -72,7 +72,7 @@ def main():
     check_global_whitening(info)
     check_sharded_frozen_model(info)
     check_meter_with_an_idle_rank(info)
-    shutdown()
+    finish(0)
 
 
 if __name__ == "__main__":

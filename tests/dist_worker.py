@@ -12,15 +12,14 @@ import sys
 
 from prefalign import config as C
 from prefalign.cli import find_command
-from prefalign.train.dist import shutdown
+from prefalign.train.dist import finish
 
 
 def main(path: str) -> int:
     for argv in json.loads(open(path).read()):
         words, cmd, rest = find_command(argv)
         cmd.run(C.parse_config(cmd.config_cls, rest, prog="prefalign " + " ".join(words)))
-    shutdown()
-    return 0
+    return finish(0)
 
 
 if __name__ == "__main__":

@@ -130,20 +130,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     quiet = os.environ.get("RANK", "0") != "0"
     try:
         cfg = C.parse_config(cmd.config_cls, rest, prog="prefalign " + " ".join(words))
-        result = cmd.run(cfg)
+        code = int(cmd.run(cfg) or 0)
     except PrefalignError as e:
         if not quiet:
             print(f"prefalign {' '.join(words)}: {e.label}: {e}", file=sys.stderr)
-        return e.exit_code
+        code = e.exit_code
     except KeyboardInterrupt:
         if not quiet:
             print(f"prefalign {' '.join(words)}: interrupted.", file=sys.stderr)
-        return 130
-    finally:
-        if "torch.distributed" in sys.modules:  # only a stage that trained imported it
-            from prefalign.train.dist import shutdown
-            shutdown()
-    return int(result or 0)
+        code = 130
+    # Any other exception propagates with its traceback and torchrun stops the other ranks.
+    if "torch.distributed" in sys.modules:  # only a stage that trained imported it
+        from prefalign.train.dist import finish
+        return finish(code)  # under torchrun, the process ends here
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover
