@@ -171,7 +171,7 @@ def eta(plan: DemoPlan, stage: str) -> str:
 # Stage wall times measured on the build machine (2 cores shared with other jobs, load average
 # 6-9), rounded up; a quiet machine is 2-3x faster. PPO and eval are per segment / per policy.
 ESTIMATED_MINUTES: dict[str, dict[str, float]] = {
-    "default": {"pretrain": 12, "sft": 1, "preferences": 4, "reward": 3, "sft-samples": 3, "dpo": 5, "ppo": 1.5,
+    "default": {"pretrain": 12, "sft": 1, "preferences": 4, "reward": 3, "sft-samples": 6, "dpo": 5, "ppo": 1.5,
                 "eval": 1},
     "quick": {"pretrain": 2, "sft": 0.5, "preferences": 0.5, "reward": 0.5, "sft-samples": 0.5, "dpo": 0.5,
               "ppo": 0.5, "eval": 0.5},

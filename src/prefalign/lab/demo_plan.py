@@ -52,8 +52,8 @@ class DemoPlan:
     ppo_lr: float = 5e-5
     # --- evaluation
     eval_samples_per_prompt: int = 4     # samples per held-out prompt per policy (for KL and gold)
-    frontier_samples: int = 128          # SFT samples per held-out prompt for the optimum and best-of-n
-    best_of_n: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
+    frontier_samples: int = 256          # SFT samples per held-out prompt for the optimum and best-of-n
+    best_of_n: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)
     frontier_betas: tuple[float, ...] = field(default=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
                                                        0.2, 0.3, 0.5, 1.0, 3.0))
     shown_prompts: int = 6               # side-by-side samples in the report
