@@ -195,7 +195,8 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, pre
                "settings": {"plan": plan.name, **{k: v for k, v in vars(plan).items() if k != "name"}, "seed": seed,
                             "frontier_samples": plan.frontier_samples,
                             "frontier_estimator": "SNIS over SFT samples: biased low for finite N, KL <= log N",
-                            "wall_time_s": wall_time_s, "machine": R.machine()},
+                            "wall_time_s": wall_time_s, "stage_wall_time_s": R.stage_times(out),
+                            "machine": R.machine()},
                "sft_fluency": sft_fluency(out, samples)}
     results["targets"] = R.targets(results)
     return results

@@ -70,8 +70,8 @@ QUICK = dataclasses.replace(
     DEFAULT, name="quick", pretrain_reviews=6000, train_prompts=1200, heldout_prompts=64, vocab_size=1500,
     hidden=64, layers=2, heads=2, pretrain_steps=400, pretrain_lr=2e-3, sft_steps=80, sft_lr=5e-4,
     max_new_tokens=32, reward_epochs=2.0, reward_lr=1e-3, dpo_betas=(1.0,), dpo_lr=5e-4,
-    ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=1e-4, frontier_samples=32, best_of_n=(4, 16),
-    shown_prompts=4, save_steps=100)
+    ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=2e-4, eval_samples_per_prompt=8, frontier_samples=32,
+    best_of_n=(4, 16), shown_prompts=4, save_steps=100)
 
 def plan_for(quick: bool) -> DemoPlan:
     return QUICK if quick else DEFAULT

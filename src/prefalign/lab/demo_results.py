@@ -120,6 +120,17 @@ def side_by_side(out: Path, n_shown: int, frontier_samples: int, policies: dict[
     return shown
 
 
+def stage_times(out: Path) -> dict[str, float]:
+    """Each stage's wall time when it ran (stages reused from an earlier run keep their own),
+    and their total: wall_time_s covers only this invocation."""
+    times = {}
+    for path in sorted(out.glob("*/summary.json")) + sorted(out.glob("eval/*/summary.json")):
+        t = json.loads(path.read_text()).get("demo_wall_time_s")
+        if t is not None:
+            times[str(path.parent.relative_to(out))] = t
+    return {**times, "total": sum(times.values())}
+
+
 def machine() -> dict:
     import torch
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
