@@ -163,7 +163,7 @@ CASES = {
     "eval-fraction-above-one": option_case("--eval-fraction", "1.5", expect=["--eval-fraction"]),
     "too-little-data": option_case("--batch-size", "64", expect=["fewer than one global batch"]),
     "unknown-option": option_case("--bogus", "1", expect=["unrecognized arguments: --bogus"]),
-    "reward-packing": option_case("--packing", expect=["--packing"], stage="reward"),
+    "dpo-negative-nll-weight": option_case("--nll-weight", "-1", expect=["--nll-weight"], stage="dpo"),
     "missing-data-option": lambda c: (["sft", "--model", c.root / "base"], ["--data"]),
     "output-is-a-file": lambda c: (["sft", "--model", c.root / "base", "--data", c.root / "sft.jsonl", "--output",
                                     c.root / "sft.jsonl"], ["exists and is not a directory"]),

@@ -180,6 +180,22 @@ def test_precomputed_reference_equals_live(tok, tmp_path, packing, length_normal
     assert cached[0].metrics["rewards/margins"][0] != 0  # different models: a real check
 
 
+def test_packed_run_caches_each_pairs_own_reference(fx, tmp_path, tok):
+    """Packed rows hold several pairs in another order than the batch; the precomputed values
+    must still belong to their own pair (regression: they were scattered in batch order)."""
+    from transformers import AutoModelForCausalLM
+    cfg = make_cfg(fx, tmp_path / "out", packing=True, max_length=256, ref_model=str(fx / "ref"))
+    pairs = tokenize_pairs(examples(pair_rows(12, 3)), tok, 256)
+    wide = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=256)
+    assert wide["input_ids"].shape[0] < len(pairs)  # several pairs share a row
+    dpo_stage.precompute_reference(cfg, tiny_llama(tok), tok, pairs, None, CPU)
+    scorer = frozen_reference(AutoModelForCausalLM.from_pretrained(fx / "ref").eval())
+    for p in pairs:
+        chosen, rejected = scorer(collate_pairs([p], tok.pad_token_id))
+        assert p.ref_chosen_logps == pytest.approx(float(chosen), rel=1e-5)
+        assert p.ref_rejected_logps == pytest.approx(float(rejected), rel=1e-5)
+
+
 @pytest.mark.parametrize("switches", [{}, {"length_normalize": True, "nll_weight": 0.5, "loss": "ipo"}])
 def test_packed_equals_padded(tok, switches):
     policy, ref = tiny_llama(tok, seed=4), tiny_llama(tok, seed=5).eval()

@@ -101,3 +101,20 @@ def test_reward_packing_cli(trained, tmp_path):
             "--no-progress")
     rows = [json.loads(l) for l in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["perf/tokens_per_s"] > 0 for r in rows)
+
+
+def test_reward_lora_trains_adapters_and_head(tmp_path):
+    """--lora: only adapters and the head train; the saved model is a plain HF checkpoint."""
+    import transformers
+    d = tmp_path
+    save_tiny_model(d / "base", texts=[r["prompt"] + r["chosen"] + r["rejected"] for r in separable_pairs(50, 0)],
+                    vocab_size=300)
+    write_jsonl(d / "train.jsonl", separable_pairs(32, 1))
+    run_cli("reward", "--model", d / "base", "--data", d / "train.jsonl", "--output", d / "rm", "--lora",
+            "--lora-r", "4", "--max-steps", "2", "--batch-size", "8", "--lr", "1e-2", "--no-progress")
+    base = transformers.AutoModelForCausalLM.from_pretrained(d / "base")
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(d / "rm")
+    assert not any("lora" in k for k in rm.state_dict())  # adapters merged into plain weights
+    moved = [k for k, v in base.model.state_dict().items() if not torch.equal(v, rm.model.state_dict()[k])]
+    assert moved and all(("proj" in k) for k in moved)  # only adapted linear layers changed
+    assert all("embed" not in k and "norm" not in k for k in moved)

@@ -124,7 +124,8 @@ def reference_settings(cfg, data_path: str, pairs, device) -> dict:
     return {"reference": model_fingerprint(cfg.ref_model or cfg.model),
             "dtype": str(resolve_dtype(cfg.dtype, device, trainable=not cfg.ref_model)),
             "data": file_digest(data_path), "data_format": cfg.data_format, "max_length": cfg.max_length,
-            "max_prompt_length": cfg.max_prompt_length, "sequences": sequences_digest(pairs)}
+            "max_prompt_length": cfg.max_prompt_length, "attn": cfg.attn_implementation,
+            "sequences": sequences_digest(pairs)}
 
 def check_options(cfg) -> None:
     try:  # dpo_loss validates beta, the loss name and label smoothing; fail before loading anything
@@ -144,13 +145,17 @@ def live_reference(cfg, model, tokenizer, device) -> Reference:
         return frozen_reference(load_reference(cfg, tokenizer, device))
     return adapter_off_reference(model) if cfg.lora else frozen_reference(_frozen_copy(model))
 
-def precompute_reference(cfg, model, tokenizer, pairs, eval_pairs, collate, dist) -> dict:
-    """Fill every pair's reference log-probs from the cache, or compute them once (ref_cache.py)."""
+def precompute_reference(cfg, model, tokenizer, pairs, eval_pairs, dist) -> dict:
+    """Fill every pair's reference log-probs from the cache, or compute them once (ref_cache.py).
+    Always from padded batches, whatever --packing says: packed rows reorder the pairs of a batch,
+    and the cache is shared by packed and padded runs."""
+    collate = lambda rows: collate_pairs(rows, tokenizer.pad_token_id)
     jobs = {"train": (pairs, reference_settings(cfg, cfg.data, pairs, dist.device))}
     if eval_pairs:
         jobs["eval"] = (eval_pairs, reference_settings(cfg, cfg.eval_data, eval_pairs, dist.device))
     return fill_reference_logps(jobs, lambda: open_reference(cfg, model, tokenizer, dist.device), collate,
-                                2 * cfg.batch_size, cfg.ref_cache_dir or default_cache_dir(), dist, cfg.progress)
+                                2 * cfg.batch_size, cfg.ref_cache_dir or default_cache_dir(), dist, cfg.progress,
+                                dtype=cfg.dtype)
 
 def run_dpo(cfg) -> int:
     dist, out, t0 = start(cfg, "model", "data", "output")
@@ -174,7 +179,7 @@ def run_dpo(cfg) -> int:
     if ref_info["mode"] == "live":
         reference = live_reference(cfg, model, tokenizer, dist.device)
     elif ref_info["mode"] == "cached":
-        ref_info.update(precompute_reference(cfg, model, tokenizer, pairs, eval_pairs, collate, dist))
+        ref_info.update(precompute_reference(cfg, model, tokenizer, pairs, eval_pairs, dist))
     pairs, eval_pairs = split_eval(pairs, eval_pairs, cfg.eval_fraction, cfg.seed)
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, DPOObjective(cfg, reference), pairs, collate, out_dir=out, dist=dist,

@@ -21,7 +21,6 @@ The models run in eval mode (no dropout), so sampled and recomputed log-probs ag
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import time
@@ -44,9 +43,10 @@ from prefalign.stages.ppo_parts import (AdaptiveKLController, FixedKLController,
                                         global_moments, global_whiten, new_value_head, policy_forward,
                                         reward_inputs, same_tokenizer, token_values)
 from prefalign.train import checkpoint as ckpt
-from prefalign.train.dist import all_reduce_sum
+from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier
 from prefalign.train.logger import MetricsLogger, progress
-from prefalign.train.loop import LoopResult, TrainingStopped, _Meter, _SignalFlag, autocast_for, epoch_order
+from prefalign.train.loop import (LoopResult, TrainingStopped, _apply_new_lr, _Meter, _SignalFlag, agree, autocast_for,
+                                  epoch_order)
 from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
 
 # reward_fn(prompts, completions, rollout) -> scores (B,): replaces --reward-model (tests, the lab).
@@ -79,6 +79,11 @@ def check_options(cfg) -> None:
         raise ConfigError("--kl-coef must be >= 0, --target-kl > 0 when given, and --kl-horizon >= 1.")
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
         raise ConfigError(f"--gamma and --lam must lie in [0, 1], got {cfg.gamma} and {cfg.lam}.")
+    unused = {"max_steps": (-1, "--iterations"), "batch_size": (8, "--rollout-batch-size and --minibatch-size"),
+              "grad_accum": (1, "--minibatch-size"), "eval_steps": (0, "samples.jsonl (--sample-every)")}
+    for name, (default, instead) in unused.items():
+        if getattr(cfg, name) != default:
+            raise ConfigError(f"`prefalign ppo` does not use --{name.replace('_', '-')}; use {instead} instead.")
     if cfg.gradient_checkpointing or cfg.distributed == "fsdp":
         raise ConfigError("`prefalign ppo` supports neither --gradient-checkpointing nor --distributed fsdp; "
                           "drop the option (torchrun runs PPO data-parallel with gradients averaged over ranks).")
@@ -231,11 +236,12 @@ def minibatch_loss(cfg, m: Models, mb: dict) -> tuple[torch.Tensor, dict]:
                   "_logprob_gap": (gap.item(), 1)}
 
 
-def update(cfg, m: Models, batch: dict, optimizer, scheduler, shuffle: torch.Generator, device,
-           world_size: int) -> tuple[_Meter, int, float]:
+def update(cfg, m: Models, batch: dict, optimizer, scheduler, shuffle: torch.Generator,
+           dist: DistInfo) -> tuple[_Meter, int, float]:
     """K epochs of shuffled minibatches. Returns (metrics, skipped steps, the first minibatch's
     max |recomputed - recorded| log-prob, measured before any update)."""
     meter, bad, first_gap = _Meter(), 0, None
+    device, world_size = dist.device, dist.world_size
     n = batch["response_ids"].shape[0]
     params = [p for p in m.trainable.parameters() if p.requires_grad]
     for _ in range(cfg.ppo_epochs):
@@ -250,7 +256,8 @@ def update(cfg, m: Models, batch: dict, optimizer, scheduler, shuffle: torch.Gen
             loss.backward()
             average_gradients(params, world_size)
             grad_norm, finite = clip_and_check(params, cfg.max_grad_norm)
-            if finite and math.isfinite(loss.item()):
+            finite, _ = agree(finite and math.isfinite(loss.item()), None, dist)  # all ranks skip, or none
+            if finite:
                 optimizer.step()
                 meter.add({**metrics, "loss/total": (loss.item(), 1), "grad_norm": (float(grad_norm), 1)})
             else:
@@ -325,14 +332,19 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     pos = {"iteration": 0, "bad_steps": 0}
     logger, samples = MetricsLogger(out, dist.is_main), MetricsLogger(out, dist.is_main, "samples.jsonl")
 
+    plan = {"prompts": len(examples), "rollout_batch": cfg.rollout_batch_size, "world_size": dist.world_size}
+
     def save() -> None:
+        # Every rank's own streams (sampling is seeded per rank), gathered to rank 0.
+        streams = all_gather_object({"rng": ckpt.rng_state(dist.device),
+                                     "generators": {k: g.get_state() for k, g in generators.items()}})
         if dist.is_main:
             state = {k: v.state_dict() for k, v in stateful.items()}
-            state.update(rng=ckpt.rng_state(), generators={k: g.get_state() for k, g in generators.items()},
-                         position=dict(pos))
+            state.update(rng=streams[0]["rng"], streams=streams, position=dict(pos), plan=plan)
             ckpt.save_checkpoint(out, pos["iteration"], state, keep=cfg.keep_checkpoints)
+        barrier()  # nobody leaves (or raises) before the checkpoint is on disk
 
-    resumed_from = resume(cfg, out, stateful, generators, pos, (logger, samples))
+    resumed_from = resume(cfg, out, stateful, generators, pos, (logger, samples), plan, dist)
     last: dict = {}
     train_time = 0.0
     bar = progress(total, "ppo", initial=pos["iteration"], enabled=cfg.progress and dist.is_main, unit="iter")
@@ -346,8 +358,7 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
             beta = kl_ctl.value
             add_advantages(batch, cfg, beta)
             t_update = time.perf_counter()
-            meter, bad, gap = update(cfg, m, batch, optimizer, scheduler, generators["shuffle"], dist.device,
-                                     dist.world_size)
+            meter, bad, gap = update(cfg, m, batch, optimizer, scheduler, generators["shuffle"], dist)
             times["update"] = time.perf_counter() - t_update
             meter.add(rollout_metrics(batch, beta))
             pos["iteration"] += 1
@@ -363,10 +374,11 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
                 samples.log(sample_rows(step, prompts, batch))
             bar.update(1)
             bar.set_postfix(score=f"{last['objective/scores']:.3f}", kl=f"{last['objective/kl']:.3f}")
-            stop_now = stop.signum is not None and step < total
+            _, signum = agree(True, stop.signum, dist)  # every rank stops at the same iteration
+            stop_now = bool(signum) and step < total
             if (cfg.save_steps and step % cfg.save_steps == 0) or stop_now or pos["bad_steps"] > cfg.max_bad_steps:
                 save()
-            check_stop(cfg, out, pos, stop.signum if stop_now else None)
+            check_stop(cfg, out, pos, signum if stop_now else None)
     save_final(out, dist, lambda d: save_models(m, d))
     result = LoopResult(steps=pos["iteration"], last_metrics=last, eval_metrics={}, bad_steps=pos["bad_steps"],
                         wall_time_s=time.perf_counter() - t0, resumed_from=resumed_from)
@@ -381,21 +393,35 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     return 0
 
 
-def resume(cfg, out, stateful: dict, generators: dict, pos: dict, loggers) -> Optional[int]:
+def resume(cfg, out, stateful: dict, generators: dict, pos: dict, loggers, plan: dict,
+           dist: DistInfo) -> Optional[int]:
     """Load the newest complete checkpoint when --resume; drop log rows written after it."""
     found = ckpt.load_latest(out) if cfg.resume else None
     if found is None:
         return None
     path, state = found
-    for name, obj in stateful.items():
-        obj.load_state_dict(state[name])
-    ckpt.set_rng_state(state["rng"])
+    if state.get("plan", plan) != plan:
+        raise ConfigError(f"cannot resume from {path}: it was written with {state['plan']}, this run has {plan}. "
+                          f"Resume with the same --prompts, --rollout-batch-size and number of processes, "
+                          f"or start a new --output.")
+    try:
+        for name, obj in stateful.items():
+            obj.load_state_dict(state[name])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(f"cannot resume from {path}: it does not match this run's models or options "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Resume with the same --model, "
+                          f"--shared-value-head and --lora, or start a new --output.") from None
+    new_lr = _apply_new_lr(cfg.lr, stateful["optimizer"], stateful["scheduler"])
+    mine = state["streams"][dist.rank]
+    ckpt.set_rng_state(mine["rng"], dist.device)
     for name, g in generators.items():
-        g.set_state(state["generators"][name])
+        g.set_state(mine["generators"][name])
     pos.update(state["position"])
+    if new_lr:
+        pos["bad_steps"] = 0  # a new --lr is a fresh try at the steps that failed
     for logger in loggers:
         logger.truncate_after(pos["iteration"])
-    if os.environ.get("RANK", "0") == "0":
+    if dist.is_main:
         print(f"prefalign: resumed from {path} (iteration {pos['iteration']}).", file=sys.stderr)
     return pos["iteration"]
 

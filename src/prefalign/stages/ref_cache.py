@@ -30,9 +30,9 @@ from prefalign.models.paths import resolve_model_path
 from prefalign.stages.dpo_batch import DPOPair
 from prefalign.train.dist import DistInfo, all_reduce_sum, barrier, broadcast_object
 from prefalign.train.logger import iter_progress
-from prefalign.train.loop import to_device
+from prefalign.train.loop import autocast_for, to_device
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: values from padded batches under autocast (1 could misplace packed pairs)
 Scorer = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]  # batch -> (ref chosen, ref rejected) (B,)
 
 
@@ -96,7 +96,7 @@ def write_cache(path: Path, values: torch.Tensor, meta: dict) -> None:
 
 @torch.no_grad()
 def score_pairs(scorer: Scorer, pairs: list[DPOPair], collate: Callable[[list], dict], batch_size: int,
-                dist: DistInfo, desc: str, progress: bool) -> torch.Tensor:
+                dist: DistInfo, desc: str, progress: bool, dtype: str = "auto") -> torch.Tensor:
     """Reference log-probs (N, 2) float64 of all pairs; each rank scores pairs i = rank mod W and
     the shares are summed over ranks. Pairs are batched longest first, so batches pad little."""
     mine = sorted(range(dist.rank, len(pairs), dist.world_size), key=lambda i: -pairs[i].n_tokens)
@@ -104,14 +104,15 @@ def score_pairs(scorer: Scorer, pairs: list[DPOPair], collate: Callable[[list], 
     starts = range(0, len(mine), batch_size)
     for s in iter_progress(starts, len(starts), desc, enabled=progress, unit="batch"):
         idx = mine[s:s + batch_size]
-        chosen, rejected = scorer(to_device(collate([pairs[i] for i in idx]), dist.device))
+        with autocast_for(dist.device, dtype):  # the same numerics as a live reference in the loop
+            chosen, rejected = scorer(to_device(collate([pairs[i] for i in idx]), dist.device))
         values[idx] = torch.stack([chosen, rejected], dim=1).double()
     return all_reduce_sum(values).cpu()
 
 
 def fill_reference_logps(jobs: dict[str, tuple[list[DPOPair], dict]], open_scorer: Callable[[], ContextManager[Scorer]],
                          collate: Callable[[list], dict], batch_size: int, cache_dir: Path, dist: DistInfo,
-                         progress: bool = True) -> dict[str, dict]:
+                         progress: bool = True, dtype: str = "auto") -> dict[str, dict]:
     """Set ``ref_chosen_logps`` / ``ref_rejected_logps`` of every pair of every job.
 
     jobs: name -> (pairs, settings the values depend on). ``open_scorer()`` is entered only when
@@ -129,7 +130,7 @@ def fill_reference_logps(jobs: dict[str, tuple[list[DPOPair], dict]], open_score
                 t = time.perf_counter()
                 pairs, settings = jobs[name]
                 found[name] = score_pairs(scorer, pairs, collate, batch_size, dist, f"reference log-probs ({name})",
-                                          progress and dist.is_main)
+                                          progress and dist.is_main, dtype)
                 if dist.is_main:
                     write_cache(paths[name], found[name], {**settings, "pairs": len(pairs)})
                 info[name]["seconds"] = time.perf_counter() - t

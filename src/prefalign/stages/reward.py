@@ -16,7 +16,7 @@ import torch
 
 from prefalign.data import encode_preference, load_preferences, load_sft
 from prefalign.losses import bradley_terry_loss
-from prefalign.models import ScalarModel, load_scalar_model
+from prefalign.models import ScalarModel, apply_lora, load_scalar_model
 from prefalign.stages.batching import collate_packed_flat, collate_padded
 from prefalign.stages.common import finish, report, save_model_final, split_eval, start
 from prefalign.train.dist import sharded_map, wrap_model
@@ -107,6 +107,8 @@ def run_reward(cfg) -> int:
     eval_examples = load_preferences(cfg.eval_data, cfg.data_format) if cfg.eval_data else None
     model, tokenizer = load_scalar_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed,
                                                   attn_implementation=cfg.attn_implementation)
+    if cfg.lora:  # adapters on the backbone; the scalar head trains in full
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     pairs = tokenize_pairs(examples, tokenizer, cfg)
     eval_pairs = tokenize_pairs(eval_examples, tokenizer, cfg) if eval_examples else None
     pairs, eval_pairs = split_eval(pairs, eval_pairs, cfg.eval_fraction, cfg.seed)

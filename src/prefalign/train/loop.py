@@ -261,16 +261,18 @@ def _check_plan(path: Path, saved: Optional[dict], plan: dict) -> None:
                           f"--grad-accum and number of processes, or start a new --output.")
 
 
-def _apply_new_lr(lr: float, optimizer, scheduler) -> None:
+def _apply_new_lr(lr: float, optimizer, scheduler) -> bool:
     """A --lr changed on resume takes effect (the checkpoint holds the old peak LR), so a run
-    stopped by non-finite steps can continue with a lower one."""
+    stopped by non-finite steps can continue with a lower one. True when it changed."""
     if all(base == lr for base in scheduler.base_lrs):
-        return
-    print(f"prefalign: --lr {lr:g} replaces the checkpoint's {scheduler.base_lrs[0]:g}.", file=sys.stderr)
+        return False
+    print(f"prefalign: --lr {lr:g} replaces the checkpoint's {scheduler.base_lrs[0]:g}; "
+          f"the count of skipped steps starts again.", file=sys.stderr)
     scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
     for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["initial_lr"], group["lr"] = lr, lr * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return True
 
 
 def _load_states(state: dict, trainable, optimizer, scheduler, extra_state: dict, dist: DistInfo) -> None:
@@ -331,7 +333,8 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
             meter.load(state["meter"])
         logged = state.get("logged", {})
         last_metrics, eval_metrics = dict(logged.get("last", {})), dict(logged.get("eval", {}))
-        _apply_new_lr(cfg.lr, optimizer, scheduler)
+        if _apply_new_lr(cfg.lr, optimizer, scheduler):
+            pos["bad_steps"] = 0  # a new --lr is a fresh try at the steps that failed
         resumed_from = pos["step"]
         logger.truncate_after(pos["step"])  # rows logged after the checkpoint are produced again
         if dist.is_main:
