@@ -203,12 +203,16 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, pre
 
 
 def sft_fluency(out: Path, samples) -> dict:
-    """What can be measured of 'fluent': held-out next-token loss of pretraining and SFT, and how
-    often SFT ends a review by itself (EOS) within the token budget."""
+    """What can be measured of 'fluent': held-out next-token loss of pretraining and SFT, how often
+    SFT ends a review by itself (EOS) within the token budget, and the share of words in SFT
+    samples that never occur in the pretraining reviews (invented words; each completion's last
+    word is left out, since the token budget may cut it)."""
     pre, sft = R.summary(out / "pretrain"), R.summary(out / "sft")
     return {"pretrain_eval_loss": pre.get("eval_metrics", {}).get("eval/loss"),
             "sft_eval_loss": sft.get("eval_metrics", {}).get("eval/loss"),
-            "sft_eos_rate": float(np.mean(samples["ended_with_eos"]))}
+            "sft_eos_rate": float(np.mean(samples["ended_with_eos"])),
+            "sft_unknown_word_rate": R.unknown_word_rate(out / "data" / "pretrain.jsonl",
+                                                         out / "sft-samples" / "samples.jsonl")}
 
 
 def print_summary(results: dict, report: Path) -> None:
