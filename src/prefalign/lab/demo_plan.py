@@ -2,7 +2,7 @@
 
 Every number a run depends on lives here, so a reader can see the whole experiment's scale at
 once and results.json can record it (``settings``). Sizes were chosen by timing on 2 shared CPU
-cores (docs/README-SECTION-demo.md gives the measured wall times).
+cores (docs/demo.md gives the measured wall times).
 """
 from __future__ import annotations
 
