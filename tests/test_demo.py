@@ -129,3 +129,13 @@ def test_pipeline_resumes_a_stage_that_left_a_complete_checkpoint(tmp_path):
     (tmp_path / "sft" / "checkpoints" / ".tmp-step-000000020-1").mkdir()   # a save that was cut short
     Pipeline(tmp_path, total=1).stage("sft", "resumable", work)
     assert calls == [True] and ckpt.exists()
+
+
+def test_unknown_word_rate_counts_words_the_completion_wrote(tmp_path):
+    from prefalign.lab.demo_data import write_jsonl
+    from prefalign.lab.demo_results import unknown_word_rate
+    write_jsonl(tmp_path / "corpus.jsonl", [{"text": "It was pouring and the film was great."}])
+    # Counted: "pouring" (finished by the completion), "the", "flim"; left out: "It", "was" (prompt)
+    # and "cut" (last word, maybe cut by the token budget). One unknown word of three.
+    write_jsonl(tmp_path / "samples.jsonl", [{"prompt": "It was p", "completion": "ouring the flim cut"}])
+    assert unknown_word_rate(tmp_path / "corpus.jsonl", tmp_path / "samples.jsonl") == pytest.approx(1 / 3)

@@ -171,7 +171,7 @@ def eta(plan: DemoPlan, stage: str) -> str:
 # Stage wall times measured on the build machine (2 cores shared with other jobs, load average
 # 6-9), rounded up; a quiet machine is 2-3x faster. PPO and eval are per segment / per policy.
 ESTIMATED_MINUTES: dict[str, dict[str, float]] = {
-    "default": {"pretrain": 12, "sft": 1, "preferences": 4, "reward": 3, "sft-samples": 3, "dpo": 5, "ppo": 1.5,
+    "default": {"pretrain": 12, "sft": 1, "preferences": 4, "reward": 3, "sft-samples": 6, "dpo": 5, "ppo": 1.5,
                 "eval": 1},
     "quick": {"pretrain": 2, "sft": 0.5, "preferences": 0.5, "reward": 0.5, "sft-samples": 0.5, "dpo": 0.5,
               "ppo": 0.5, "eval": 0.5},
@@ -195,19 +195,24 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, pre
                "settings": {"plan": plan.name, **{k: v for k, v in vars(plan).items() if k != "name"}, "seed": seed,
                             "frontier_samples": plan.frontier_samples,
                             "frontier_estimator": "SNIS over SFT samples: biased low for finite N, KL <= log N",
-                            "wall_time_s": wall_time_s, "machine": R.machine()},
+                            "wall_time_s": wall_time_s, "stage_wall_time_s": R.stage_times(out),
+                            "machine": R.machine()},
                "sft_fluency": sft_fluency(out, samples)}
     results["targets"] = R.targets(results)
     return results
 
 
 def sft_fluency(out: Path, samples) -> dict:
-    """What can be measured of 'fluent': held-out next-token loss of pretraining and SFT, and how
-    often SFT ends a review by itself (EOS) within the token budget."""
+    """What can be measured of 'fluent': held-out next-token loss of pretraining and SFT, how often
+    SFT ends a review by itself (EOS) within the token budget, and the share of words in SFT
+    samples that never occur in the pretraining reviews (invented words; each completion's last
+    word is left out, since the token budget may cut it)."""
     pre, sft = R.summary(out / "pretrain"), R.summary(out / "sft")
     return {"pretrain_eval_loss": pre.get("eval_metrics", {}).get("eval/loss"),
             "sft_eval_loss": sft.get("eval_metrics", {}).get("eval/loss"),
-            "sft_eos_rate": float(np.mean(samples["ended_with_eos"]))}
+            "sft_eos_rate": float(np.mean(samples["ended_with_eos"])),
+            "sft_unknown_word_rate": R.unknown_word_rate(out / "data" / "pretrain.jsonl",
+                                                         out / "sft-samples" / "samples.jsonl")}
 
 
 def print_summary(results: dict, report: Path) -> None:

@@ -23,7 +23,7 @@ from prefalign.lab.gold import gold_rewards
 from prefalign.lab.labeler import bayes_optimal_accuracy, label_pairs
 from prefalign.models import load_causal_lm, load_scalar_model
 from prefalign.stages.reward import score_sequences
-from prefalign.train.logger import iter_progress, write_summary
+from prefalign.train.logger import write_summary
 
 
 def heldout_prompts(data_dir: Path) -> list[str]:
@@ -50,12 +50,8 @@ def sft_samples(d: Path, sft_dir: Path, reward_dir: Path, data_dir: Path, plan: 
     model.eval()
     prompts, n = heldout_prompts(data_dir), plan.frontier_samples
     flat_prompts = [p for p in prompts for _ in range(n)]                       # prompt-major: (P * N,)
-    ids: list[list[int]] = []
-    chunk = 256
-    for start in iter_progress(range(0, len(flat_prompts), chunk), -(-len(flat_prompts) // chunk),
-                               "SFT samples", unit="batch"):
-        ids += sample_completions(model, tokenizer, flat_prompts[start:start + chunk], plan.max_new_tokens,
-                                  batch_size=chunk, seed=seed * 7919 + start)
+    ids = sample_completions(model, tokenizer, flat_prompts, plan.max_new_tokens, batch_size=256, seed=seed,
+                             progress="SFT samples")
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in ids]
     gold = gold_rewards([p + c for p, c in zip(flat_prompts, texts)]).reshape(len(prompts), n)   # (P, N)
     proxy = reward_model_scores(reward_dir, flat_prompts, texts, plan.max_length).reshape(len(prompts), n)
@@ -95,7 +91,8 @@ def evaluate(d: Path, policy_dir: Path, sft_dir: Path, data_dir: Path, plan: Dem
     policy.eval(), sft_model.eval()
     prompts, k = heldout_prompts(data_dir), plan.eval_samples_per_prompt
     flat = [p for _ in range(k) for p in prompts]                                # sample-major: (K * P,)
-    ev = evaluate_policy(policy, sft_model, tokenizer, flat, max_new_tokens=plan.max_new_tokens, seed=seed)
+    ev = evaluate_policy(policy, sft_model, tokenizer, flat, max_new_tokens=plan.max_new_tokens, seed=seed,
+                         progress=f"samples of {policy_dir.name}")
     rewards = ev.rewards.reshape(k, len(prompts))                                 # (K, P)
     wins = (rewards[:, :, None] > sft_gold[None]) + 0.5 * (rewards[:, :, None] == sft_gold[None])   # (K, P, N)
     (d / "samples.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c, "gold": float(r)}) + "\n"

@@ -2,7 +2,7 @@
 
 Every number a run depends on lives here, so a reader can see the whole experiment's scale at
 once and results.json can record it (``settings``). Sizes were chosen by timing on 2 shared CPU
-cores (docs/README-SECTION-demo.md gives the measured wall times).
+cores (docs/demo.md gives the measured wall times).
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ class DemoPlan:
     ppo_lr: float = 5e-5
     # --- evaluation
     eval_samples_per_prompt: int = 4     # samples per held-out prompt per policy (for KL and gold)
-    frontier_samples: int = 128          # SFT samples per held-out prompt for the optimum and best-of-n
-    best_of_n: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
+    frontier_samples: int = 256          # SFT samples per held-out prompt for the optimum and best-of-n
+    best_of_n: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)
     frontier_betas: tuple[float, ...] = field(default=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
                                                        0.2, 0.3, 0.5, 1.0, 3.0))
     shown_prompts: int = 6               # side-by-side samples in the report
@@ -70,8 +70,8 @@ QUICK = dataclasses.replace(
     DEFAULT, name="quick", pretrain_reviews=6000, train_prompts=1200, heldout_prompts=64, vocab_size=1500,
     hidden=64, layers=2, heads=2, pretrain_steps=400, pretrain_lr=2e-3, sft_steps=80, sft_lr=5e-4,
     max_new_tokens=32, reward_epochs=2.0, reward_lr=1e-3, dpo_betas=(1.0,), dpo_lr=5e-4,
-    ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=1e-4, frontier_samples=32, best_of_n=(4, 16),
-    shown_prompts=4, save_steps=100)
+    ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=2e-4, eval_samples_per_prompt=8, frontier_samples=32,
+    best_of_n=(4, 16), shown_prompts=4, save_steps=100)
 
 def plan_for(quick: bool) -> DemoPlan:
     return QUICK if quick else DEFAULT

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -118,6 +119,34 @@ def side_by_side(out: Path, n_shown: int, frontier_samples: int, policies: dict[
             entry["rewards"][f"best-of-{best_of}"] = gold[i, j]
         shown.append(entry)
     return shown
+
+
+def unknown_word_rate(corpus: Path, samples: Path) -> float:
+    """Share of the words (letter runs) the samples' completions wrote that the corpus never uses.
+
+    Words are read from prompt + completion, so a word the completion finishes ("p" + "ouring")
+    counts whole; the prompt's other words and the completion's last word (the token budget may
+    cut it) are left out.
+    """
+    def letters(text: str) -> list[str]:
+        return re.findall(r"[A-Za-z]+", text)
+
+    vocab = {w for row in read_jsonl(corpus) for w in letters(row["text"])}
+    words = []
+    for row in read_jsonl(samples):
+        words += letters(row["prompt"] + row["completion"])[max(len(letters(row["prompt"])) - 1, 0):-1]
+    return float(np.mean([w not in vocab for w in words])) if words else float("nan")
+
+
+def stage_times(out: Path) -> dict[str, float]:
+    """Each stage's wall time when it ran (stages reused from an earlier run keep their own),
+    and their total: wall_time_s covers only this invocation."""
+    times = {}
+    for path in sorted(out.glob("*/summary.json")) + sorted(out.glob("eval/*/summary.json")):
+        t = json.loads(path.read_text()).get("demo_wall_time_s")
+        if t is not None:
+            times[str(path.parent.relative_to(out))] = t
+    return {**times, "total": sum(times.values())}
 
 
 def machine() -> dict:

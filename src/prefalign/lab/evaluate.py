@@ -13,28 +13,27 @@ import numpy as np
 import torch
 
 from prefalign.lab.gold import gold_rewards
+from prefalign.rollout import sample
+from prefalign.train.logger import iter_progress
 
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 1.0,
-                       batch_size: int = 16, seed: int = 0) -> list[list[int]]:
+                       batch_size: int = 16, seed: int = 0, progress: str | None = None) -> list[list[int]]:
     """Sampled completion ids per prompt, cut after the first EOS (the EOS is kept: it was sampled).
 
-    Stand-in for prefalign.rollout.sample (model.generate with left padding); swap when it lands.
+    prefalign.rollout.sample does the sampling (KV cache, left padding), the sampler PPO trains with.
+    progress: a description to show a progress bar over batches (None: no bar).
     """
-    torch.manual_seed(seed)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    generator = torch.Generator().manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in iter_progress(starts, len(starts), progress or "", enabled=progress is not None, unit="batch"):
         encoded = [prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
-        width = max(map(len, encoded))
-        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])          # (B, T) left-padded
-        attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                                   temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                   eos_token_id=eos, pad_token_id=pad)[:, width:]              # (B, <= max_new)
-        for row in generated.tolist():
-            out.append(row[:row.index(eos) + 1] if eos in row else row)
+        rollout = sample(model, encoded, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=pad, temperature=temperature, generator=generator)
+        out += [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask)]
     return out
 
 
@@ -88,13 +87,15 @@ class Evaluation:
 
 def evaluate_policy(policy, sft_model, tokenizer, prompts: Sequence[str], baseline_rewards: np.ndarray | None = None,
                     max_new_tokens: int = 32, seed: int = 0,
-                    score: Callable[[Sequence[str]], np.ndarray] = gold_rewards) -> Evaluation:
+                    score: Callable[[Sequence[str]], np.ndarray] = gold_rewards,
+                    progress: str | None = None) -> Evaluation:
     """Sample one completion per prompt from ``policy`` and measure it.
 
     baseline_rewards: (N,) gold rewards of SFT samples for the same prompts (the SFT model's
     own Evaluation.rewards); repeat a prompt in ``prompts`` to average over several samples.
     """
-    completion_ids = sample_completions(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    completion_ids = sample_completions(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
+                                        batch_size=64, progress=progress)
     p_ids = [prompt_ids(tokenizer, p) for p in prompts]
     pad = tokenizer.pad_token_id
     kl = sequence_logprobs(policy, p_ids, completion_ids, pad_id=pad) - \
