@@ -24,7 +24,8 @@ def tiny_dir(tmp_path_factory):
 
 def test_load_save_roundtrip_plain_transformers(tiny_dir, tmp_path):
     model, tok = load_causal_lm(str(tiny_dir))
-    assert model.dtype == torch.float32 and model.config._attn_implementation == "sdpa"
+    # SDPA, switched to prefalign_packed: SDPA itself whenever no packed layout is passed
+    assert model.dtype == torch.float32 and model.config._attn_implementation == "prefalign_packed"
     x = torch.tensor([tok(TEXT)["input_ids"]])
     reference = AutoModelForCausalLM.from_pretrained(tiny_dir)(x).logits
     torch.testing.assert_close(model(x).logits, reference, rtol=0, atol=0)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from prefalign.errors import ModelError
+from prefalign.models.attention import use_packed_attention
 from prefalign.models.paths import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ def load_causal_lm(path: str, dtype: str | torch.dtype = "auto", device: str | t
                          f"{attn_implementation or 'sdpa'}): {e}") from None
     check_vocab(path, tokenizer, model)
     ensure_pad_token(tokenizer, model)
+    use_packed_attention(model)  # SDPA exactly, but packed rows pay only for their examples' attention
     model.to(device)
     if not trainable:
         model.eval().requires_grad_(False)

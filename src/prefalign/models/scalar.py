@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from prefalign.errors import ModelError
+from prefalign.models.attention import packed_kwargs, use_packed_attention
 from prefalign.models.loading import (check_causal_lm_config, check_vocab, load_config, quiet_transformers, resolve_device,
                                       resolve_dtype)
 from prefalign.models.paths import resolve_model_path
@@ -112,7 +113,8 @@ class ScalarModel(nn.Module):
             if position_ids is None:
                 raise ValueError("packed rows need position_ids that restart at 0 for each segment")
             n = int(segment_ids.max()) + 1 if n_segments is None else n_segments
-            hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                   **packed_kwargs(self, segment_ids)).last_hidden_state
             last = hidden.flatten(0, 1)[segment_last_index(segment_ids.flatten(), n)]  # (R*T, H) -> (n, H)
         else:
             if attention_mask is None:
@@ -227,4 +229,5 @@ def load_scalar_model(path: str, dtype="auto", device="cpu", attn_implementation
     tokenizer = load_tokenizer(path)
     check_vocab(path, tokenizer, model._hf)
     ensure_pad_token(tokenizer, model._hf)
+    use_packed_attention(model)  # SDPA exactly, but packed rows pay only for their examples' attention
     return model, tokenizer

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from prefalign.data import Tokenized, encode_preference, pair_pack_batch
+from prefalign.models.attention import packed_kwargs
 from prefalign.ops import masked_sum, segment_sum, token_logps
 from prefalign.stages.batching import collate_padded, label_mask, pad_packed_rows
 
@@ -93,7 +94,8 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     float32, the log-probs differentiable; tokens count the predicted completion tokens.
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch["position_ids"], use_cache=False).logits  # (R, T, V)
+                   position_ids=batch["position_ids"], use_cache=False,
+                   **packed_kwargs(model, batch.get("segment_ids"))).logits  # (R, T, V)
     logps = token_logps(logits[:, :-1], batch["input_ids"][:, 1:])  # (R, T-1): logits[t] predicts token t+1
     mask = label_mask(batch)  # (R, T-1)
     B = batch["n_pairs"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prefalign.data import encode_prompt_completion, encode_text, load_sft, pack_groups
 from prefalign.models import load_causal_lm
+from prefalign.models.attention import packed_kwargs
 from prefalign.ops import next_token_inputs, token_logps
 from prefalign.stages.common import finish, report, save_model_final, split_eval, start
 from prefalign.stages.batching import collate_padded, collate_packed_rows, label_mask
@@ -25,7 +26,8 @@ class SFTObjective:
 
     def __call__(self, model, batch: dict) -> LossOutput:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       position_ids=batch["position_ids"], use_cache=False).logits  # (B, T, V)
+                       position_ids=batch["position_ids"], use_cache=False,
+                       **packed_kwargs(model, batch.get("segment_ids"))).logits  # (B, T, V)
         logits, labels, _ = next_token_inputs(logits, batch["input_ids"], batch["completion_mask"])
         mask = label_mask(batch)  # (B, T-1)
         logps = token_logps(logits, labels)  # (B, T-1)

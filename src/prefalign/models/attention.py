@@ -1,0 +1,155 @@
+"""Attention for packed rows that costs what the examples cost, not what the row costs.
+
+A packed row holds several examples; transformers keeps them apart with a block-diagonal causal
+mask derived from the restarting position ids, and SDPA then computes the whole (row x row)
+score matrix, masked. On a GPU flash-attention's variable-length kernels avoid that; on a CPU
+nothing does, and attention grows with the square of the row: a 1024-token row of 30-token
+examples spends about 30 times the attention FLOPs the examples need.
+
+``prefalign_packed`` is an attention function registered with transformers' AttentionInterface.
+Given a ``PackedLayout`` (``packed_kwargs``), it gathers each example's queries, keys and values
+into a padded (examples, heads, length, dim) batch (examples of similar length together, one
+SDPA call per length bucket), runs causal SDPA on it and scatters the outputs back: right
+padding after an example's last token never reaches a real query under a causal mask, so the
+result is exact. Without a layout (generation, padded batches) it *is* transformers' SDPA
+attention, called with every argument unchanged, so a model switched to it behaves exactly as
+before outside packed training.
+
+Models whose attention needs more than a causal mask (sliding windows, soft-capping, attention
+sinks, non-causal layers) take the SDPA path with transformers' own block-diagonal mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+NAME = "prefalign_packed"
+LAYOUT_KWARG = "prefalign_packed_layout"
+_UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias")
+
+
+@dataclass
+class PackedLayout:
+    """Where each example of a packed batch sits.
+
+    buckets: one (index (n, L) long, valid (n, L) bool) per length bucket: ``index`` holds the
+    flat positions (row * T + column) of n examples, each right-padded to the bucket's length L;
+    ``targets`` are the flat positions of every real token, in bucket order; ``n_positions`` = R * T.
+    """
+    buckets: list[tuple[torch.Tensor, torch.Tensor]]
+    targets: torch.Tensor
+    n_positions: int
+
+
+def build_layout(segment_ids: torch.Tensor, bucket_ratio: float = 0.5) -> PackedLayout:
+    """Layout of packed rows from segment_ids (R, T): -1 for padding, any other id marks the
+    tokens of one example within its row (ids may repeat across rows). Examples are sorted by
+    length; a bucket takes examples down to ``bucket_ratio`` of its longest, so padding inside
+    a bucket stays bounded while the number of SDPA calls stays small."""
+    R, T = segment_ids.shape
+    seg = segment_ids.detach().to("cpu", torch.long)
+    key = torch.where(seg >= 0, seg + torch.arange(R)[:, None] * (int(seg.max()) + 1), -1).flatten()
+    positions = torch.nonzero(key >= 0).squeeze(1)
+    keys = key[positions]
+    order = torch.argsort(keys, stable=True)
+    positions, keys = positions[order], keys[order]
+    _, counts = torch.unique_consecutive(keys, return_counts=True)
+    examples = list(torch.split(positions, counts.tolist()))  # flat positions of each example
+    examples.sort(key=len, reverse=True)
+    buckets, targets, i = [], [], 0
+    while i < len(examples):
+        L = len(examples[i])
+        j = i
+        while j < len(examples) and len(examples[j]) >= bucket_ratio * L:
+            j += 1
+        group = examples[i:j]
+        index = torch.zeros(len(group), L, dtype=torch.long)
+        valid = torch.zeros(len(group), L, dtype=torch.bool)
+        for k, pos in enumerate(group):
+            index[k, :len(pos)] = pos
+            valid[k, :len(pos)] = True
+        buckets.append((index, valid))
+        targets.append(index[valid])
+        i = j
+    device = segment_ids.device
+    return PackedLayout([(ix.to(device), v.to(device)) for ix, v in buckets],
+                        torch.cat(targets).to(device) if targets else torch.zeros(0, dtype=torch.long, device=device),
+                        R * T)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: Optional[float] = None, **kwargs):
+    """AttentionInterface function: query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layout: Optional[PackedLayout] = kwargs.pop(LAYOUT_KWARG, None)
+    B, H, T, D = query.shape
+    if (layout is None or layout.n_positions != B * T or key.shape[2] != T
+            or not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False
+            or any(kwargs.get(k) is not None for k in _UNSUPPORTED)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = H // key.shape[1]
+    if groups > 1:  # grouped-query attention: one key/value head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    flat = [x.transpose(1, 2).reshape(B * T, H, x.shape[-1]) for x in (query, key, value)]  # (B*T, H, D)
+    outputs = []
+    for index, valid in layout.buckets:
+        n, L = index.shape
+        q, k, v = (x[index.flatten()].view(n, L, H, x.shape[-1]).transpose(1, 2) for x in flat)  # (n, H, L, D)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        outputs.append(out.transpose(1, 2)[valid])  # (real tokens of the bucket, H, D)
+    out = flat[2].new_zeros(B * T, H, value.shape[-1]).index_copy(0, layout.targets, torch.cat(outputs))
+    return out.view(B, T, H, value.shape[-1]), None  # padding positions get zeros; nothing reads them
+
+
+def register() -> None:
+    """Make ``prefalign_packed`` a valid attn_implementation (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(NAME, packed_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the fallback path needs SDPA's mask
+
+
+def _hf_model(model):
+    """The transformers model inside any wrapper (DDP, FSDP, PEFT, ScalarModel), or None."""
+    from transformers import PreTrainedModel
+    for _ in range(8):
+        if isinstance(model, PreTrainedModel):
+            return model
+        model = next((getattr(model, a) for a in ("module", "model", "base_model")
+                      if isinstance(getattr(model, a, None), torch.nn.Module)), None)
+        if model is None:
+            return None
+    return None
+
+
+def _implementation(model) -> Optional[str]:
+    hf = _hf_model(model)
+    return None if hf is None else hf.config._attn_implementation
+
+
+def use_packed_attention(model) -> bool:
+    """Switch an SDPA model to ``prefalign_packed`` (same results, cheaper packed rows).
+
+    Leaves any other attention implementation alone, and models that do not dispatch through
+    transformers' AttentionInterface. Returns whether the model now uses it.
+    """
+    hf = _hf_model(model)
+    if hf is None or hf.config._attn_implementation != "sdpa":
+        return hf is not None and hf.config._attn_implementation == NAME
+    if not hf._can_set_attn_implementation():
+        return False
+    register()
+    hf.set_attn_implementation(NAME)
+    return hf.config._attn_implementation == NAME
+
+
+def packed_kwargs(model, segment_ids: Optional[torch.Tensor]) -> dict:
+    """Extra forward kwargs for a packed batch: the layout, when ``model`` uses ``prefalign_packed``."""
+    if segment_ids is None or _implementation(model) != NAME:
+        return {}
+    return {LAYOUT_KWARG: build_layout(segment_ids)}
