@@ -112,13 +112,26 @@ class RunningMoments:
 
 def average_gradients(parameters, world_size: int) -> None:
     """Mean of every gradient over ranks (a no-op in one process). PPO does not wrap models in DDP:
-    it calls backbones and heads directly, which DDP's hooks would not see."""
+    it calls backbones and heads directly, which DDP's hooks would not see.
+
+    A parameter that got no gradient on some rank (an MoE expert none of its tokens reached) counts
+    as zeros there. The ranks first agree on which parameters have a gradient anywhere: one
+    all-reduce per parameter only where ``p.grad`` is set locally would pair different tensors
+    across ranks, or hang."""
     if world_size == 1:
         return
-    for p in parameters:
-        if p.grad is not None:
-            all_reduce_sum(p.grad)
-            p.grad /= world_size
+    params = list(parameters)
+    if not params:
+        return
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)  # (N,)
+    all_reduce_sum(has_grad)
+    for p, anywhere in zip(params, has_grad.tolist()):
+        if not anywhere:
+            continue  # None on every rank: stays None, so the optimizer leaves it alone
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_reduce_sum(p.grad)
+        p.grad /= world_size
 
 
 # --------------------------------------------------------------------------- forwards
