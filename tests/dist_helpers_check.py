@@ -7,12 +7,13 @@ computation done in one process over the whole global batch.
 """
 import torch
 
+from prefalign.errors import InternalError
 from prefalign.losses.advantage import whiten
 from prefalign.ops import masked_mean, masked_var
-from prefalign.stages.ppo_parts import average_gradients
+from prefalign.stages.ppo_parts import average_gradients, check_replicas
 from prefalign.tiny import SAMPLE_TEXTS, tiny_llama, tiny_tokenizer
 from prefalign.train.dist import (all_gather_object, any_rank, finish, global_mean_var, init_distributed,
-                                  masked_whiten_global, prepare_frozen, sharded_map)
+                                  masked_whiten_global, param_digest, prepare_frozen, sharded_map)
 
 
 def check_global_whitening(info):
@@ -80,6 +81,23 @@ def check_gradients_missing_on_one_rank(info):
     assert all_gather_object(info.rank) == [0, 1]
 
 
+def check_replica_guard(info):
+    """Replicas that agree pass; one ulp changed on rank 1 makes every rank raise (no rank waits)."""
+    tok = tiny_tokenizer(SAMPLE_TEXTS, vocab_size=300)
+    model = tiny_llama(tok, seed=4)
+    check_replicas(all_gather_object({"policy": param_digest(model)}), "at iteration 1")
+    if info.rank == 1:
+        with torch.no_grad():
+            w = model.get_input_embeddings().weight
+            w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+    try:
+        check_replicas(all_gather_object({"policy": param_digest(model)}), "at iteration 2")
+    except InternalError as e:
+        assert "policy model's parameters differ between processes at iteration 2" in str(e), e
+    else:
+        raise AssertionError(f"rank {info.rank}: diverged replicas passed the check")
+
+
 def main():
     info = init_distributed("cpu")
     assert info.world_size == 2
@@ -88,6 +106,7 @@ def main():
     check_sharded_frozen_model(info)
     check_meter_with_an_idle_rank(info)
     check_gradients_missing_on_one_rank(info)
+    check_replica_guard(info)
     finish(0)
 
 

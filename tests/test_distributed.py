@@ -20,12 +20,13 @@ import torch
 from safetensors.torch import load_file
 
 from prefalign.cli import main as cli_main
-from prefalign.errors import ConfigError
+from prefalign.errors import ConfigError, InternalError
 from prefalign.losses.advantage import whiten
 from prefalign.ops import masked_mean, masked_var
-from prefalign.tiny import SAMPLE_TEXTS, save_tiny_model
+from prefalign.stages.ppo_parts import check_replicas
+from prefalign.tiny import SAMPLE_TEXTS, save_tiny_model, tiny_llama, tiny_tokenizer
 from prefalign.train.checkpoint import check_global_batch
-from prefalign.train.dist import DistInfo, global_mean_var, masked_whiten_global, sharded_map
+from prefalign.train.dist import DistInfo, global_mean_var, masked_whiten_global, param_digest, sharded_map
 from prefalign.train.logger import read_metrics
 from prefalign.train.loop import epoch_order, rank_batch_indices
 
@@ -84,6 +85,24 @@ def test_world_of_one_helpers_are_the_local_computations():
     mean, var = global_mean_var(x, mask)
     assert torch.equal(mean, masked_mean(x, mask)) and torch.equal(var, masked_var(x, mask))
     assert sharded_map(lambda c: [v * 10 for v in c], list(range(7)), CPU, 3) == [v * 10 for v in range(7)]
+
+
+def test_param_digest_sees_one_ulp_and_replica_check_names_the_model():
+    tok = tiny_tokenizer(SAMPLE_TEXTS, vocab_size=300)
+    a, b = tiny_llama(tok, seed=4), tiny_llama(tok, seed=4)
+    assert param_digest(a) == param_digest(b)
+    with torch.no_grad():  # the smallest possible change to one weight of one replica
+        w = b.get_input_embeddings().weight
+        w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(float("inf")))
+    policy = [param_digest(a), param_digest(b)]
+    same = {"value": "0" * 64}
+    check_replicas([{"policy": policy[0], **same}, {"policy": policy[0], **same}], "at iteration 2")
+    with pytest.raises(InternalError, match=rf"the policy model's parameters differ between processes at "
+                                            rf"iteration 2 \(sha256: rank 0 {policy[0][:12]}, rank 1 "
+                                            rf"{policy[1][:12]}\).*ranks diverged, which is a bug"):
+        check_replicas([{"policy": policy[0], **same}, {"policy": policy[1], **same}], "at iteration 2")
+    with pytest.raises(InternalError, match="the value model's parameters differ"):
+        check_replicas([same, same, {"value": "1" * 64}], "at the end")
 
 
 # ----------------------------------------------------------------------------- torchrun helpers
@@ -252,5 +271,6 @@ def test_torchrun_cli_error_exits_cleanly_once(runs):
 @pytest.mark.slow
 def test_dist_helpers_across_two_ranks():
     """Global whitening and mean/var equal the one-process values over the global batch;
-    sharded_map over a frozen FSDP2 model equals the whole model (tests/dist_helpers_check.py)."""
+    sharded_map over a frozen FSDP2 model equals the whole model; PPO's gradient averaging with a
+    gradient missing on one rank and its replica check (tests/dist_helpers_check.py)."""
     check(torchrun([TESTS / "dist_helpers_check.py"], timeout=240))
