@@ -7,11 +7,13 @@ computation done in one process over the whole global batch.
 """
 import torch
 
+from prefalign.errors import InternalError
 from prefalign.losses.advantage import whiten
 from prefalign.ops import masked_mean, masked_var
+from prefalign.stages.ppo_parts import average_gradients, check_replicas
 from prefalign.tiny import SAMPLE_TEXTS, tiny_llama, tiny_tokenizer
 from prefalign.train.dist import (all_gather_object, any_rank, finish, global_mean_var, init_distributed,
-                                  masked_whiten_global, prepare_frozen, sharded_map)
+                                  masked_whiten_global, param_digest, prepare_frozen, sharded_map)
 
 
 def check_global_whitening(info):
@@ -65,6 +67,37 @@ def check_meter_with_an_idle_rank(info):
     assert meter.reduce(info.device) == {"accuracy": 0.5, "loss": 2.0}
 
 
+def check_gradients_missing_on_one_rank(info):
+    """PPO's average_gradients when rank 1 has no gradient for `b` (an MoE expert its tokens
+    missed): `b` averages with zeros, `c` (no gradient anywhere) stays None, and the ranks' next
+    collectives still pair up (one all-reduce per locally present gradient would not)."""
+    a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    a.grad = torch.full((3,), 2.0 + 4 * info.rank)
+    if info.rank == 0:
+        b.grad = torch.tensor([1.0, -2.0, 6.0])
+    average_gradients([a, b, c], info.world_size)
+    assert torch.equal(a.grad, torch.full((3,), 4.0))  # (2 + 6) / 2
+    assert torch.equal(b.grad, torch.tensor([0.5, -1.0, 3.0])) and c.grad is None
+    assert all_gather_object(info.rank) == [0, 1]
+
+
+def check_replica_guard(info):
+    """Replicas that agree pass; one ulp changed on rank 1 makes every rank raise (no rank waits)."""
+    tok = tiny_tokenizer(SAMPLE_TEXTS, vocab_size=300)
+    model = tiny_llama(tok, seed=4)
+    check_replicas(all_gather_object({"policy": param_digest(model)}), "at iteration 1")
+    if info.rank == 1:
+        with torch.no_grad():
+            w = model.get_input_embeddings().weight
+            w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+    try:
+        check_replicas(all_gather_object({"policy": param_digest(model)}), "at iteration 2")
+    except InternalError as e:
+        assert "policy model's parameters differ between processes at iteration 2" in str(e), e
+    else:
+        raise AssertionError(f"rank {info.rank}: diverged replicas passed the check")
+
+
 def main():
     info = init_distributed("cpu")
     assert info.world_size == 2
@@ -72,6 +105,8 @@ def main():
     check_global_whitening(info)
     check_sharded_frozen_model(info)
     check_meter_with_an_idle_rank(info)
+    check_gradients_missing_on_one_rank(info)
+    check_replica_guard(info)
     finish(0)
 
 

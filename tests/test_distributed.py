@@ -7,8 +7,13 @@ launch (tests/dist_worker.py) DDP with --batch-size 4 per process, FSDP2 with --
 and --grad-accum 2 (micro-batches without gradient sync), and an FSDP2 resume of the
 one-process checkpoint. Then one process resumes the FSDP2
 checkpoint. Every run must end at the same metrics and weights to fp32 summation-order noise.
+
+PPO samples with a seed per rank, so 2 processes do not draw 1 process's rollouts: its torchrun
+test checks that the ranks' weights stay bit-identical (the stage compares sha256 digests), that
+the logs describe the global batch, and that a resume with 2 processes is exact.
 """
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -20,12 +25,13 @@ import torch
 from safetensors.torch import load_file
 
 from prefalign.cli import main as cli_main
-from prefalign.errors import ConfigError
+from prefalign.errors import ConfigError, InternalError
 from prefalign.losses.advantage import whiten
 from prefalign.ops import masked_mean, masked_var
-from prefalign.tiny import SAMPLE_TEXTS, save_tiny_model
+from prefalign.stages.ppo_parts import check_replicas
+from prefalign.tiny import SAMPLE_TEXTS, save_tiny_model, tiny_llama, tiny_tokenizer
 from prefalign.train.checkpoint import check_global_batch
-from prefalign.train.dist import DistInfo, global_mean_var, masked_whiten_global, sharded_map
+from prefalign.train.dist import DistInfo, global_mean_var, masked_whiten_global, param_digest, sharded_map
 from prefalign.train.logger import read_metrics
 from prefalign.train.loop import epoch_order, rank_batch_indices
 
@@ -84,6 +90,24 @@ def test_world_of_one_helpers_are_the_local_computations():
     mean, var = global_mean_var(x, mask)
     assert torch.equal(mean, masked_mean(x, mask)) and torch.equal(var, masked_var(x, mask))
     assert sharded_map(lambda c: [v * 10 for v in c], list(range(7)), CPU, 3) == [v * 10 for v in range(7)]
+
+
+def test_param_digest_sees_one_ulp_and_replica_check_names_the_model():
+    tok = tiny_tokenizer(SAMPLE_TEXTS, vocab_size=300)
+    a, b = tiny_llama(tok, seed=4), tiny_llama(tok, seed=4)
+    assert param_digest(a) == param_digest(b)
+    with torch.no_grad():  # the smallest possible change to one weight of one replica
+        w = b.get_input_embeddings().weight
+        w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(float("inf")))
+    policy = [param_digest(a), param_digest(b)]
+    same = {"value": "0" * 64}
+    check_replicas([{"policy": policy[0], **same}, {"policy": policy[0], **same}], "at iteration 2")
+    with pytest.raises(InternalError, match=rf"the policy model's parameters differ between processes at "
+                                            rf"iteration 2 \(sha256: rank 0 {policy[0][:12]}, rank 1 "
+                                            rf"{policy[1][:12]}\).*ranks diverged, which is a bug"):
+        check_replicas([{"policy": policy[0], **same}, {"policy": policy[1], **same}], "at iteration 2")
+    with pytest.raises(InternalError, match="the value model's parameters differ"):
+        check_replicas([same, same, {"value": "1" * 64}], "at the end")
 
 
 # ----------------------------------------------------------------------------- torchrun helpers
@@ -252,5 +276,69 @@ def test_torchrun_cli_error_exits_cleanly_once(runs):
 @pytest.mark.slow
 def test_dist_helpers_across_two_ranks():
     """Global whitening and mean/var equal the one-process values over the global batch;
-    sharded_map over a frozen FSDP2 model equals the whole model (tests/dist_helpers_check.py)."""
+    sharded_map over a frozen FSDP2 model equals the whole model; PPO's gradient averaging with a
+    gradient missing on one rank and its replica check (tests/dist_helpers_check.py)."""
     check(torchrun([TESTS / "dist_helpers_check.py"], timeout=240))
+
+
+# ----------------------------------------------------------------------------- PPO under torchrun
+
+PPO_ITERATIONS, PPO_ROLLOUT = 4, 2  # 2 prompts per process: a global batch of 4
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tmp_path_factory):
+    """One torchrun launch, 2 processes: `prefalign ppo` for 4 iterations (checkpoints at 2 and 4),
+    then the same run stopped after iteration 2 and resumed to 4. A saved scalar model over the
+    policy's tokenizer is the reward model and the initial value model."""
+    from prefalign.models import load_scalar_model, save_pretrained
+    d = tmp_path_factory.mktemp("dist-ppo")
+    save_tiny_model(d / "base", vocab_size=300)
+    rm, rm_tok = load_scalar_model(str(d / "base"), seed=5)
+    save_pretrained(rm, rm_tok, d / "rm")
+    prompts = [t[:12] for t in SAMPLE_TEXTS[:16]]  # 4 global batches
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+
+    def ppo(out, iterations, *extra):
+        return ["ppo", "--model", d / "base", "--reward-model", d / "rm", "--prompts", d / "prompts.jsonl",
+                "--output", out, "--iterations", iterations, "--rollout-batch-size", PPO_ROLLOUT,
+                "--minibatch-size", 1, "--ppo-epochs", 2, "--max-new-tokens", 8, "--save-steps", 2,
+                "--lr", "3e-3", "--lr-schedule", "constant", "--normalize-scores", "--seed", 3,
+                "--sample-every", 0, "--no-progress", *extra]
+
+    batch = [ppo(d / "two", PPO_ITERATIONS), ppo(d / "cut", 2), ppo(d / "cut", PPO_ITERATIONS, "--resume")]
+    (d / "runs.json").write_text(json.dumps([[str(a) for a in args] for args in batch]))
+    check(torchrun([TESTS / "dist_worker.py", d / "runs.json"], timeout=300))
+    return d
+
+
+@pytest.mark.slow
+def test_ppo_ranks_stay_identical_and_log_the_global_batch(ppo_runs):
+    from transformers import AutoModelForCausalLM
+    d = ppo_runs
+    rows = read_metrics(d / "two" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, PPO_ITERATIONS + 1))
+    for r in rows:
+        assert r["sequences"] == 2 * PPO_ROLLOUT  # counted over both ranks' rollouts
+        assert all(math.isfinite(v) for v in r.values()), r
+    s = json.loads((d / "two" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["global_batch_size"] == 2 * PPO_ROLLOUT and s["steps"] == PPO_ITERATIONS
+    # Digests compared across ranks before the checkpoints at 2 and 4 and at the end: all equal.
+    assert s["replica_checks"] == 3
+    policy = AutoModelForCausalLM.from_pretrained(d / "two")  # a plain HF checkpoint
+    assert param_digest(policy) == s["parameter_sha256"]["policy"]  # the weights the ranks agreed on
+    base = AutoModelForCausalLM.from_pretrained(d / "base")
+    assert param_digest(base) != param_digest(policy)  # it trained
+    assert (d / "two" / "value_model" / "config.json").exists()
+    assert sorted(p.name for p in (d / "two" / "checkpoints").iterdir()) == ["step-000000002", "step-000000004"]
+
+
+@pytest.mark.slow
+def test_ppo_resume_under_torchrun_is_exact(ppo_runs):
+    """Each rank's sampling and shuffling streams come back from the checkpoint: the resumed run
+    logs and ends exactly as the uninterrupted one."""
+    d = ppo_runs
+    assert metrics(d / "cut") == metrics(d / "two")
+    full, resumed = (json.loads((d / r / "summary.json").read_text()) for r in ("two", "cut"))
+    assert resumed["resumed_from_step"] == 2 and resumed["replica_checks"] == 2  # checkpoint 4, end
+    assert resumed["parameter_sha256"] == full["parameter_sha256"]

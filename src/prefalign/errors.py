@@ -30,3 +30,11 @@ class DataError(PrefalignError):
 
 class ModelError(PrefalignError):
     """A model path that is not a model, a missing tokenizer, mismatched vocabularies."""
+
+
+class InternalError(PrefalignError):
+    """A bug in prefalign, not in the user's input (e.g. processes that should hold identical
+    weights do not): the message says what broke and asks for a report."""
+
+    exit_code = 70  # EX_SOFTWARE (sysexits.h): an internal software error, not a usage error
+    label = "internal error"

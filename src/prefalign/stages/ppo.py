@@ -40,10 +40,11 @@ from prefalign.ops import masked_mean
 from prefalign.rollout import Rollout, forward_logps, sample
 from prefalign.stages.common import finish, save_final, start
 from prefalign.stages.ppo_parts import (AdaptiveKLController, FixedKLController, RunningMoments, average_gradients,
-                                        global_moments, global_whiten, new_value_head, policy_forward,
-                                        reward_inputs, same_tokenizer, token_values)
+                                        check_replicas, global_moments, global_whiten, new_value_head,
+                                        policy_forward, reward_inputs, same_tokenizer, token_values)
 from prefalign.train import checkpoint as ckpt
-from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier
+from prefalign.train.dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
+                                  param_digest)
 from prefalign.train.logger import MetricsLogger, progress
 from prefalign.train.loop import (LoopResult, TrainingStopped, _apply_new_lr, _Meter, _SignalFlag, agree, autocast_for,
                                   epoch_order)
@@ -294,12 +295,19 @@ def explained_variance(batch: dict) -> float:
 def iteration_row(meter: _Meter, batch: dict, device, elapsed: float, times: dict, **extra) -> dict:
     """The metrics.jsonl row of one iteration: means over all ranks, timings, ``extra`` as given."""
     row = meter.reduce(device)
-    tokens = torch.tensor(float(batch["query_mask"].sum() + batch["response_mask"].sum()), device=device)
+    counts = torch.tensor([float(batch["query_mask"].sum() + batch["response_mask"].sum()),
+                           float(batch["response_mask"].shape[0])], device=device)  # (tokens, sequences)
+    tokens, sequences = all_reduce_sum(counts).tolist()
     row.update(extra)
-    row.update({"val/explained_variance": explained_variance(batch),
-                "perf/tokens_per_s": float(all_reduce_sum(tokens)) / max(elapsed, 1e-9),
+    row.update({"sequences": int(sequences), "val/explained_variance": explained_variance(batch),
+                "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
                 **{f"perf/time_{k}_s": v for k, v in times.items()}})
     return row
+
+
+def replica_digests(m: Models) -> dict[str, str]:
+    """{"policy": sha256, "value": sha256} of this rank's weights (see check_replicas)."""
+    return {name: param_digest(module) for name, module in m.trainable.items()}
 
 
 def sample_rows(step: int, prompts: list, batch: dict) -> dict:
@@ -334,10 +342,17 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
 
     plan = {"prompts": len(examples), "rollout_batch": cfg.rollout_batch_size, "world_size": dist.world_size}
 
+    replica_checks = 0  # times the ranks' weights were compared and found identical
+
     def save() -> None:
-        # Every rank's own streams (sampling is seeded per rank), gathered to rank 0.
+        nonlocal replica_checks
+        # Every rank's own streams (sampling is seeded per rank), gathered to rank 0, with the digests
+        # of its weights: no checkpoint is written from ranks that diverged.
         streams = all_gather_object({"rng": ckpt.rng_state(dist.device),
-                                     "generators": {k: g.get_state() for k, g in generators.items()}})
+                                     "generators": {k: g.get_state() for k, g in generators.items()},
+                                     "digests": replica_digests(m) if dist.distributed else {}})
+        check_replicas([s.pop("digests") for s in streams], f"at iteration {pos['iteration']}")
+        replica_checks += int(dist.distributed)
         if dist.is_main:
             state = {k: v.state_dict() for k, v in stateful.items()}
             state.update(rng=streams[0]["rng"], streams=streams, position=dict(pos), plan=plan)
@@ -379,13 +394,18 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
             if (cfg.save_steps and step % cfg.save_steps == 0) or stop_now or pos["bad_steps"] > cfg.max_bad_steps:
                 save()
             check_stop(cfg, out, pos, signum if stop_now else None)
+    digests = None
+    if dist.distributed:  # the ranks update their own copies: they must have stayed bit-identical
+        digests = replica_digests(m)
+        check_replicas(all_gather_object(digests), f"at the end (iteration {pos['iteration']})")
+        replica_checks += 1
     save_final(out, dist, lambda d: save_models(m, d))
     result = LoopResult(steps=pos["iteration"], last_metrics=last, eval_metrics={}, bad_steps=pos["bad_steps"],
                         wall_time_s=time.perf_counter() - t0, resumed_from=resumed_from)
     summary = finish(cfg, out, dist, "ppo", t0, result, global_batch_size=cfg.rollout_batch_size * dist.world_size,
                      prompts=len(examples), iterations_time_s=train_time, final_kl_coef=kl_ctl.value,
                      value_model="shared head" if m.value_head is not None else "separate",
-                     reward_retokenized=m.retokenize)
+                     reward_retokenized=m.retokenize, replica_checks=replica_checks, parameter_sha256=digests)
     if dist.is_main:
         keys = ("objective/scores", "objective/kl", "kl_coef", "eos_rate")
         print(f"prefalign ppo: {summary['steps']} iterations in {summary['wall_time_s']:.1f}s; "
@@ -396,7 +416,8 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
 def resume(cfg, out, stateful: dict, generators: dict, pos: dict, loggers, plan: dict,
            dist: DistInfo) -> Optional[int]:
     """Load the newest complete checkpoint when --resume; drop log rows written after it."""
-    found = ckpt.load_latest(out) if cfg.resume else None
+    # Rank 0 reads the checkpoint and sends it: other machines need not see --output.
+    found = broadcast_object(ckpt.load_latest(out) if dist.is_main else None) if cfg.resume else None
     if found is None:
         return None
     path, state = found

@@ -2,8 +2,8 @@
 
 KL controllers (Ziegler et al. 2019), running score statistics, statistics over the global batch
 (all ranks), per-token values, the policy's training forward, reward-model scoring (with
-re-tokenisation when the reward model's tokenizer differs from the policy's), and gradient
-averaging across ranks.
+re-tokenisation when the reward model's tokenizer differs from the policy's), gradient averaging
+across ranks, and the check that the ranks' copies of the weights stayed identical.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from prefalign.data import encode_prompt_completion
+from prefalign.errors import InternalError
 from prefalign.ops import entropy_from_logits, masked_sum, token_logps
 from prefalign.rollout import Rollout, forward_logps, position_ids_from_mask
 from prefalign.train.dist import all_reduce_sum
@@ -112,13 +113,41 @@ class RunningMoments:
 
 def average_gradients(parameters, world_size: int) -> None:
     """Mean of every gradient over ranks (a no-op in one process). PPO does not wrap models in DDP:
-    it calls backbones and heads directly, which DDP's hooks would not see."""
+    it calls backbones and heads directly, which DDP's hooks would not see.
+
+    A parameter that got no gradient on some rank (an MoE expert none of its tokens reached) counts
+    as zeros there. The ranks first agree on which parameters have a gradient anywhere: one
+    all-reduce per parameter only where ``p.grad`` is set locally would pair different tensors
+    across ranks, or hang."""
     if world_size == 1:
         return
-    for p in parameters:
-        if p.grad is not None:
-            all_reduce_sum(p.grad)
-            p.grad /= world_size
+    params = list(parameters)
+    if not params:
+        return
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)  # (N,)
+    all_reduce_sum(has_grad)
+    for p, anywhere in zip(params, has_grad.tolist()):
+        if not anywhere:
+            continue  # None on every rank: stays None, so the optimizer leaves it alone
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_reduce_sum(p.grad)
+        p.grad /= world_size
+
+
+def check_replicas(digests: list[dict[str, str]], when: str) -> None:
+    """Raise InternalError when the ranks' parameter digests differ (``[rank 0's, rank 1's, ...]``,
+    each ``{"policy": sha256, "value": sha256}``, see dist.param_digest). Every rank gets the same
+    list from one all_gather_object, so every rank raises, or none."""
+    for name in digests[0]:
+        values = [d[name] for d in digests]
+        if len(set(values)) > 1:
+            found = ", ".join(f"rank {r} {v[:12]}" for r, v in enumerate(values))
+            raise InternalError(
+                f"the {name} model's parameters differ between processes {when} (sha256: {found}). The "
+                f"ranks diverged, which is a bug in prefalign: please report it with the command line and "
+                f"`pip list`. Each checkpoint was written only after this check passed, so --resume "
+                f"continues from identical weights.")
 
 
 # --------------------------------------------------------------------------- forwards

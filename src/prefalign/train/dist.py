@@ -10,6 +10,7 @@ its weights), so every rank must run the same number of forwards of it, in the s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -201,6 +202,18 @@ def sharded_map(fn, items: list, info: DistInfo, batch_size: int) -> list:
 def rank_seed(seed: int, info: DistInfo) -> int:
     """A per-rank seed for sampling (PPO rollouts): ranks must not draw identical samples."""
     return seed + 1_000_003 * info.rank
+
+
+def param_digest(module: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes, in ``named_parameters`` order:
+    two replicas of a model have the same digest exactly when their weights are bit-identical
+    (used to check that hand-made data parallelism kept the ranks' copies equal)."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        t = p.detach().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(p.shape)};".encode())
+        h.update(memoryview(t.view(torch.uint8).cpu().numpy()))
+    return h.hexdigest()
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
