@@ -15,7 +15,7 @@ from prefalign.data import PreferenceExample
 from prefalign.errors import ConfigError
 from prefalign.stages import dpo as dpo_stage
 from prefalign.stages.dpo import DPOObjective, adapter_off_reference, frozen_reference, run_dpo
-from prefalign.stages.dpo_batch import collate_pair_rows, collate_pairs, tokenize_pairs
+from prefalign.stages.dpo_batch import collate_pair_rows, collate_pairs, pair_logps, tokenize_pairs
 from prefalign.stages.ref_cache import fill_reference_logps
 from prefalign.tiny import save_tiny_model, tiny_llama
 from prefalign.train.dist import DistInfo
@@ -210,6 +210,34 @@ def test_packed_equals_padded(tok, switches):
     want = loss_and_grads(objective, policy, padded)
     assert_same(want, loss_and_grads(objective, policy, packed))
     assert_same(want, loss_and_grads(objective, policy, wide))
+
+
+@pytest.mark.parametrize("switches", [{}, {"length_normalize": True, "nll_weight": 0.5, "loss": "ipo"}])
+def test_shared_prompt_rows_equal_padded(tok, switches):
+    """Each pair's prompt packed once (prompt, chosen, rejected) gives the padded loss and
+    gradients; a pair whose two prompts differ is packed whole in the same batch."""
+    from prefalign.data import shared_prompt_len
+    from prefalign.models.attention import use_packed_attention
+    policy, ref = tiny_llama(tok, seed=4), tiny_llama(tok, seed=5).eval()
+    assert use_packed_attention(policy) and use_packed_attention(ref)
+    pairs = tokenize_pairs(examples(pair_rows(9, 4)), tok, 40, 8)
+    pairs[3].rejected.input_ids[0] = (pairs[3].rejected.input_ids[0] + 1) % len(tok)  # prompts now differ
+    assert shared_prompt_len(pairs[3].chosen, pairs[3].rejected) == 0
+    padded = collate_pairs(pairs, tok.pad_token_id)
+    whole = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=64)
+    shared = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=64, share_prompt=True)
+    assert len(shared["shared_prefix"]) == 8
+    assert (shared["segment_ids"] >= 0).sum() < (whole["segment_ids"] >= 0).sum()  # 8 prompts fewer
+    objective = DPOObjective(objective_cfg(**switches), reference=frozen_reference(ref))
+    want = loss_and_grads(objective, policy, padded)
+    assert_same(want, loss_and_grads(objective, policy, shared))
+
+
+def test_shared_prompt_rows_need_the_packed_attention(tok):
+    pairs = tokenize_pairs(examples(pair_rows(3, 4)), tok, 40, 8)
+    shared = collate_pair_rows(pairs, tok.pad_token_id, share_prompt=True)
+    with pytest.raises(ValueError, match="prefalign_packed"):
+        pair_logps(tiny_llama(tok), shared)  # plain SDPA would let rejected tokens see the chosen ones
 
 
 def test_packed_chosen_and_rejected_share_a_row(tok):

@@ -37,14 +37,19 @@ def packed(rows):
 
 
 def alone_logits(model, seq):
-    ids = torch.tensor([seq.input_ids])
+    ids = torch.tensor([seq.input_ids], device=model.device)
     return model(input_ids=ids, use_cache=False).logits[0]
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head and grouped-query attention
-def test_packed_rows_equal_each_example_alone(kv_heads):
-    model = tiny_model(kv_heads=kv_heads)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("kv_heads, device, tol", [(4, "cpu", 1e-5), (2, "cpu", 1e-5),  # MHA and GQA
+                                                   pytest.param(2, "cuda", 1e-4, marks=CUDA)])
+def test_packed_rows_equal_each_example_alone(kv_heads, device, tol):
+    model = tiny_model(kv_heads=kv_heads).to(device)
     seqs, batch = packed(ROWS)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     want = [[alone_logits(model, s) for s in row] for row in seqs]
     assert use_packed_attention(model) and model.config._attn_implementation == NAME
     kwargs = packed_kwargs(model, batch["segment_ids"])
@@ -54,7 +59,7 @@ def test_packed_rows_equal_each_example_alone(kv_heads):
         start = 0
         for s, w in zip(row, want[r]):
             n = len(s.input_ids)
-            torch.testing.assert_close(got[r, start:start + n], w, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[r, start:start + n], w, rtol=tol, atol=tol)
             start += n
 
 
@@ -84,22 +89,31 @@ def test_without_a_layout_the_model_is_sdpa_bit_for_bit():
     assert torch.equal(ours.generate(**gen), ref.generate(**gen))
 
 
-def test_sliding_window_models_fall_back_to_the_mask():
-    """Mistral with a 4-token window: the layout is ignored, the result is transformers' own."""
-    ref, ours = tiny_model("mistral", sliding_window=4), tiny_model("mistral", sliding_window=4)
+def test_sliding_window_models_are_not_switched():
+    """Mistral with a 4-token window keeps SDPA and transformers' windowed block mask."""
+    ours = tiny_model("mistral", sliding_window=4)
+    assert not use_packed_attention(ours) and ours.config._attn_implementation == "sdpa"
+    assert packed_kwargs(ours, torch.zeros(1, 3, dtype=torch.long)) == {}
+    full = tiny_model("mistral", sliding_window=None)
+    assert use_packed_attention(full)  # no window: plain causal attention, switched
+
+
+def test_layout_ignored_on_a_batch_of_padding_only():
+    ref, ours = tiny_model(), tiny_model()
     use_packed_attention(ours)
-    _, batch = packed(ROWS)
-    args = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    got = ours(**args, **packed_kwargs(ours, batch["segment_ids"])).logits
-    assert torch.equal(got, ref(**args).logits)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    args = dict(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False)
+    layout = packed_kwargs(ours, torch.full((2, 5), -1))
+    assert torch.equal(ours(**args, **layout).logits, ref(**args).logits)
 
 
 def test_layout_places_every_real_token_once():
     seg = torch.tensor([[0, 0, 0, 1, 2, 2, -1], [0, 0, 0, 0, 0, 0, 0], [3, 3, 5, -1, -1, -1, -1]])
     layout = build_layout(seg, bucket_ratio=0.5)
     assert sorted(layout.targets.tolist()) == torch.nonzero(seg.flatten() >= 0).squeeze(1).tolist()
-    assert [tuple(ix.shape) for ix, _ in layout.buckets] == [(1, 7), (3, 3), (2, 1)]  # 7 | 3, 2, 2 | 1, 1
-    for index, valid in layout.buckets:
+    assert [tuple(ix.shape) for ix, _, _ in layout.buckets] == [(1, 7), (3, 3), (2, 1)]  # 7 | 3, 2, 2 | 1, 1
+    for index, valid, write in layout.buckets:
+        assert torch.equal(valid, write)
         for row_index, row_valid in zip(index, valid):
             pos = row_index[row_valid]
             assert len(set(seg.flatten()[pos].tolist())) == 1 and torch.all(pos.diff() == 1)  # one example, in order

@@ -74,15 +74,19 @@ def test_reward_metrics_logged(trained):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_packed_pairs_equal_padded_pairs(trained):
-    """--packing changes only the layout: loss, metrics and gradients match the padded batch."""
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_packed_pairs_equal_padded_pairs(trained, share_prompt):
+    """--packing changes only the layout: loss, metrics and gradients match the padded batch,
+    also with each pair's prompt packed once."""
     model, tok = load_scalar_model(str(trained / "base"), seed=1)
     examples = load_preferences(trained / "test.jsonl")[:6]
     pairs = [(*encode_preference(tok, ex, 64), 0.5 * i) for i, ex in enumerate(examples)]
     padded = collate_pairs(pairs, tok.pad_token_id)
-    packed = collate_pairs(pairs, tok.pad_token_id, pack_tokens=40)
+    packed = collate_pairs(pairs, tok.pad_token_id, pack_tokens=40, share_prompt=share_prompt)
     assert packed["input_ids"].shape[0] > 1  # several rows, global segment ids
-    assert int((packed["segment_ids"] >= 0).sum()) == int(padded["attention_mask"].sum())
+    prompts = sum(p[0].prompt_len for p in pairs) if share_prompt else 0
+    assert prompts > 0 or not share_prompt
+    assert int((packed["segment_ids"] >= 0).sum()) == int(padded["attention_mask"].sum()) - prompts
     obj = RewardObjective(center_coef=0.01)
     assert obj.units(packed) == obj.units(padded) == 6
     out_pad, out_pack = obj(model, padded), obj(model, packed)

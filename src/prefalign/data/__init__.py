@@ -11,7 +11,7 @@ from prefalign.data.records import (PreferenceExample, PromptExample, SFTExample
 from prefalign.data.tokenize import (Tokenized, encode_preference, encode_prompt, encode_prompt_completion,
                                      encode_sft, encode_text, fit_lengths)
 
-_COLLATE = ("pad_batch", "pack_batch", "pair_pack_batch", "pack_groups")
+_COLLATE = ("pad_batch", "pack_batch", "pair_pack_batch", "pair_pack_shared", "shared_prompt_len", "pack_groups")
 
 __all__ = ["FORMATS", "RecordFormat", "detect_format", "PreferenceExample", "PromptExample", "SFTExample",
            "load_preferences", "load_prompts", "load_sft", "read_records", "Tokenized", "encode_preference",

@@ -19,7 +19,8 @@ import torch
 
 from prefalign.data.tokenize import Tokenized
 
-__all__ = ["pad_batch", "pack_batch", "pair_pack_batch", "pack_groups", "balanced_groups"]
+__all__ = ["pad_batch", "pack_batch", "pair_pack_batch", "pair_pack_shared", "shared_prompt_len", "pack_groups",
+           "balanced_groups"]
 
 
 def pad_batch(seqs: list[Tokenized], pad_id: int, side: str = "right",
@@ -92,6 +93,52 @@ def pair_pack_batch(chosen_seqs: list[Tokenized], rejected_seqs: list[Tokenized]
         raise ValueError(f"{len(chosen_seqs)} chosen but {len(rejected_seqs)} rejected sequences")
     interleaved = [s for pair in zip(chosen_seqs, rejected_seqs) for s in pair]
     return _pack(interleaved)
+
+
+def shared_prompt_len(chosen: Tokenized, rejected: Tokenized) -> int:
+    """Tokens a pair's chosen and rejected can share: their prompt, when it is the same token for
+    token and both completions keep at least one token; 0 otherwise."""
+    p = chosen.prompt_len
+    if (p == 0 or p != rejected.prompt_len or chosen.input_ids[:p] != rejected.input_ids[:p]
+            or len(chosen.input_ids) == p or len(rejected.input_ids) == p):
+        return 0
+    return p
+
+
+def pair_pack_shared(chosen_seqs: list[Tokenized], rejected_seqs: list[Tokenized]) -> dict:
+    """Like ``pair_pack_batch``, but each pair's prompt appears once: prompt, chosen completion,
+    rejected completion. The rejected completion's position ids continue from the prompt's end, as
+    if it followed the prompt; it must attend to the prompt and itself only, which needs attention
+    that follows the pair layout (``prefalign.models.attention``), not a block-diagonal mask.
+
+    The prompt tokens belong to the chosen segment (2i), the rejected completion to 2i+1. Extra key
+    ``shared_prefix`` (K, 5) long, one row per shared pair: (row 0, prompt start, prompt length,
+    column of the rejected completion's first token, rejected segment id). Pairs whose prompts
+    differ (e.g. cut differently by truncation) are packed whole, as by ``pair_pack_batch``.
+    """
+    if len(chosen_seqs) != len(rejected_seqs):
+        raise ValueError(f"{len(chosen_seqs)} chosen but {len(rejected_seqs)} rejected sequences")
+    ids, pos, comp, seg, shared = [], [], [], [], []
+    for i, (c, r) in enumerate(zip(chosen_seqs, rejected_seqs)):
+        p = shared_prompt_len(c, r)
+        start = len(ids)
+        ids += c.input_ids
+        pos += range(len(c.input_ids))
+        comp += [False] * c.prompt_len + [True] * (len(c.input_ids) - c.prompt_len)
+        seg += [2 * i] * len(c.input_ids)
+        if p:
+            shared.append([0, start, p, len(ids), 2 * i + 1])
+        rest = r.input_ids[p:]
+        ids += rest
+        pos += range(p, p + len(rest))
+        comp += [k >= r.prompt_len for k in range(p, p + len(rest))]
+        seg += [2 * i + 1] * len(rest)
+    return {"input_ids": torch.tensor([ids], dtype=torch.long),                # (1, T)
+            "position_ids": torch.tensor([pos], dtype=torch.long),             # (1, T)
+            "completion_mask": torch.tensor([comp], dtype=torch.bool),         # (1, T)
+            "segment_ids": torch.tensor([seg], dtype=torch.long),              # (1, T)
+            "n_segments": 2 * len(chosen_seqs),
+            "shared_prefix": torch.tensor(shared, dtype=torch.long).reshape(-1, 5)}
 
 
 def pack_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:

@@ -97,7 +97,7 @@ class ScalarModel(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
-                n_segments: Optional[int] = None) -> torch.Tensor:
+                n_segments: Optional[int] = None, shared_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw scores (float32).
 
         Padded batch: input_ids (B, T), attention_mask (B, T) bool (left or right padding) -> (B,).
@@ -107,14 +107,19 @@ class ScalarModel(nn.Module):
         (R, T) long with -1 for padding and ids 0..n-1 unique across the rows -> (n_segments,) in
         segment-id order. attention_mask is ignored there: no mask is
         passed on, and transformers derives the block-diagonal causal mask from the restarting
-        position_ids (tested for sdpa and eager attention).
+        position_ids (tested for sdpa and eager attention). ``shared_prefix`` (K, 5): segments that
+        also attend to a prompt packed once for a pair (``stages.batching.collate_pairs_shared``;
+        needs prefalign_packed attention).
         """
         if segment_ids is not None:
             if position_ids is None:
                 raise ValueError("packed rows need position_ids that restart at 0 for each segment")
             n = int(segment_ids.max()) + 1 if n_segments is None else n_segments
+            extra = packed_kwargs(self, segment_ids, shared_prefix)
+            if shared_prefix is not None and not extra:
+                raise ValueError("rows with shared prompts need prefalign_packed attention (use_packed_attention)")
             hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                   **packed_kwargs(self, segment_ids)).last_hidden_state
+                                   **extra).last_hidden_state
             last = hidden.flatten(0, 1)[segment_last_index(segment_ids.flatten(), n)]  # (R*T, H) -> (n, H)
         else:
             if attention_mask is None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from prefalign.data import pack_batch, pad_batch
+from prefalign.data import pack_batch, pad_batch, pair_pack_shared, shared_prompt_len
 from prefalign.data.collate import balanced_groups
 
 
@@ -41,6 +41,33 @@ def collate_packed_flat(seqs, pad_id: int, max_tokens: int) -> dict:
         r["segment_ids"] = torch.tensor(g, dtype=torch.long)[r["segment_ids"]]
     out = _stack_rows(rows, pad_id)
     out["n_segments"] = len(seqs)
+    return out
+
+
+def collate_pairs_shared(chosen, rejected, pad_id: int, max_tokens: int) -> dict:
+    """B pairs packed padding-free with each pair's prompt once (``data.pair_pack_shared``) into
+    rows of about ``max_tokens``; a pair never straddles two rows. Segment i is chosen i (with its
+    prompt), segment B + i rejected i, whichever row holds them, so per-sequence outputs come back
+    as chosen 0..B-1 then rejected 0..B-1. Needs attention that follows ``shared_prefix``
+    (``prefalign.models.attention``).
+
+    Returns input_ids, position_ids, completion_mask, segment_ids (R, T), n_segments (2B) and
+    shared_prefix (K, 5): row, prompt start, prompt length, first rejected column, segment id.
+    """
+    B = len(chosen)
+    lengths = [len(c.input_ids) + len(r.input_ids) - shared_prompt_len(c, r) for c, r in zip(chosen, rejected)]
+    groups = balanced_groups(lengths, max_tokens)
+    rows = [pair_pack_shared([chosen[i] for i in g], [rejected[i] for i in g]) for g in groups]
+    shared = []
+    for r, (g, row) in enumerate(zip(groups, rows)):
+        local = torch.tensor([k for i in g for k in (i, B + i)], dtype=torch.long)  # segment 2j, 2j+1 -> i, B+i
+        row["segment_ids"] = local[row["segment_ids"]]
+        s = row["shared_prefix"].clone()
+        s[:, 0], s[:, 4] = r, local[s[:, 4]]
+        shared.append(s)
+    out = _stack_rows(rows, pad_id)
+    out["n_segments"] = 2 * B
+    out["shared_prefix"] = torch.cat(shared)
     return out
 
 

@@ -26,6 +26,7 @@ from prefalign.data import load_preferences
 from prefalign.errors import ConfigError
 from prefalign.losses import dpo_loss
 from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, resolve_dtype
+from prefalign.models.attention import uses_packed_attention
 from prefalign.stages.common import finish, report, save_model_final, split_eval, start
 from prefalign.stages.dpo_batch import collate_pair_rows, collate_pairs, pair_logps, tokenize_pairs
 from prefalign.stages.ref_cache import (default_cache_dir, file_digest, fill_reference_logps, model_fingerprint,
@@ -172,7 +173,10 @@ def run_dpo(cfg) -> int:
     eval_pairs = tokenize(cfg.eval_data) if cfg.eval_data else None
     pad_id = tokenizer.pad_token_id
     if cfg.packing:
-        collate = lambda rows: collate_pair_rows(rows, pad_id, row_tokens=cfg.max_length)
+        # Each pair's prompt once (prompt, chosen, rejected) where every model that reads the rows
+        # follows the layout; a live --ref-model of its own may not.
+        share = uses_packed_attention(model) and not (cfg.live_reference and cfg.ref_model)
+        collate = lambda rows: collate_pair_rows(rows, pad_id, row_tokens=cfg.max_length, share_prompt=share)
     else:
         collate = lambda rows: collate_pairs(rows, pad_id)
     reference, ref_info = None, {"mode": "none" if cfg.reference_free else "live" if cfg.live_reference else "cached"}

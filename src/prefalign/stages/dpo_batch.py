@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefalign.data import Tokenized, encode_preference, pair_pack_batch
+from prefalign.data import Tokenized, encode_preference, pair_pack_batch, pair_pack_shared, shared_prompt_len
 from prefalign.models.attention import packed_kwargs
 from prefalign.ops import masked_sum, segment_sum, token_logps
 from prefalign.stages.batching import collate_padded, label_mask, pad_packed_rows
@@ -69,21 +69,33 @@ def balanced_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     return [sorted(r) for r in rows if r]
 
 
-def collate_pair_rows(pairs: list[DPOPair], pad_id: int, row_tokens: int = 0) -> dict:
+def collate_pair_rows(pairs: list[DPOPair], pad_id: int, row_tokens: int = 0, share_prompt: bool = False) -> dict:
     """Packed layout: pairs split into balanced rows of about ``row_tokens`` tokens (0: one pair
-    per row); a pair never straddles two rows. Longer rows pad less, but attention inside a row
-    costs (row length)^2; the stage uses row_tokens = --max-length.
+    per row); a pair never straddles two rows. The stage uses row_tokens = --max-length.
+
+    ``share_prompt``: each pair's prompt appears once (``pair_pack_shared``); only for a model
+    whose attention follows the layout (``prefalign.models.attention``), which ``pair_logps``
+    checks. Adds ``shared_prefix`` (K, 5): row, prompt start, prompt length, first rejected
+    column, rejected segment id.
 
     Returns input_ids, position_ids, completion_mask, segment_ids (R, T) with segment ids unique
     over the batch (-1 = padding), n_pairs and the reference log-probs in packed order.
     """
-    lengths = [p.n_tokens for p in pairs]
+    lengths = [p.n_tokens - (shared_prompt_len(p.chosen, p.rejected) if share_prompt else 0) for p in pairs]
     groups = balanced_rows(lengths, row_tokens) if row_tokens else [[i] for i in range(len(pairs))]
-    rows = [pair_pack_batch([pairs[i].chosen for i in g], [pairs[i].rejected for i in g]) for g in groups]
+    pack = pair_pack_shared if share_prompt else pair_pack_batch
+    rows = [pack([pairs[i].chosen for i in g], [pairs[i].rejected for i in g]) for g in groups]
     batch = pad_packed_rows(rows, pad_id)
     first_segment = torch.tensor([0] + [2 * len(g) for g in groups[:-1]]).cumsum(0)  # (R,)
     seg = batch["segment_ids"]
     batch["segment_ids"] = torch.where(seg >= 0, seg + first_segment[:, None], seg)
+    if share_prompt:
+        shared = []
+        for r, row in enumerate(rows):
+            s = row["shared_prefix"].clone()  # (K_r, 5)
+            s[:, 0], s[:, 4] = r, s[:, 4] + first_segment[r]
+            shared.append(s)
+        batch["shared_prefix"] = torch.cat(shared)
     return _with_refs(batch, [pairs[i] for g in groups for i in g])
 
 
@@ -93,9 +105,13 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     Returns (chosen_logps (B,), rejected_logps (B,), chosen_tokens (B,), rejected_tokens (B,)),
     float32, the log-probs differentiable; tokens count the predicted completion tokens.
     """
+    shared = batch.get("shared_prefix")
+    extra = packed_kwargs(model, batch.get("segment_ids"), shared)
+    if shared is not None and not extra:
+        raise ValueError("rows with shared prompts need a model loaded with prefalign_packed attention "
+                         "(prefalign.models.attention.use_packed_attention)")
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch["position_ids"], use_cache=False,
-                   **packed_kwargs(model, batch.get("segment_ids"))).logits  # (R, T, V)
+                   position_ids=batch["position_ids"], use_cache=False, **extra).logits  # (R, T, V)
     logps = token_logps(logits[:, :-1], batch["input_ids"][:, 1:])  # (R, T-1): logits[t] predicts token t+1
     mask = label_mask(batch)  # (R, T-1)
     B = batch["n_pairs"]
@@ -103,6 +119,14 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         seg = batch["segment_ids"][:, 1:].masked_fill(~mask, -1)  # (R, T-1): the sequence each target scores
         sums = segment_sum(logps, seg, 2 * B)  # (2B,) ordered chosen_0, rejected_0, chosen_1, ...
         counts = segment_sum(mask.to(logps.dtype), seg, 2 * B)
+        if shared is not None and len(shared):
+            # A shared pair's first rejected token follows the prompt, not the chosen completion
+            # before it in the row: it is predicted by the logits at the prompt's last token.
+            rows, last, first = shared[:, 0], shared[:, 1] + shared[:, 2] - 1, shared[:, 3]
+            first_logps = token_logps(logits[rows, last][None], batch["input_ids"][rows, first][None])[0]  # (K,)
+            counted = batch["completion_mask"][rows, first].to(logps.dtype)
+            sums = sums.index_add(0, shared[:, 4], first_logps * counted)
+            counts = counts.index_add(0, shared[:, 4], counted)
         return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
     sums = masked_sum(logps, mask, dim=-1)  # (2B,) chosen rows then rejected rows
     counts = mask.sum(-1).to(sums.dtype)

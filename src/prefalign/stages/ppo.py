@@ -43,8 +43,7 @@ from prefalign.stages.ppo_parts import (AdaptiveKLController, FixedKLController,
                                         check_replicas, global_moments, global_whiten, new_value_head,
                                         policy_forward, reward_inputs, same_tokenizer, token_values)
 from prefalign.train import checkpoint as ckpt
-from prefalign.train.dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
-                                  param_digest)
+from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, param_digest
 from prefalign.train.logger import MetricsLogger, progress
 from prefalign.train.loop import (LoopResult, TrainingStopped, _apply_new_lr, _Meter, _SignalFlag, agree, autocast_for,
                                   epoch_order)
@@ -416,8 +415,9 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
 def resume(cfg, out, stateful: dict, generators: dict, pos: dict, loggers, plan: dict,
            dist: DistInfo) -> Optional[int]:
     """Load the newest complete checkpoint when --resume; drop log rows written after it."""
-    # Rank 0 reads the checkpoint and sends it: other machines need not see --output.
-    found = broadcast_object(ckpt.load_latest(out) if dist.is_main else None) if cfg.resume else None
+    # Every process reads the checkpoint itself: sending a whole model-and-optimizer pickle from
+    # rank 0 would pass through each GPU under NCCL. --output must be visible to every machine.
+    found = ckpt.load_latest(out) if cfg.resume else None
     if found is None:
         return None
     path, state = found

@@ -17,22 +17,28 @@ import torch
 from prefalign.data import encode_preference, load_preferences, load_sft
 from prefalign.losses import bradley_terry_loss
 from prefalign.models import ScalarModel, apply_lora, load_scalar_model
-from prefalign.stages.batching import collate_packed_flat, collate_padded
+from prefalign.models.attention import uses_packed_attention
+from prefalign.stages.batching import collate_packed_flat, collate_padded, collate_pairs_shared
 from prefalign.stages.common import finish, report, save_model_final, split_eval, start
 from prefalign.train.dist import sharded_map, wrap_model
 from prefalign.train.logger import iter_progress
 from prefalign.train.loop import LossOutput, fit, to_device
 
 
-def collate_pairs(pairs, pad_id: int, pack_tokens: Optional[int] = None) -> dict:
+def collate_pairs(pairs, pad_id: int, pack_tokens: Optional[int] = None, share_prompt: bool = False) -> dict:
     """[(chosen Tokenized, rejected Tokenized, margin)] -> chosen rows then rejected rows, (2B, T).
 
     With ``pack_tokens`` the 2B sequences are packed padding-free into rows of about that many
     tokens instead (segment i = sequence i: chosen 0..B-1, then rejected); the scores come back
-    in the same order, so the objective is unchanged and padding costs no compute.
+    in the same order, so the objective is unchanged and padding costs no compute. With
+    ``share_prompt`` too, each pair's prompt is packed once (``collate_pairs_shared``; the model
+    must run prefalign_packed attention).
     """
     seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
-    batch = collate_packed_flat(seqs, pad_id, pack_tokens) if pack_tokens else collate_padded(seqs, pad_id)
+    if pack_tokens and share_prompt:
+        batch = collate_pairs_shared(seqs[:len(pairs)], seqs[len(pairs):], pad_id, pack_tokens)
+    else:
+        batch = collate_packed_flat(seqs, pad_id, pack_tokens) if pack_tokens else collate_padded(seqs, pad_id)
     batch["margin"] = torch.tensor([p[2] if p[2] is not None else 0.0 for p in pairs], dtype=torch.float32)
     return batch
 
@@ -50,7 +56,8 @@ class RewardObjective:
         n = batch["margin"].shape[0]
         if "segment_ids" in batch:  # packed rows
             scores = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                           segment_ids=batch["segment_ids"], n_segments=2 * n)  # (2B,)
+                           segment_ids=batch["segment_ids"], n_segments=2 * n,
+                           shared_prefix=batch.get("shared_prefix"))  # (2B,)
         else:
             scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (2B,)
         chosen, rejected = scores[:n].float(), scores[n:].float()
@@ -114,7 +121,8 @@ def run_reward(cfg) -> int:
     pairs, eval_pairs = split_eval(pairs, eval_pairs, cfg.eval_fraction, cfg.seed)
     pad_id = tokenizer.pad_token_id
     # --packing: each micro-batch's sequences go padding-free into rows of about max_length tokens.
-    collate = lambda rows: collate_pairs(rows, pad_id, cfg.max_length if cfg.packing else None)
+    share = uses_packed_attention(model)  # packed rows hold each pair's prompt once
+    collate = lambda rows: collate_pairs(rows, pad_id, cfg.max_length if cfg.packing else None, share)
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, RewardObjective(cfg.center_coef), pairs, collate, out_dir=out, dist=dist,
                  eval_set=eval_pairs or None, desc="reward", trainable=model)
