@@ -122,7 +122,7 @@ def section(a, task: str, rounds: list[dict[str, dict]], vers: dict) -> str:
     reward = task == "reward"
     what = ("`prefalign sft --packing` vs `SFTTrainer(packing=True)` (BFD packing, padding-free), {prompt, "
             "completion=chosen} rows, completion-only loss" if not reward else
-            "`prefalign reward` (padded, and `--packing`: padding-free rows) vs `RewardTrainer` (padded), "
+            "`prefalign reward` (padded, and `--packing`: padding-free rows, each pair's prompt packed once, attention per example) vs `RewardTrainer` (padded), "
             "AutoModelForSequenceClassification(num_labels=1) on the fixture's backbone, batch counted in pairs")
     lines = [HEADERS[task], "",
              f"{what}. Fixture: make_fixture.py defaults (3.4 M parameters, 512 pairs). "

@@ -6,7 +6,9 @@ Both layouts run chosen and rejected through the model in ONE forward pass:
 - packed (--packing): pairs are grouped into padding-free rows (``pair_pack_batch``), each pair's
   chosen right before its rejected in the same row, with position ids restarting per sequence and
   no attention across sequences. Segment ids are made unique over the batch, so the k-th packed
-  pair's chosen is segment 2k and its rejected 2k+1.
+  pair's chosen is segment 2k and its rejected 2k+1. For a model on prefalign_packed attention
+  the stage packs each pair's prompt once (prompt, chosen completion, rejected completion;
+  ``share_prompt``), the prompt counting as the chosen segment's.
 
 Each pair carries its reference log-probs (filled once before training by ``ref_cache``), so they
 travel with the example through shuffling, sharding and resume.
