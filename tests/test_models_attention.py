@@ -152,3 +152,15 @@ def test_scalar_model_packed_scores_equal_padded():
     got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
                 n_segments=batch["n_segments"])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_layout_with_a_shared_prompt():
+    """Row 0 holds prompt (3 tokens) + chosen (2) as segment 0 and the rejected completion (2) as
+    segment 1, which also attends to the prompt; only its own outputs are written back."""
+    seg = torch.tensor([[0, 0, 0, 0, 0, 1, 1, -1]])
+    shared = torch.tensor([[0, 0, 3, 5, 1]])  # row, prompt start, prompt length, first rejected column, segment
+    layout = build_layout(seg, shared)
+    assert layout.shared and sorted(layout.targets.tolist()) == [0, 1, 2, 3, 4, 5, 6]
+    examples = {tuple(ix[v].tolist()): ix[w].tolist() for index, valid, write in layout.buckets
+                for ix, v, w in zip(index, valid, write)}
+    assert examples == {(0, 1, 2, 3, 4): [0, 1, 2, 3, 4], (0, 1, 2, 5, 6): [5, 6]}
