@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from prefalign.data import pack_batch, pad_batch, pair_pack_shared, shared_prompt_len
+from prefalign.data import pack_batch, pad_batch, pair_pack_batch, pair_pack_shared, shared_prompt_len
 from prefalign.data.collate import balanced_groups
 
 
@@ -56,18 +56,36 @@ def collate_pairs_shared(chosen, rejected, pad_id: int, max_tokens: int) -> dict
     """
     B = len(chosen)
     lengths = [len(c.input_ids) + len(r.input_ids) - shared_prompt_len(c, r) for c, r in zip(chosen, rejected)]
-    groups = balanced_groups(lengths, max_tokens)
-    rows = [pair_pack_shared([chosen[i] for i in g], [rejected[i] for i in g]) for g in groups]
-    shared = []
-    for r, (g, row) in enumerate(zip(groups, rows)):
-        local = torch.tensor([k for i in g for k in (i, B + i)], dtype=torch.long)  # segment 2j, 2j+1 -> i, B+i
-        row["segment_ids"] = local[row["segment_ids"]]
-        s = row["shared_prefix"].clone()
-        s[:, 0], s[:, 4] = r, local[s[:, 4]]
-        shared.append(s)
+    return pack_pair_rows(chosen, rejected, balanced_groups(lengths, max_tokens), pad_id, share_prompt=True,
+                          segment_ids_of=lambda i: (i, B + i))
+
+
+def pack_pair_rows(chosen, rejected, groups: list[list[int]], pad_id: int, share_prompt: bool,
+                   segment_ids_of) -> dict:
+    """Pairs packed into one row per group of pair indices, each pair's chosen then rejected
+    (``data.pair_pack_batch``), or prompt, chosen, rejected with ``share_prompt``
+    (``data.pair_pack_shared``). ``segment_ids_of(i)`` gives pair i's (chosen, rejected) segment
+    ids in the batch, whichever row holds it.
+
+    Returns input_ids, position_ids, completion_mask, segment_ids (R, T), n_segments (2 x pairs)
+    and, with ``share_prompt``, shared_prefix (K, 5): row, prompt start, prompt length, first
+    rejected column, segment id.
+    """
+    pack = pair_pack_shared if share_prompt else pair_pack_batch
+    rows, shared = [], []
+    for r, g in enumerate(groups):
+        row = pack([chosen[i] for i in g], [rejected[i] for i in g])
+        ids = torch.tensor([s for i in g for s in segment_ids_of(i)], dtype=torch.long)  # row-local 2j, 2j+1 -> ids
+        row["segment_ids"] = ids[row["segment_ids"]]
+        if share_prompt:
+            s = row["shared_prefix"].clone()
+            s[:, 0], s[:, 4] = r, ids[s[:, 4]]
+            shared.append(s)
+        rows.append(row)
     out = _stack_rows(rows, pad_id)
-    out["n_segments"] = 2 * B
-    out["shared_prefix"] = torch.cat(shared)
+    out["n_segments"] = 2 * sum(len(g) for g in groups)
+    if share_prompt:
+        out["shared_prefix"] = torch.cat(shared)
     return out
 
 

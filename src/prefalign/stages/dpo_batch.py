@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from prefalign.data import Tokenized, encode_preference, pair_pack_batch, pair_pack_shared, shared_prompt_len
+from prefalign.data import Tokenized, encode_preference, shared_prompt_len
+from prefalign.data.collate import balanced_groups
 from prefalign.models.attention import packed_kwargs
 from prefalign.ops import masked_sum, segment_sum, token_logps
-from prefalign.stages.batching import collate_padded, label_mask, pad_packed_rows
+from prefalign.stages.batching import collate_padded, label_mask, pack_pair_rows
 
 
 @dataclass
@@ -56,21 +57,6 @@ def collate_pairs(pairs: list[DPOPair], pad_id: int) -> dict:
     return _with_refs(batch, pairs)
 
 
-def balanced_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
-    """Split items into ceil(total / row_tokens) rows of nearly equal length: longest first, each
-    into the currently shortest row. Rows are right-padded to the longest, so balance is what keeps
-    padding small (first-fit would leave a short last row padded to full length). A row may pass
-    row_tokens by less than one item."""
-    n_rows = max(1, min(len(lengths), math.ceil(sum(lengths) / max(row_tokens, 1))))
-    rows: list[list[int]] = [[] for _ in range(n_rows)]
-    load = [0] * n_rows
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        r = min(range(n_rows), key=load.__getitem__)
-        rows[r].append(i)
-        load[r] += lengths[i]
-    return [sorted(r) for r in rows if r]
-
-
 def collate_pair_rows(pairs: list[DPOPair], pad_id: int, row_tokens: int = 0, share_prompt: bool = False) -> dict:
     """Packed layout: pairs split into balanced rows of about ``row_tokens`` tokens (0: one pair
     per row); a pair never straddles two rows. The stage uses row_tokens = --max-length.
@@ -84,21 +70,12 @@ def collate_pair_rows(pairs: list[DPOPair], pad_id: int, row_tokens: int = 0, sh
     over the batch (-1 = padding), n_pairs and the reference log-probs in packed order.
     """
     lengths = [p.n_tokens - (shared_prompt_len(p.chosen, p.rejected) if share_prompt else 0) for p in pairs]
-    groups = balanced_rows(lengths, row_tokens) if row_tokens else [[i] for i in range(len(pairs))]
-    pack = pair_pack_shared if share_prompt else pair_pack_batch
-    rows = [pack([pairs[i].chosen for i in g], [pairs[i].rejected for i in g]) for g in groups]
-    batch = pad_packed_rows(rows, pad_id)
-    first_segment = torch.tensor([0] + [2 * len(g) for g in groups[:-1]]).cumsum(0)  # (R,)
-    seg = batch["segment_ids"]
-    batch["segment_ids"] = torch.where(seg >= 0, seg + first_segment[:, None], seg)
-    if share_prompt:
-        shared = []
-        for r, row in enumerate(rows):
-            s = row["shared_prefix"].clone()  # (K_r, 5)
-            s[:, 0], s[:, 4] = r, s[:, 4] + first_segment[r]
-            shared.append(s)
-        batch["shared_prefix"] = torch.cat(shared)
-    return _with_refs(batch, [pairs[i] for g in groups for i in g])
+    groups = balanced_groups(lengths, row_tokens) if row_tokens else [[i] for i in range(len(pairs))]
+    order = [i for g in groups for i in g]
+    packed_at = {i: k for k, i in enumerate(order)}  # the k-th packed pair is segments 2k, 2k+1
+    batch = pack_pair_rows([p.chosen for p in pairs], [p.rejected for p in pairs], groups, pad_id, share_prompt,
+                           segment_ids_of=lambda i: (2 * packed_at[i], 2 * packed_at[i] + 1))
+    return _with_refs(batch, [pairs[i] for i in order])
 
 
 def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
