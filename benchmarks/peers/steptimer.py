@@ -7,9 +7,27 @@ on a machine shared with other work it measures the work done rather than the wa
 (``_total_train_tokens``: attention_mask.sum() for padded batches, the flattened length for
 padding-free ones), i.e. the non-pad tokens fed to the model.
 """
+import argparse
+import tempfile
 import time
 
 from transformers import TrainerCallback
+
+
+def peer_args(lr: float) -> argparse.Namespace:
+    """The options every peer script takes: FIXTURE_DIR [--steps N] [--batch B] [--max-length L]
+    [--lr LR] [--warmup-steps K] [--out DIR] (a temporary directory by default)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("fx")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--warmup-steps", type=int, default=2, help="untimed steps at the start")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    a.out = a.out or tempfile.mkdtemp()
+    return a
 
 
 class StepTimer(TrainerCallback):

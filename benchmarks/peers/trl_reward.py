@@ -6,25 +6,16 @@ batch is B pairs (2B sequences in one padded forward). Prints a final line:
 'trl_reward steps=N timed_steps=M wall_s=... tokens=... tokens_per_s=... s_per_step=... pairs_per_s=... loss=...'
 timing the steps after the first K (model loading and warm-up excluded).
 """
-import argparse, os, tempfile
+import os
 
 import torch
 from datasets import load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
-from steptimer import StepTimer, result_line
+from steptimer import StepTimer, peer_args, result_line
 
-ap = argparse.ArgumentParser()
-ap.add_argument("fx")
-ap.add_argument("--steps", type=int, default=20)
-ap.add_argument("--batch", type=int, default=8)
-ap.add_argument("--max-length", type=int, default=256)
-ap.add_argument("--lr", type=float, default=1e-5)
-ap.add_argument("--warmup-steps", type=int, default=2, help="untimed steps at the start")
-ap.add_argument("--out", default=None)
-a = ap.parse_args()
-a.out = a.out or tempfile.mkdtemp()
+a = peer_args(lr=1e-5)
 
 torch.manual_seed(0)
 path = os.path.join(a.fx, "model")
