@@ -5,8 +5,8 @@ token (saved as a standard HF sequence-classification checkpoint). Loss per pair
 -log sigma(r(x, y_w) - r(x, y_l) - margin). Chosen and rejected go through the model in one
 forward pass (padded, or with --packing padding-free rows: same loss, no compute on padding,
 each pair's prompt packed once when the model runs prefalign_packed attention). After training,
-rewards are shifted (and with --normalize std scaled) so that E[r] = 0 over the training completions; shift and scale are stored in config.json and every
-later scoring applies them.
+rewards are shifted (and with --normalize std scaled) so that E[r] = 0 over the training
+completions; shift and scale are stored in config.json and every later scoring applies them.
 """
 from __future__ import annotations
 
