@@ -45,7 +45,7 @@ def run_trl(python: str, fixture: Path) -> dict:
     return {"s_per_iter": s_per_iter, "rss_mib": rss}
 
 
-def run_prefalign(fixture: Path) -> dict:
+def run_prefalign(fixture: Path, packing: bool) -> dict:
     out = Path(tempfile.mkdtemp(prefix="ppo-bench-")) / "out"
     iterations = EPISODES // BATCH
     _, rss = measured([sys.executable, "-m", "prefalign", "ppo", "--model", str(fixture / "model"),
@@ -53,7 +53,7 @@ def run_prefalign(fixture: Path) -> dict:
                        "--output", str(out), "--iterations", str(iterations), "--rollout-batch-size", str(BATCH),
                        "--minibatch-size", str(BATCH), "--ppo-epochs", "4", "--max-new-tokens", str(RESPONSE_LENGTH),
                        "--temperature", "0.7", "--kl-coef", "0.05", "--lr", "1e-5", "--sample-every", "0",
-                       "--device", "cpu", "--dtype", "float32", "--no-progress"],
+                       "--device", "cpu", "--dtype", "float32", "--no-progress"] + ["--packing"] * packing,
                       env={"PYTHONPATH": str(ROOT / "src")})
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--trl-python", default=str(ROOT / ".bench" / "trl-ppo" / "bin" / "python"))
     ap.add_argument("--threads", type=int, default=1,
                     help="OMP/torch threads for both sides (1: robust on a machine shared with other jobs)")
+    ap.add_argument("--packing", action="store_true", help="prefalign ppo --packing (forwards on packed rows)")
     a = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)
     fixture = Path(a.fixture) if a.fixture else Path(tempfile.mkdtemp(prefix="ppo-fixture-"))
@@ -77,7 +78,7 @@ def main() -> None:
     for r in range(a.rounds):
         order = ["trl", "prefalign"] if r % 2 == 0 else ["prefalign", "trl"]
         for name in order:
-            res = run_trl(a.trl_python, fixture) if name == "trl" else run_prefalign(fixture)
+            res = run_trl(a.trl_python, fixture) if name == "trl" else run_prefalign(fixture, a.packing)
             runs[name].append(res)
             print(f"round {r + 1} {name}: " + " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
     best = {k: min(v, key=lambda x: x["s_per_iter"]) for k, v in runs.items()}

@@ -98,8 +98,101 @@ def test_running_moments_match_concatenation_and_global_whiten_matches_whiten():
 
 # --------------------------------------------------------------------------- the stage
 
-@pytest.mark.parametrize("kw", [{}, {"shared_value_head": True, "temperature": 0.7, "top_k": 50, "top_p": 0.9}],
-                         ids=["value-model", "shared-head-filtered"])
+# --------------------------------------------------------------------------- packed == padded
+
+
+def ragged_rollout(vocab: int, eos: int, pad: int):
+    """A (B=5) rollout with prompts of 1-6 tokens (left-padded) and responses of 1-7 tokens
+    (right-padded after EOS), as `sample` lays them out."""
+    g = torch.Generator().manual_seed(3)
+    prompt_lengths, response_lengths, P, R = [6, 1, 3, 4, 2], [7, 3, 1, 5, 7], 6, 7
+    query_ids, query_mask = torch.full((5, P), pad), torch.zeros(5, P, dtype=torch.bool)
+    response_ids, response_mask = torch.full((5, R), pad), torch.zeros(5, R, dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
+        query_ids[b, P - p:] = torch.randint(3, vocab, (p,), generator=g)
+        query_mask[b, P - p:] = True
+        response_ids[b, :r] = torch.randint(3, vocab, (r,), generator=g)
+        response_mask[b, :r] = True
+        if r < R:
+            response_ids[b, r - 1] = eos
+    return query_ids, query_mask, response_ids, response_mask
+
+
+@pytest.mark.parametrize("attention", ["prefalign_packed", "sdpa", "eager"])
+def test_packed_forwards_equal_padded_with_gradients(fixture, attention):
+    """Policy log-probs and entropy, per-token values, the shared-head path and reward scores: the
+    packed row gives the padded batch's numbers (and gradients), for the per-example attention and
+    for transformers' block-diagonal mask (sdpa, eager)."""
+    from prefalign.models import load_causal_lm, load_scalar_model
+    from prefalign.rollout import forward_logps, forward_logps_packed, pack_sequences
+    from prefalign.stages.ppo_parts import new_value_head, policy_forward, token_values
+
+    d, vocab = fixture
+    policy, tok = load_causal_lm(str(d / "sft"))  # loaded on prefalign_packed; switched back for the others
+    value, _ = load_scalar_model(str(d / "sft"), seed=1)
+    if attention != "prefalign_packed":
+        policy.set_attn_implementation(attention)
+        value.backbone.set_attn_implementation(attention)
+    assert policy.config._attn_implementation == value.backbone.config._attn_implementation == attention
+    seq = ragged_rollout(vocab, tok.eos_token_id, tok.pad_token_id)
+    packed = pack_sequences(*seq)
+    assert packed.input_ids.shape == (1, 16 + 23) and packed.position_ids[0, :13].tolist() == list(range(13))
+    mask = seq[3]
+
+    def grads(model):
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    lp, ent = forward_logps(policy, *seq, temperature=0.7)
+    (lp.sum() + ent.sum()).backward()
+    g_pad = grads(policy)
+    lp_k, ent_k = forward_logps_packed(policy, packed, seq[2], mask, temperature=0.7)
+    (lp_k.sum() + ent_k.sum()).backward()
+    g_pack = grads(policy)
+    torch.testing.assert_close(lp_k, lp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ent_k, ent, rtol=0, atol=2e-5)
+    assert bool((lp_k[~mask] == 0).all()) and g_pad.keys() == g_pack.keys()
+    assert (packed._layout is not None) == (attention == "prefalign_packed")  # per-example attention was used
+    for n in g_pad:
+        torch.testing.assert_close(g_pack[n], g_pad[n], rtol=1e-4, atol=1e-6, msg=n)
+
+    v = token_values(value, *seq)
+    v_k = token_values(value, *seq, packed=packed)
+    torch.testing.assert_close(v_k, v, rtol=0, atol=2e-5)
+    torch.testing.assert_close(value(packed.input_ids, position_ids=packed.position_ids,
+                                     segment_ids=packed.segment_ids, n_segments=5),
+                               value(torch.cat(seq[:3:2], 1), torch.cat([seq[1], mask], 1)), rtol=0, atol=2e-5)
+
+    head = new_value_head(policy.config.hidden_size, seed=0)
+    padded = policy_forward(policy, head, *seq, temperature=1.0)
+    packed_out = policy_forward(policy, head, *seq, temperature=1.0, packed=packed)
+    for a, b in zip(packed_out, padded):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+
+
+def test_packed_ppo_run_equals_padded(fixture, tmp_path):
+    """Two PPO iterations with --packing against a reward model (the packed reward path) give the
+    padded run's metrics and weights."""
+    d, _ = fixture
+    kw = dict(reward_model=str(d / "sft"), iterations=2, max_new_tokens=6, temperature=0.8)
+    run_ppo(config(d, tmp_path / "padded", **kw))
+    run_ppo(config(d, tmp_path / "packed", packing=True, **kw))
+    padded, packed = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("padded", "packed"))
+    assert packed[1]["eos_rate"] > 0 or packed[1]["response_length"] < 6  # some rows were shorter than others
+    for a, b in zip(padded, packed):
+        for key, value in a.items():
+            if not key.startswith("perf/") and isinstance(value, float):
+                assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("padded", "packed"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("kw", [{}, {"shared_value_head": True, "temperature": 0.7, "top_k": 50, "top_p": 0.9},
+                                {"packing": True}],
+                         ids=["value-model", "shared-head-filtered", "packed"])
 def test_sampled_logprobs_equal_recomputed(fixture, tmp_path, kw):
     rows = train(fixture, tmp_path / "out", **kw)
     assert [r["step"] for r in rows] == [1, 2]

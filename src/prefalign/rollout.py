@@ -16,7 +16,7 @@ removes unlikely tokens, so this is a mild, documented off-policy bias.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -158,6 +158,71 @@ def forward_logps(model, query_ids: torch.Tensor, query_mask: torch.Tensor, resp
     logits = model(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
                    logits_to_keep=R + 1, use_cache=False).logits[:, :-1]  # (B, R, V)
     logits = logits.float() / temperature
+    zero = torch.zeros((), device=logits.device)
+    logps = torch.where(response_mask, token_logps(logits, response_ids), zero)
+    return logps, torch.where(response_mask, entropy_from_logits(logits), zero)
+
+
+@dataclass
+class PackedSequences:
+    """Every query + response of a rollout as ONE row of real tokens: no left padding of prompts and
+    nothing after EOS, so a forward costs what the tokens cost. Built by ``pack_sequences``.
+
+    Sequence b occupies a contiguous run of the row (its query's real tokens, then its response's),
+    with position ids restarting at 0: the same positions as ``position_ids_from_mask`` gives the
+    padded batch, so the two layouts compute the same thing (tested to float tolerance).
+    """
+
+    input_ids: torch.Tensor  # (1, N) long, N = number of real tokens in the batch
+    position_ids: torch.Tensor  # (1, N) long, 0.. within each sequence
+    segment_ids: torch.Tensor  # (1, N) long, the sequence index b
+    before: torch.Tensor  # (B, R) long: row index of the state that predicts response token r; 0 where masked
+    last: torch.Tensor  # (B,) long: row index of each sequence's last real token
+    _layout: Optional[object] = field(default=None, repr=False)  # built on first use
+
+    def attention_kwargs(self, model) -> dict:
+        """Forward kwargs that keep the sequences apart: the per-example layout when ``model`` runs
+        prefalign_packed attention (built once, shared by every model that reads this batch), else {}
+        and transformers derives the block-diagonal causal mask from the restarting position ids."""
+        from prefalign.models.attention import LAYOUT_KWARG, build_layout, uses_packed_attention
+        if not uses_packed_attention(model):
+            return {}
+        if self._layout is None:
+            self._layout = build_layout(self.segment_ids)
+        return {LAYOUT_KWARG: self._layout}
+
+
+def pack_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                   response_mask: torch.Tensor) -> PackedSequences:
+    """Pack a rollout's left-padded queries (B, P) and right-padded responses (B, R) into one row."""
+    mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P + R)
+    lengths = mask.sum(dim=1)  # (B,)
+    prompt_lengths = query_mask.sum(dim=1)  # (B,)
+    if bool((prompt_lengths == 0).any()):
+        raise ValueError("pack_sequences: every query needs at least one token.")
+    starts = lengths.cumsum(0) - lengths  # (B,) where each sequence begins in the row
+    B, device = len(lengths), mask.device
+    input_ids = torch.cat([query_ids, response_ids], dim=1)[mask]  # (N,) row-major: query then response
+    segment_ids = torch.arange(B, device=device).repeat_interleave(lengths)  # (N,)
+    position_ids = torch.arange(len(segment_ids), device=device) - starts.repeat_interleave(lengths)
+    r = torch.arange(response_ids.shape[1], device=device)
+    before = starts[:, None] + prompt_lengths[:, None] - 1 + r  # (B, R): position P_b - 1 + r of sequence b
+    before = torch.where(response_mask, before, torch.zeros((), dtype=torch.long, device=device))
+    return PackedSequences(input_ids[None], position_ids[None], segment_ids[None], before, starts + lengths - 1)
+
+
+def forward_logps_packed(model, packed: PackedSequences, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward_logps`` on a packed row: the same (logprobs (B, R), entropy (B, R)), 0 where masked.
+
+    The model's own head computes logits only at the B * R states that predict response tokens
+    (``logits_to_keep`` as an index tensor), so heads that scale or cap logits behave as in
+    ``forward_logps``.
+    """
+    B, R = response_ids.shape
+    logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                   logits_to_keep=packed.before.flatten(), **packed.attention_kwargs(model)).logits  # (1, B*R, V)
+    logits = logits.view(B, R, -1).float() / temperature  # (B, R, V)
     zero = torch.zeros((), device=logits.device)
     logps = torch.where(response_mask, token_logps(logits, response_ids), zero)
     return logps, torch.where(response_mask, entropy_from_logits(logits), zero)

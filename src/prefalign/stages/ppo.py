@@ -20,6 +20,7 @@ The models run in eval mode (no dropout), so sampled and recomputed log-probs ag
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -37,7 +38,7 @@ from prefalign.losses import gae, kl_estimate, ppo_policy_loss, ppo_value_loss
 from prefalign.models import (apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, load_scalar_model,
                               save_pretrained)
 from prefalign.ops import masked_mean
-from prefalign.rollout import Rollout, forward_logps, sample
+from prefalign.rollout import Rollout, pack_sequences, sample
 from prefalign.stages.common import finish, save_final, start
 from prefalign.stages.ppo_parts import (AdaptiveKLController, FixedKLController, RunningMoments, average_gradients,
                                         check_replicas, global_moments, global_whiten, new_value_head,
@@ -168,21 +169,23 @@ def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: Ru
     completions = [m.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
                    for ids, mask in zip(r.response_ids, r.response_mask)]
     seq = (r.query_ids, r.query_mask, r.response_ids, r.response_mask)
+    packed = pack_sequences(*seq) if cfg.packing else None
     with autocast_for(device, cfg.dtype):
         if reward_fn is not None:
             raw = torch.as_tensor(reward_fn(prompts, completions, r), dtype=torch.float32, device=device)
+        elif packed is not None and not m.retokenize:
+            raw = m.reward_model.normalized(m.reward_model(packed.input_ids, position_ids=packed.position_ids,
+                                                           segment_ids=packed.segment_ids, n_segments=len(prompts)))
         else:
             raw = m.reward_model.normalized(m.reward_model(*reward_inputs(r, prompts, completions, m.rm_tokenizer,
                                                                           m.retokenize)))
-        if m.ref is not None:
-            ref_logprobs = forward_logps(m.ref, *seq, temperature=cfg.temperature)[0]
-        else:
-            with disabled_adapter(m.policy):
-                ref_logprobs = forward_logps(m.policy, *seq, temperature=cfg.temperature)[0]
+        with contextlib.nullcontext() if m.ref is not None else disabled_adapter(m.policy):
+            ref_logprobs = policy_forward(m.ref if m.ref is not None else m.policy, None, *seq,
+                                          temperature=cfg.temperature, packed=packed)[0]
         if m.value_model is not None:
-            values = token_values(m.value_model, *seq)
+            values = token_values(m.value_model, *seq, packed=packed)
         else:
-            values = policy_forward(m.policy, m.value_head, *seq, temperature=cfg.temperature)[2]
+            values = policy_forward(m.policy, m.value_head, *seq, temperature=cfg.temperature, packed=packed)[2]
     batch = {"query_ids": r.query_ids, "query_mask": r.query_mask, "response_ids": r.response_ids,
              "response_mask": r.response_mask, "logprobs": r.logprobs, "ref_logprobs": ref_logprobs.float(),
              "values": values.float(), "ended_with_eos": r.ended_with_eos, "raw_scores": raw.float(),
@@ -222,9 +225,11 @@ def minibatch_loss(cfg, m: Models, mb: dict) -> tuple[torch.Tensor, dict]:
     """Policy + value (+ entropy) loss of one minibatch and its metrics as (sum, count)."""
     seq = (mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
     mask = mb["response_mask"]
-    logprobs, entropy, values = policy_forward(m.policy, m.value_head, *seq, temperature=cfg.temperature)
+    packed = pack_sequences(*seq) if cfg.packing else None  # one layout for the policy and value forwards
+    logprobs, entropy, values = policy_forward(m.policy, m.value_head, *seq, temperature=cfg.temperature,
+                                               packed=packed)
     if values is None:
-        values = token_values(m.value_model, *seq)
+        values = token_values(m.value_model, *seq, packed=packed)
     pg_loss, pg = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange)
     vf_loss, vf = ppo_value_loss(values, mb["values"], mb["returns"], mask, cfg.cliprange_value)
     mean_entropy = masked_mean(entropy, mask)

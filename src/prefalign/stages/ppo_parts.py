@@ -16,7 +16,8 @@ from torch import nn
 from prefalign.data import encode_prompt_completion
 from prefalign.errors import InternalError
 from prefalign.ops import entropy_from_logits, masked_sum, token_logps
-from prefalign.rollout import Rollout, forward_logps, position_ids_from_mask
+from prefalign.rollout import (PackedSequences, Rollout, forward_logps, forward_logps_packed,
+                               position_ids_from_mask)
 from prefalign.train.dist import all_reduce_sum
 
 
@@ -158,11 +159,17 @@ def _backbone(model: nn.Module) -> nn.Module:
     return getattr(hf, hf.base_model_prefix)
 
 
-def _response_hidden(backbone: nn.Module, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+def _response_hidden(backbone: nn.Module, query_ids, query_mask, response_ids, response_mask,
+                     packed: Optional[PackedSequences] = None) -> torch.Tensor:
     """Final hidden states of the states before each response token: (B, R, H).
 
     Position P - 1 + r holds the context that predicts (and is valued before) response token r.
+    With ``packed`` the backbone reads the packed row instead of the padded batch (same states).
     """
+    if packed is not None:
+        hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                          **packed.attention_kwargs(backbone)).last_hidden_state[0]  # (N, H)
+        return hidden[packed.before]  # (B, R, H)
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, P + R)
     mask = torch.cat([query_mask, response_mask], dim=1)
     hidden = backbone(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
@@ -171,27 +178,34 @@ def _response_hidden(backbone: nn.Module, query_ids, query_mask, response_ids, r
     return hidden[:, -R - 1:-1]
 
 
-def token_values(value_model, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+def token_values(value_model, query_ids, query_mask, response_ids, response_mask,
+                 packed: Optional[PackedSequences] = None) -> torch.Tensor:
     """Per-token values of a ScalarModel (its head on the state before each response token).
 
     query_ids/query_mask (B, P) left-padded, response_ids/response_mask (B, R) -> (B, R) float32, 0 where masked.
     """
-    hidden = _response_hidden(value_model.backbone, query_ids, query_mask, response_ids, response_mask)
+    hidden = _response_hidden(value_model.backbone, query_ids, query_mask, response_ids, response_mask, packed)
     values = value_model.head(hidden).squeeze(-1).float()  # (B, R)
     return torch.where(response_mask, values, torch.zeros((), device=values.device))
 
 
 def policy_forward(policy, value_head: Optional[nn.Module], query_ids, query_mask, response_ids, response_mask,
-                   temperature: float) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                   temperature: float, packed: Optional[PackedSequences] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The training forward: (logprobs (B, R), entropy (B, R), values (B, R) or None), 0 where masked.
 
-    Without a shared value head this is rollout.forward_logps. With one, the backbone runs once and
-    both the LM head and the value head read its final hidden states.
+    Without a shared value head this is rollout.forward_logps (forward_logps_packed with ``packed``).
+    With one, the backbone runs once and both the LM head and the value head read its final hidden
+    states.
     """
     if value_head is None:
-        logprobs, entropy = forward_logps(policy, query_ids, query_mask, response_ids, response_mask, temperature)
+        if packed is not None:
+            logprobs, entropy = forward_logps_packed(policy, packed, response_ids, response_mask, temperature)
+        else:
+            logprobs, entropy = forward_logps(policy, query_ids, query_mask, response_ids, response_mask, temperature)
         return logprobs, entropy, None
-    hidden = _response_hidden(_backbone(policy), query_ids, query_mask, response_ids, response_mask)  # (B, R, H)
+    hidden = _response_hidden(_backbone(policy), query_ids, query_mask, response_ids, response_mask,
+                              packed)  # (B, R, H)
     logits = policy.get_output_embeddings()(hidden).float() / temperature  # (B, R, V)
     zero = torch.zeros((), device=logits.device)
     logprobs = torch.where(response_mask, token_logps(logits, response_ids), zero)
