@@ -172,7 +172,8 @@ class PPOConfig(ModelArgs, TrainArgs):
     prompts: Optional[str] = opt(None, "Prompts file (any format with a prompt).")
     data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
     ref_model: Optional[str] = opt(None, "Frozen reference (default: the SFT model given by --model).")
-    value_model: Optional[str] = opt(None, "Initial value model (default: the reward model).")
+    value_model: Optional[str] = opt(None, "Initial value model (default: the reward model); with "
+                                         "--shared-value-head, an earlier run's value_model folder to continue its head.")
     shared_value_head: bool = opt(False, "Value head on the policy's backbone instead of a separate value model.")
     iterations: int = opt(-1, "PPO iterations (rollout + update); -1: one pass over the prompts per epoch.")
     rollout_batch_size: int = opt(16, "Prompts sampled per iteration per process.")
