@@ -205,6 +205,9 @@ ESTIMATED_MINUTES: dict[str, dict[str, float]] = {
                 "eval": 1},
     "quick": {"pretrain": 2, "sft": 0.5, "preferences": 0.5, "reward": 0.5, "sft-samples": 0.5, "dpo": 0.5,
               "ppo": 0.5, "eval": 0.5},
+    # From 2-4 step timings (docs/demo.md): SFT 4.8 s/step, reward 1.7, DPO 2.1 (+2 min of reference
+    # log-probs for the first beta), PPO 23.5 s/iteration, sampling 0.09-0.11 s per completion.
+    "smollm2": {"sft": 4, "preferences": 4, "reward": 5, "sft-samples": 4, "dpo": 7, "ppo": 4, "eval": 1.5},
 }
 
 

@@ -97,11 +97,11 @@ SMOLLM2 = dataclasses.replace(
     DEFAULT, name="smollm2", base="smollm2", lora=True, lora_r=16, packing=True, shared_value_head=True,
     pretrain_reviews=0, vocab_size=0, hidden=0, layers=0, heads=0, pretrain_steps=0, pretrain_batch=0,
     pretrain_length=0, pretrain_lr=0.0,
-    train_prompts=256, heldout_prompts=32, sft_steps=40, sft_batch=8, sft_lr=1e-3, max_length=96, max_new_tokens=32,
+    train_prompts=512, heldout_prompts=32, sft_steps=40, sft_batch=8, sft_lr=1e-3, max_length=128, max_new_tokens=32,
     pairs_per_prompt=2, reward_epochs=1.0, reward_batch=8, reward_lr=5e-4,
     dpo_betas=(0.1, 0.5), dpo_epochs=1.0, dpo_batch=8, dpo_lr=5e-4,
-    ppo_segments=3, ppo_iterations=8, ppo_rollout_batch=16, ppo_minibatch=8, ppo_epochs=2, ppo_kl_coef=0.1,
-    ppo_lr=2e-4, eval_samples_per_prompt=4, frontier_samples=64, best_of_n=(2, 4, 8, 16, 32),
+    ppo_segments=3, ppo_iterations=8, ppo_rollout_batch=32, ppo_minibatch=8, ppo_epochs=2, ppo_kl_coef=0.1,
+    ppo_lr=2e-4, eval_samples_per_prompt=8, frontier_samples=64, best_of_n=(2, 4, 8, 16, 32),
     shown_prompts=6, save_steps=20)
 
 # The same recipe in a few minutes; the tests run it with a tiny stand-in for SmolLM2 (--base-model).
