@@ -1,7 +1,8 @@
 """`prefalign demo`: the whole pipeline end to end, its cache, and the numbers it reports.
 
 The slow test runs the real `prefalign demo --quick` (about 4.5 minutes on the loaded 2-core
-build machine) and checks results.json's numbers for sanity.
+build machine) and checks results.json's numbers for sanity. The --base smollm2 path runs end to
+end with a tiny stand-in for SmolLM2 as --base-model (seconds), so no test needs the 135M model.
 """
 import json
 import math
@@ -191,3 +192,21 @@ def test_tiny_plans_record_what_they_recorded_before_the_smollm2_fields():
     from prefalign.lab.demo_plan import QUICK, SMOLLM2, recorded
     assert not {"base", "lora", "lora_r", "packing", "shared_value_head"} & set(recorded(QUICK))
     assert {"base", "lora", "packing", "shared_value_head"} <= set(recorded(SMOLLM2))
+
+
+def test_a_plan_without_sft_uses_the_base_as_the_reference(tmp_path, smollm2_stand_in, monkeypatch):
+    """sft_steps = 0: no sft stage; the base samples the pairs and is the reference of KL and the frontier."""
+    import dataclasses
+    from prefalign.config import DemoConfig
+    from prefalign.lab import demo_plan
+    from prefalign.lab.demo import run_demo
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")          # keep pick_threads off this process's torch
+    plan = dataclasses.replace(demo_plan.SMOLLM2_QUICK, sft_steps=0, ppo_segments=1)
+    monkeypatch.setitem(demo_plan.PLANS, ("smollm2", True), plan)
+    out = tmp_path / "demo"
+    run_demo(DemoConfig(base="smollm2", quick=True, base_model=str(smollm2_stand_in), output=str(out)))
+    assert not (out / "sft").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert results["sft_fluency"]["sft_eval_loss"] is None
+    ppo = json.loads((out / "ppo-1" / "summary.json").read_text())
+    assert ppo["config"]["ref_model"] == str(smollm2_stand_in)
