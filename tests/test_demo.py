@@ -1,7 +1,8 @@
 """`prefalign demo`: the whole pipeline end to end, its cache, and the numbers it reports.
 
 The slow test runs the real `prefalign demo --quick` (about 4.5 minutes on the loaded 2-core
-build machine) and checks results.json's numbers for sanity.
+build machine) and checks results.json's numbers for sanity. The --base smollm2 path runs end to
+end with a tiny stand-in for SmolLM2 as --base-model (seconds), so no test needs the 135M model.
 """
 import json
 import math
@@ -139,3 +140,73 @@ def test_unknown_word_rate_counts_words_the_completion_wrote(tmp_path):
     # and "cut" (last word, maybe cut by the token budget). One unknown word of three.
     write_jsonl(tmp_path / "samples.jsonl", [{"prompt": "It was p", "completion": "ouring the flim cut"}])
     assert unknown_word_rate(tmp_path / "corpus.jsonl", tmp_path / "samples.jsonl") == pytest.approx(1 / 3)
+
+
+@pytest.fixture(scope="module")
+def smollm2_stand_in(tmp_path_factory):
+    """A tiny Llama + byte-level BPE standing in for SmolLM2 (--base-model): the smollm2 code path
+    (no pretraining, LoRA everywhere, packing, a shared PPO value head) without the 135M model."""
+    from prefalign.lab.corpus import generate_reviews
+    from prefalign.lab.pretrain import build_tokenizer
+    from prefalign.tiny import tiny_llama
+    d = tmp_path_factory.mktemp("stand-in") / "base"
+    tok = build_tokenizer([r.text for r in generate_reviews(300, seed=1)], vocab_size=400, add_bos=False)
+    tiny_llama(tok, hidden=32, layers=2, max_positions=256, seed=1).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_demo_with_a_smollm2_base_end_to_end(tmp_path, smollm2_stand_in):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--base", "smollm2", "--quick", "--base-model", smollm2_stand_in, "--output", out,
+                   timeout=600)
+    assert "SmolLM2-135M-Instruct" in proc.stdout and "LoRA r=16" in proc.stdout and "] pretrain" not in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "report.html").exists() and not (out / "pretrain").exists()
+    methods = {m["method"] for m in results["methods"]}
+    assert {"sft", "dpo", "ppo", "best-of-n"} <= methods
+    settings = results["settings"]
+    assert settings["plan"] == "smollm2-quick" and settings["lora"] and settings["base_model"] == str(smollm2_stand_in)
+    assert results["sft_fluency"]["not_applicable"] == ["pretrain_eval_loss", "sft_unknown_word_rate"]
+    assert (out / "ppo-2" / "value_model" / "value_head.pt").exists()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["base"] == "smollm2" and plan["base_model"] == str(smollm2_stand_in)
+
+
+def test_smollm2_without_a_base_model_says_to_run_make_real_model(tmp_path, monkeypatch):
+    from prefalign.config import DemoConfig
+    from prefalign.lab import demo_data
+    from prefalign.lab.demo import run_demo
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo_data, "find_smollm2_gguf", lambda: None)
+    monkeypatch.setattr(demo_data, "REAL_MODEL", tmp_path / "absent")   # hides this checkout's models/ too
+    with pytest.raises(ConfigError, match="make real-model"):
+        run_demo(DemoConfig(base="smollm2", output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="--base-model"):
+        run_demo(DemoConfig(base="tiny", base_model=str(tmp_path), output=str(tmp_path / "out")))
+
+
+def test_tiny_plans_record_what_they_recorded_before_the_smollm2_fields():
+    """plan.json of a tiny run holds no smollm2 field, so folders made before them are still reused."""
+    from prefalign.lab.demo_plan import QUICK, SMOLLM2, recorded
+    assert not {"base", "lora", "lora_r", "packing", "shared_value_head"} & set(recorded(QUICK))
+    assert {"base", "lora", "packing", "shared_value_head"} <= set(recorded(SMOLLM2))
+
+
+def test_a_plan_without_sft_uses_the_base_as_the_reference(tmp_path, smollm2_stand_in, monkeypatch):
+    """sft_steps = 0: no sft stage; the base samples the pairs and is the reference of KL and the frontier."""
+    import dataclasses
+    from prefalign.config import DemoConfig
+    from prefalign.lab import demo_plan
+    from prefalign.lab.demo import run_demo
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")          # keep pick_threads off this process's torch
+    plan = dataclasses.replace(demo_plan.SMOLLM2_QUICK, sft_steps=0, ppo_segments=1)
+    monkeypatch.setitem(demo_plan.PLANS, ("smollm2", True), plan)
+    out = tmp_path / "demo"
+    run_demo(DemoConfig(base="smollm2", quick=True, base_model=str(smollm2_stand_in), output=str(out)))
+    assert not (out / "sft").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert results["sft_fluency"]["sft_eval_loss"] is None
+    ppo = json.loads((out / "ppo-1" / "summary.json").read_text())
+    assert ppo["config"]["ref_model"] == str(smollm2_stand_in)

@@ -301,3 +301,24 @@ def test_cli_with_reward_model_of_another_tokenizer(fixture, tmp_path):
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out)  # the final policy is a plain HF checkpoint
     assert (out / "value_model" / "config.json").exists()
+
+
+def test_shared_value_head_continues_from_an_earlier_runs_value_model(fixture, tmp_path):
+    """--value-model with --shared-value-head loads the earlier run's head (how the demo chains segments);
+    a folder without value_head.pt, or a head of another width, is refused with what to pass."""
+    from prefalign.errors import ConfigError
+    from prefalign.stages.ppo import load_models
+    d, vocab = fixture
+    train(fixture, tmp_path / "first", iterations=1, shared_value_head=True)
+    saved = torch.load(tmp_path / "first" / "value_model" / "value_head.pt", weights_only=True)
+    cfg = config(d, tmp_path / "next", shared_value_head=True, value_model=str(tmp_path / "first" / "value_model"),
+                 seed=7)   # another seed: a new head would differ
+    head = load_models(cfg, torch.device("cpu"), low_half_reward(vocab)).value_head
+    assert all(torch.equal(head.state_dict()[k], saved[k]) for k in saved)
+    with pytest.raises(ConfigError, match="value_head.pt"):
+        load_models(config(d, tmp_path / "x", shared_value_head=True, value_model=str(d / "sft")),
+                    torch.device("cpu"), low_half_reward(vocab))
+    torch.save({"weight": torch.zeros(1, 5), "bias": torch.zeros(1)}, tmp_path / "narrow.pt")
+    with pytest.raises(ModelError, match="hidden size"):
+        load_models(config(d, tmp_path / "x", shared_value_head=True, value_model=str(tmp_path / "narrow.pt")),
+                    torch.device("cpu"), low_half_reward(vocab))

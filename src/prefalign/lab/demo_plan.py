@@ -1,4 +1,4 @@
-"""How big each step of `prefalign demo` is: one DemoPlan per size (default and --quick).
+"""How big each step of `prefalign demo` is: one DemoPlan per base and size (default and --quick).
 
 Every number a run depends on lives here, so a reader can see the whole experiment's scale at
 once and results.json can record it (``settings``). Sizes were chosen by timing on 2 shared CPU
@@ -58,10 +58,28 @@ class DemoPlan:
                                                        0.2, 0.3, 0.5, 1.0, 3.0))
     shown_prompts: int = 6               # side-by-side samples in the report
     save_steps: int = 200                # checkpoint period of the training stages (resume)
+    # --- the base policy, and how the training stages run on it (fields added for --base smollm2;
+    # see ``recorded``). A tiny base is built and pretrained here; a smollm2 base is loaded, and
+    # the pretraining fields above are then 0. sft_steps = 0 skips SFT: the base is the reference.
+    base: str = "tiny"
+    lora: bool = False                   # SFT, reward, DPO and PPO train LoRA adapters (outputs are merged)
+    lora_r: int = 16                     # LoRA rank; alpha = 2 r
+    packing: bool = False                # padding-free rows in SFT, reward and DPO
+    shared_value_head: bool = False      # PPO's value head on the policy backbone, not a second model
 
     @property
     def base_params_hint(self) -> str:
+        if self.base == "smollm2":
+            return "SmolLM2-135M-Instruct (134.5 M parameters" + (f", LoRA r={self.lora_r})" if self.lora else ")")
         return f"Llama {self.layers} layers x {self.hidden} hidden"
+
+
+def recorded(plan: DemoPlan) -> dict:
+    """The plan as OUTPUT/plan.json records it: every field, except those added for --base smollm2
+    while they hold their defaults, so output folders of tiny runs made before them still match."""
+    later = {"base", "lora", "lora_r", "packing", "shared_value_head"}
+    defaults = {f.name: f.default for f in dataclasses.fields(DemoPlan)}
+    return {k: v for k, v in dataclasses.asdict(plan).items() if k not in later or v != defaults[k]}
 
 
 DEFAULT = DemoPlan(name="default")
@@ -73,5 +91,27 @@ QUICK = dataclasses.replace(
     ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=2e-4, eval_samples_per_prompt=8, frontier_samples=32,
     best_of_n=(4, 16), shown_prompts=4, save_steps=100)
 
-def plan_for(quick: bool) -> DemoPlan:
-    return QUICK if quick else DEFAULT
+# SmolLM2-135M-Instruct as the base: no pretraining (the pretraining fields are 0), a short LoRA SFT,
+# then every stage with LoRA. Sized from per-step timings on the 2-core build machine (docs/demo.md).
+SMOLLM2 = dataclasses.replace(
+    DEFAULT, name="smollm2", base="smollm2", lora=True, lora_r=16, packing=True, shared_value_head=True,
+    pretrain_reviews=0, vocab_size=0, hidden=0, layers=0, heads=0, pretrain_steps=0, pretrain_batch=0,
+    pretrain_length=0, pretrain_lr=0.0,
+    train_prompts=512, heldout_prompts=32, sft_steps=40, sft_batch=8, sft_lr=1e-3, max_length=128, max_new_tokens=32,
+    pairs_per_prompt=2, reward_epochs=1.0, reward_batch=8, reward_lr=5e-4,
+    dpo_betas=(0.1, 0.5), dpo_epochs=1.0, dpo_batch=8, dpo_lr=5e-4,
+    ppo_segments=3, ppo_iterations=8, ppo_rollout_batch=32, ppo_minibatch=8, ppo_epochs=2, ppo_kl_coef=0.1,
+    ppo_lr=2e-4, eval_samples_per_prompt=8, frontier_samples=64, best_of_n=(2, 4, 8, 16, 32),
+    shown_prompts=6, save_steps=20)
+
+# The same recipe in a few minutes; the tests run it with a tiny stand-in for SmolLM2 (--base-model).
+SMOLLM2_QUICK = dataclasses.replace(
+    SMOLLM2, name="smollm2-quick", train_prompts=32, heldout_prompts=8, sft_steps=4, pairs_per_prompt=1,
+    dpo_betas=(0.5,), ppo_segments=2, ppo_iterations=2, ppo_rollout_batch=8, ppo_minibatch=4, max_new_tokens=16,
+    eval_samples_per_prompt=2, frontier_samples=8, best_of_n=(2, 4), shown_prompts=2, save_steps=10)
+
+PLANS = {("tiny", False): DEFAULT, ("tiny", True): QUICK, ("smollm2", False): SMOLLM2, ("smollm2", True): SMOLLM2_QUICK}
+
+
+def plan_for(quick: bool, base: str = "tiny") -> DemoPlan:
+    return PLANS[(base, quick)]

@@ -91,6 +91,11 @@ def _common(plan: DemoPlan, out: Path, resume: bool, seed: int) -> dict:
                 device="cpu", logging_steps=10)
 
 
+def _tuning(plan: DemoPlan) -> dict:
+    """LoRA options of the SFT, reward, DPO and PPO stages (pretraining trains every weight)."""
+    return dict(lora=True, lora_r=plan.lora_r, lora_alpha=2 * plan.lora_r) if plan.lora else {}
+
+
 def pretrain(out: Path, resume: bool, init_model: Path, data: Path, plan: DemoPlan, seed: int) -> None:
     """Next-token pretraining on {text} rows: `prefalign sft --packing` (every token is a label)."""
     from prefalign.stages.sft import run_sft
@@ -106,7 +111,8 @@ def sft(out: Path, resume: bool, base: Path, data: Path, plan: DemoPlan, seed: i
     from prefalign.stages.sft import run_sft
     cfg = SFTConfig(model=str(base), data=str(data), max_length=plan.max_length, max_steps=plan.sft_steps,
                     batch_size=plan.sft_batch, lr=plan.sft_lr, warmup_steps=plan.sft_steps // 10,
-                    lr_schedule="cosine", eval_fraction=0.05, **_common(plan, out, resume, seed))
+                    lr_schedule="cosine", eval_fraction=0.05, packing=plan.packing, **_tuning(plan),
+                    **_common(plan, out, resume, seed))
     _check(run_sft(cfg), "sft")
 
 
@@ -115,8 +121,8 @@ def reward(out: Path, resume: bool, sft_model: Path, prefs: Path, plan: DemoPlan
     from prefalign.stages.reward import run_reward
     cfg = RewardConfig(model=str(sft_model), data=str(prefs), max_length=plan.max_length,
                        epochs=plan.reward_epochs, batch_size=plan.reward_batch, lr=plan.reward_lr,
-                       warmup_ratio=0.05, lr_schedule="cosine", eval_fraction=0.05,
-                       **_common(plan, out, resume, seed))
+                       warmup_ratio=0.05, lr_schedule="cosine", eval_fraction=0.05, packing=plan.packing,
+                       **_tuning(plan), **_common(plan, out, resume, seed))
     _check(run_reward(cfg), "reward")
 
 
@@ -129,7 +135,7 @@ def dpo(out: Path, resume: bool, sft_model: Path, prefs: Path, beta: float, plan
     cfg = DPOConfig(model=str(sft_model), data=str(prefs), beta=beta, max_length=plan.max_length,
                     epochs=plan.dpo_epochs, batch_size=plan.dpo_batch, lr=plan.dpo_lr, warmup_ratio=0.05,
                     lr_schedule="cosine", eval_fraction=0.05, ref_cache_dir=str(out.parent / "ref_cache"),
-                    **_common(plan, out, resume, seed))
+                    packing=plan.packing, **_tuning(plan), **_common(plan, out, resume, seed))
     _check(run_dpo(cfg), f"dpo --beta {beta}")
 
 
@@ -138,7 +144,9 @@ def ppo_segment(out: Path, resume: bool, start_model: Path, value_model: Optiona
     """`prefalign ppo` for plan.ppo_iterations iterations, continuing from the previous segment's
     policy and value model; the reference stays the SFT model, so KL keeps measuring the distance
     to pi_SFT. A constant learning rate makes consecutive segments one long run (only AdamW's
-    moments restart), and each segment's output is an HF checkpoint of the policy."""
+    moments restart), and each segment's output is an HF checkpoint of the policy. With LoRA each
+    segment trains new adapters on the last merged policy; with a shared value head value_model is
+    the last segment's value_head.pt folder."""
     from prefalign.stages.ppo import run_ppo
     cfg = PPOConfig(model=str(start_model), ref_model=str(sft_model), reward_model=str(reward_model),
                     value_model=str(value_model) if value_model else None, prompts=str(prompts),
@@ -146,6 +154,7 @@ def ppo_segment(out: Path, resume: bool, start_model: Path, value_model: Optiona
                     minibatch_size=plan.ppo_minibatch, ppo_epochs=plan.ppo_epochs, kl_coef=plan.ppo_kl_coef,
                     lr=plan.ppo_lr, lr_schedule="constant", max_new_tokens=plan.max_new_tokens,
                     max_prompt_length=plan.max_length // 2, sample_every=plan.ppo_iterations,
+                    shared_value_head=plan.shared_value_head, **_tuning(plan),
                     **{**_common(plan, out, resume, seed), "save_steps": max(1, plan.ppo_iterations // 2),
                        "logging_steps": 1})
     _check(run_ppo(cfg), "ppo")

@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -105,6 +106,8 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
     value_model = value_head = None
     if cfg.shared_value_head:
         value_head = new_value_head(policy.config.hidden_size, cfg.seed).to(device)
+        if cfg.value_model:
+            value_head.load_state_dict(load_value_head(cfg.value_model, policy.config.hidden_size))
     else:
         # Values are per policy token, so the value model must share the policy's tokenizer.
         path = cfg.value_model or (cfg.reward_model if rm is not None and not retokenize else None)
@@ -119,6 +122,21 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
     trainable = nn.ModuleDict({"policy": policy, "value": value_model if value_model is not None else value_head})
     trainable.eval()  # no dropout: the recorded log-probs must equal the recomputed ones
     return Models(policy, tok, ref, rm, rm_tok, retokenize, value_model, value_head, trainable)
+
+
+def load_value_head(path: str, hidden_size: int) -> dict:
+    """The state dict of a shared value head saved by an earlier `prefalign ppo --shared-value-head`
+    (its OUTPUT/value_model folder, or the value_head.pt in it), checked against the policy's width."""
+    file = Path(path) / "value_head.pt" if Path(path).is_dir() else Path(path)
+    if not file.is_file() or file.suffix != ".pt":
+        raise ConfigError(f"--value-model {path} with --shared-value-head must be the value_model folder of an "
+                          f"earlier `prefalign ppo --shared-value-head` run (it holds value_head.pt), or that file.")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    shape = tuple(state["weight"].shape) if "weight" in state else None
+    if shape != (1, hidden_size):
+        raise ModelError(f"{file} holds a value head of shape {shape}; this policy (hidden size {hidden_size}) "
+                         f"needs (1, {hidden_size}). Pass the value_model folder of a run with this policy.")
+    return state
 
 
 def plan_iterations(cfg, n_prompts: int, world_size: int) -> tuple[int, int]:
