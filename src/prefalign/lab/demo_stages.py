@@ -154,7 +154,7 @@ def ppo_segment(out: Path, resume: bool, start_model: Path, value_model: Optiona
                     minibatch_size=plan.ppo_minibatch, ppo_epochs=plan.ppo_epochs, kl_coef=plan.ppo_kl_coef,
                     lr=plan.ppo_lr, lr_schedule="constant", max_new_tokens=plan.max_new_tokens,
                     max_prompt_length=plan.max_length // 2, sample_every=plan.ppo_iterations,
-                    shared_value_head=plan.shared_value_head, **_tuning(plan),
+                    shared_value_head=plan.shared_value_head, packing=plan.packing, **_tuning(plan),
                     **{**_common(plan, out, resume, seed), "save_steps": max(1, plan.ppo_iterations // 2),
                        "logging_steps": 1})
     _check(run_ppo(cfg), "ppo")
