@@ -118,8 +118,9 @@ def ragged_rollout(vocab: int, eos: int, pad: int):
     return query_ids, query_mask, response_ids, response_mask
 
 
-@pytest.mark.parametrize("attention", ["prefalign_packed", "sdpa", "eager"])
-def test_packed_forwards_equal_padded_with_gradients(fixture, attention):
+@pytest.mark.parametrize("attention,old_transformers", [("prefalign_packed", False), ("sdpa", False),
+                                                        ("eager", False), ("prefalign_packed", True)])
+def test_packed_forwards_equal_padded_with_gradients(fixture, attention, old_transformers, monkeypatch):
     """Policy log-probs and entropy, per-token values, the shared-head path and reward scores: the
     packed row gives the padded batch's numbers (and gradients), for the per-example attention and
     for transformers' block-diagonal mask (sdpa, eager)."""
@@ -127,6 +128,9 @@ def test_packed_forwards_equal_padded_with_gradients(fixture, attention):
     from prefalign.rollout import forward_logps, forward_logps_packed, pack_sequences
     from prefalign.stages.ppo_parts import new_value_head, policy_forward, token_values
 
+    if old_transformers:  # before transformers 5 (no boolean logits_to_keep): every logit, then gathered
+        import transformers.modeling_utils
+        monkeypatch.delattr(transformers.modeling_utils, "slice_logits_to_keep")
     d, vocab = fixture
     policy, tok = load_causal_lm(str(d / "sft"))  # loaded on prefalign_packed; switched back for the others
     value, _ = load_scalar_model(str(d / "sft"), seed=1)
@@ -136,7 +140,9 @@ def test_packed_forwards_equal_padded_with_gradients(fixture, attention):
     assert policy.config._attn_implementation == value.backbone.config._attn_implementation == attention
     seq = ragged_rollout(vocab, tok.eos_token_id, tok.pad_token_id)
     packed = pack_sequences(*seq)
-    assert packed.input_ids.shape == (1, 16 + 23) and packed.position_ids[0, :13].tolist() == list(range(13))
+    # Sequences of 13, 4, 4, 9, 9 real tokens in rows of width P + R = 13: [13], [4, 4], [9], [9].
+    assert packed.input_ids.shape == (4, 13) and packed.position_ids[0].tolist() == list(range(13))
+    assert packed.segment_ids[1].tolist() == [1] * 4 + [2] * 4 + [-1] * 5 and int(packed.keep.sum()) == 23
     mask = seq[3]
 
     def grads(model):

@@ -198,8 +198,8 @@ class PPOConfig(ModelArgs, TrainArgs):
     normalize_scores: bool = opt(False, "Whiten reward-model scores with running statistics.")
     score_clip: Optional[float] = opt(None, "Clip (normalised) scores to [-c, c].")
     sample_every: int = opt(10, "Write a few sample completions to samples.jsonl every N iterations.")
-    packing: bool = opt(False, "Run the scoring and training forwards on one packed row of real tokens (no "
-                                "prompt padding, nothing after EOS): same results, less compute.")
+    packing: bool = opt(False, "Run the scoring and training forwards on packed rows of real tokens (no "
+                                "prompt padding, nothing after EOS): same results, less compute when lengths vary.")
 
 
 @dataclass

@@ -165,25 +165,28 @@ def forward_logps(model, query_ids: torch.Tensor, query_mask: torch.Tensor, resp
 
 @dataclass
 class PackedSequences:
-    """Every query + response of a rollout as ONE row of real tokens: no left padding of prompts and
-    nothing after EOS, so a forward costs what the tokens cost. Built by ``pack_sequences``.
+    """A rollout's query + response pairs packed into rows of real tokens: no left padding of prompts
+    and nothing after EOS, so a forward costs about what the tokens cost. Built by ``pack_sequences``.
 
-    Sequence b occupies a contiguous run of the row (its query's real tokens, then its response's),
-    with position ids restarting at 0: the same positions as ``position_ids_from_mask`` gives the
-    padded batch, so the two layouts compute the same thing (tested to float tolerance).
+    Sequence b occupies a contiguous run of one row (its query's real tokens, then its response's),
+    with position ids restarting at 0: the positions ``position_ids_from_mask`` gives the padded batch,
+    so both layouts compute the same thing (tested to float tolerance). Rows are as wide as the padded
+    batch (P + R), so no row and no attention mask is ever larger than a padded one.
     """
 
-    input_ids: torch.Tensor  # (1, N) long, N = number of real tokens in the batch
-    position_ids: torch.Tensor  # (1, N) long, 0.. within each sequence
-    segment_ids: torch.Tensor  # (1, N) long, the sequence index b
-    before: torch.Tensor  # (B, R) long: row index of the state that predicts response token r; 0 where masked
-    last: torch.Tensor  # (B,) long: row index of each sequence's last real token
+    input_ids: torch.Tensor  # (S, W) long, S <= B rows of width W = P + R; 0 after a row's last sequence
+    position_ids: torch.Tensor  # (S, W) long, 0.. within each sequence
+    segment_ids: torch.Tensor  # (S, W) long, the sequence index b; -1 after a row's last sequence
+    before: torch.Tensor  # (B, R) long: flat index (row * W + column) of the state that predicts response
+    #                       token r; 0 where the response is masked
+    keep: torch.Tensor  # (S, W) bool: the states in ``before`` that predict a real response token
     _layout: Optional[object] = field(default=None, repr=False)  # built on first use
 
     def attention_kwargs(self, model) -> dict:
         """Forward kwargs that keep the sequences apart: the per-example layout when ``model`` runs
-        prefalign_packed attention (built once, shared by every model that reads this batch), else {}
-        and transformers derives the block-diagonal causal mask from the restarting position ids."""
+        prefalign_packed attention (built once for the policy, reference and value forwards of this
+        batch), else {} and transformers derives the block-diagonal causal mask from the restarting
+        position ids."""
         from prefalign.models.attention import LAYOUT_KWARG, build_layout, uses_packed_attention
         if not uses_packed_attention(model):
             return {}
@@ -194,38 +197,64 @@ class PackedSequences:
 
 def pack_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                    response_mask: torch.Tensor) -> PackedSequences:
-    """Pack a rollout's left-padded queries (B, P) and right-padded responses (B, R) into one row."""
+    """Pack a rollout's left-padded queries (B, P) and right-padded responses (B, R), in order, into
+    rows of width P + R (a sequence starts a new row when it does not fit the current one)."""
+    if not (torch.equal(query_mask.flip(1).cummin(1).values.flip(1), query_mask)
+            and torch.equal(response_mask.cummin(1).values, response_mask)):
+        raise ValueError("pack_sequences: queries must be left-padded and responses right-padded.")
     mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P + R)
-    lengths = mask.sum(dim=1)  # (B,)
-    prompt_lengths = query_mask.sum(dim=1)  # (B,)
-    if bool((prompt_lengths == 0).any()):
+    (B, W), device = mask.shape, mask.device
+    lengths, prompt_lengths = mask.sum(dim=1).tolist(), query_mask.sum(dim=1).tolist()
+    if min(prompt_lengths) == 0:
         raise ValueError("pack_sequences: every query needs at least one token.")
-    starts = lengths.cumsum(0) - lengths  # (B,) where each sequence begins in the row
-    B, device = len(lengths), mask.device
-    input_ids = torch.cat([query_ids, response_ids], dim=1)[mask]  # (N,) row-major: query then response
-    segment_ids = torch.arange(B, device=device).repeat_interleave(lengths)  # (N,)
-    position_ids = torch.arange(len(segment_ids), device=device) - starts.repeat_interleave(lengths)
+    starts, row, col = [], 0, 0  # flat start of each sequence
+    for n in lengths:
+        if col + n > W:
+            row, col = row + 1, 0
+        starts.append(row * W + col)
+        col += n
+    S, starts_t = row + 1, torch.tensor(starts, device=device)
+    lengths_t = torch.tensor(lengths, device=device)
+    flat = starts_t.repeat_interleave(lengths_t) + torch.arange(int(lengths_t.sum()), device=device) \
+        - (lengths_t.cumsum(0) - lengths_t).repeat_interleave(lengths_t)  # (N,) where each real token goes
+    input_ids = torch.zeros(S * W, dtype=torch.long, device=device)
+    input_ids[flat] = torch.cat([query_ids, response_ids], dim=1)[mask]  # row-major: query then response
+    position_ids = torch.zeros(S * W, dtype=torch.long, device=device)
+    position_ids[flat] = flat - starts_t.repeat_interleave(lengths_t)
+    segment_ids = torch.full((S * W,), -1, dtype=torch.long, device=device)
+    segment_ids[flat] = torch.arange(B, device=device).repeat_interleave(lengths_t)
     r = torch.arange(response_ids.shape[1], device=device)
-    before = starts[:, None] + prompt_lengths[:, None] - 1 + r  # (B, R): position P_b - 1 + r of sequence b
+    before = starts_t[:, None] + torch.tensor(prompt_lengths, device=device)[:, None] - 1 + r  # (B, R)
     before = torch.where(response_mask, before, torch.zeros((), dtype=torch.long, device=device))
-    return PackedSequences(input_ids[None], position_ids[None], segment_ids[None], before, starts + lengths - 1)
+    keep = torch.zeros(S * W, dtype=torch.bool, device=device)
+    keep[before[response_mask]] = True
+    return PackedSequences(*(t.view(S, W) for t in (input_ids, position_ids, segment_ids)), before, keep.view(S, W))
 
 
 def forward_logps_packed(model, packed: PackedSequences, response_ids: torch.Tensor, response_mask: torch.Tensor,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``forward_logps`` on a packed row: the same (logprobs (B, R), entropy (B, R)), 0 where masked.
+    """``forward_logps`` on packed rows: the same (logprobs (B, R), entropy (B, R)), 0 where masked.
 
-    The model's own head computes logits only at the B * R states that predict response tokens
-    (``logits_to_keep`` as an index tensor), so heads that scale or cap logits behave as in
-    ``forward_logps``.
+    The model's own head (so heads that scale or cap logits behave as in ``forward_logps``) computes
+    logits only at the K states that predict response tokens (``logits_to_keep`` as a boolean mask,
+    transformers >= 5); they come out in row-major order, which is the (b, r) order of
+    ``response_mask``. Older transformers compute every position's logits and the K are gathered.
     """
-    B, R = response_ids.shape
-    logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                   logits_to_keep=packed.before.flatten(), **packed.attention_kwargs(model)).logits  # (1, B*R, V)
-    logits = logits.view(B, R, -1).float() / temperature  # (B, R, V)
-    zero = torch.zeros((), device=logits.device)
-    logps = torch.where(response_mask, token_logps(logits, response_ids), zero)
-    return logps, torch.where(response_mask, entropy_from_logits(logits), zero)
+    from transformers import modeling_utils
+    kwargs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                  **packed.attention_kwargs(model))
+    K = int(response_mask.sum())
+    if hasattr(modeling_utils, "slice_logits_to_keep"):
+        logits = model(**kwargs, logits_to_keep=packed.keep).logits  # (K, V)
+    else:
+        logits = model(**kwargs).logits.flatten(0, 1)[packed.before[response_mask]]  # (S * W, V) -> (K, V)
+    if logits.shape[:-1] != (K,):
+        raise ValueError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for a boolean "
+                         f"logits_to_keep selecting {K} positions; run ppo without --packing for this model.")
+    logits = logits.float() / temperature  # (K, V)
+    zero = logits.new_zeros(response_ids.shape)  # (B, R)
+    logps = zero.masked_scatter(response_mask, token_logps(logits, response_ids[response_mask]))
+    return logps, zero.masked_scatter(response_mask, entropy_from_logits(logits))
 
 
 def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 1.0,

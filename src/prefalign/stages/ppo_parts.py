@@ -168,8 +168,8 @@ def _response_hidden(backbone: nn.Module, query_ids, query_mask, response_ids, r
     """
     if packed is not None:
         hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                          **packed.attention_kwargs(backbone)).last_hidden_state[0]  # (N, H)
-        return hidden[packed.before]  # (B, R, H)
+                          **packed.attention_kwargs(backbone)).last_hidden_state  # (S, W, H)
+        return hidden.flatten(0, 1)[packed.before]  # (B, R, H)
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, P + R)
     mask = torch.cat([query_mask, response_mask], dim=1)
     hidden = backbone(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
