@@ -139,7 +139,7 @@ def test_packed_forwards_equal_padded_with_gradients(fixture, attention, old_tra
         value.backbone.set_attn_implementation(attention)
     assert policy.config._attn_implementation == value.backbone.config._attn_implementation == attention
     seq = ragged_rollout(vocab, tok.eos_token_id, tok.pad_token_id)
-    packed = pack_sequences(*seq)
+    packed = pack_sequences(*seq, row_tokens=8)  # rows of at most max(8, P + R) = 13 tokens
     # Sequences of 13, 4, 4, 9, 9 real tokens in rows of width P + R = 13: [13], [4, 4], [9], [9].
     assert packed.input_ids.shape == (4, 13) and packed.position_ids[0].tolist() == list(range(13))
     assert packed.segment_ids[1].tolist() == [1] * 4 + [2] * 4 + [-1] * 5 and int(packed.keep.sum()) == 23
@@ -157,6 +157,10 @@ def test_packed_forwards_equal_padded_with_gradients(fixture, attention, old_tra
     (lp_k.sum() + ent_k.sum()).backward()
     g_pack = grads(policy)
     torch.testing.assert_close(lp_k, lp, rtol=0, atol=2e-5)
+    one_row = pack_sequences(*seq)  # the default budget (1024 tokens) takes all 39 tokens in one row
+    assert one_row.input_ids.shape == (1, 39)
+    torch.testing.assert_close(forward_logps_packed(policy, one_row, seq[2], mask, temperature=0.7)[0].detach(),
+                               lp.detach(), rtol=0, atol=2e-5)
     torch.testing.assert_close(ent_k, ent, rtol=0, atol=2e-5)
     assert bool((lp_k[~mask] == 0).all()) and g_pad.keys() == g_pack.keys()
     assert (packed._layout is not None) == (attention == "prefalign_packed")  # per-example attention was used

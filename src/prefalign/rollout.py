@@ -170,11 +170,11 @@ class PackedSequences:
 
     Sequence b occupies a contiguous run of one row (its query's real tokens, then its response's),
     with position ids restarting at 0: the positions ``position_ids_from_mask`` gives the padded batch,
-    so both layouts compute the same thing (tested to float tolerance). Rows are as wide as the padded
-    batch (P + R), so no row and no attention mask is ever larger than a padded one.
+    so both layouts compute the same thing (tested to float tolerance). Rows hold at most
+    max(row_tokens, P + R) tokens, which bounds the (W, W) attention mask transformers builds per row.
     """
 
-    input_ids: torch.Tensor  # (S, W) long, S <= B rows of width W = P + R; 0 after a row's last sequence
+    input_ids: torch.Tensor  # (S, W) long, S <= B rows, W <= max(row_tokens, P + R); 0 after a row's last sequence
     position_ids: torch.Tensor  # (S, W) long, 0.. within each sequence
     segment_ids: torch.Tensor  # (S, W) long, the sequence index b; -1 after a row's last sequence
     before: torch.Tensor  # (B, R) long: flat index (row * W + column) of the state that predicts response
@@ -196,24 +196,28 @@ class PackedSequences:
 
 
 def pack_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                   response_mask: torch.Tensor) -> PackedSequences:
+                   response_mask: torch.Tensor, row_tokens: int = 1024) -> PackedSequences:
     """Pack a rollout's left-padded queries (B, P) and right-padded responses (B, R), in order, into
-    rows of width P + R (a sequence starts a new row when it does not fit the current one)."""
+    rows of at most max(row_tokens, P + R) tokens: a sequence starts a new row when it does not fit
+    the current one. The rows are as wide as the fullest one."""
     if not (torch.equal(query_mask.flip(1).cummin(1).values.flip(1), query_mask)
             and torch.equal(response_mask.cummin(1).values, response_mask)):
         raise ValueError("pack_sequences: queries must be left-padded and responses right-padded.")
     mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P + R)
-    (B, W), device = mask.shape, mask.device
+    B, device = mask.shape[0], mask.device
+    budget = max(row_tokens, mask.shape[1])
     lengths, prompt_lengths = mask.sum(dim=1).tolist(), query_mask.sum(dim=1).tolist()
     if min(prompt_lengths) == 0:
         raise ValueError("pack_sequences: every query needs at least one token.")
-    starts, row, col = [], 0, 0  # flat start of each sequence
+    rows, cols, row, col = [], [], 0, 0  # where each sequence starts
     for n in lengths:
-        if col + n > W:
+        if col + n > budget:
             row, col = row + 1, 0
-        starts.append(row * W + col)
+        rows.append(row)
+        cols.append(col)
         col += n
-    S, starts_t = row + 1, torch.tensor(starts, device=device)
+    S, W = row + 1, max(c + n for c, n in zip(cols, lengths))
+    starts_t = torch.tensor(rows, device=device) * W + torch.tensor(cols, device=device)  # (B,) flat starts
     lengths_t = torch.tensor(lengths, device=device)
     flat = starts_t.repeat_interleave(lengths_t) + torch.arange(int(lengths_t.sum()), device=device) \
         - (lengths_t.cumsum(0) - lengths_t).repeat_interleave(lengths_t)  # (N,) where each real token goes
