@@ -87,5 +87,5 @@ def test_label_flow_in_chromium(tmp_path):
     # 1st item: A better; 2nd: B undone, then A better; tie and both-bad are left out by default.
     expected = [{"prompt": s[0], "chosen": s[1], "rejected": s[2], "n_labels": 1, "agreement": 1.0,
                  "outcome": "preference"} for s in seen[:2]]
-    key = lambda r: (r["prompt"], r["chosen"])  # noqa: E731
+    key = lambda r: (r["prompt"], r["chosen"], r["rejected"])  # noqa: E731  (two pairs can share prompt and chosen)
     assert sorted(rows, key=key) == sorted(expected, key=key)

@@ -174,6 +174,9 @@ def test_packed_forwards_equal_padded_with_gradients(fixture, attention, old_tra
                                      segment_ids=packed.segment_ids, n_segments=5),
                                value(torch.cat(seq[:3:2], 1), torch.cat([seq[1], mask], 1)), rtol=0, atol=2e-5)
 
+    with pytest.raises(ValueError, match="left-padded"):  # a query padded on the right
+        pack_sequences(seq[0].flip(1), seq[1].flip(1), *seq[2:])
+
     head = new_value_head(policy.config.hidden_size, seed=0)
     padded = policy_forward(policy, head, *seq, temperature=1.0)
     packed_out = policy_forward(policy, head, *seq, temperature=1.0, packed=packed)
@@ -181,9 +184,11 @@ def test_packed_forwards_equal_padded_with_gradients(fixture, attention, old_tra
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
 
 
-def test_packed_ppo_run_equals_padded(fixture, tmp_path):
+@pytest.mark.parametrize("row_tokens", [1024, 0], ids=["one-row", "rows-of-P+R"])
+def test_packed_ppo_run_equals_padded(fixture, tmp_path, monkeypatch, row_tokens):
     """Two PPO iterations with --packing against a reward model (the packed reward path) give the
-    padded run's metrics and weights."""
+    padded run's metrics and weights, whether a batch fits one row or needs many."""
+    monkeypatch.setattr("prefalign.stages.ppo.PACK_ROW_TOKENS", row_tokens)
     d, _ = fixture
     kw = dict(reward_model=str(d / "sft"), iterations=2, max_new_tokens=6, temperature=0.8)
     run_ppo(config(d, tmp_path / "padded", **kw))

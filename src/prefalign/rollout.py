@@ -248,13 +248,17 @@ def forward_logps_packed(model, packed: PackedSequences, response_ids: torch.Ten
     kwargs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                   **packed.attention_kwargs(model))
     K = int(response_mask.sum())
+    refuse = (f"{type(model).__name__} does not take a boolean logits_to_keep (transformers' "
+              f"slice_logits_to_keep); run ppo without --packing for this model.")
     if hasattr(modeling_utils, "slice_logits_to_keep"):
-        logits = model(**kwargs, logits_to_keep=packed.keep).logits  # (K, V)
+        try:
+            logits = model(**kwargs, logits_to_keep=packed.keep).logits  # (K, V)
+        except (IndexError, TypeError) as e:
+            raise ValueError(f"{refuse} ({type(e).__name__}: {e})") from e
     else:
         logits = model(**kwargs).logits.flatten(0, 1)[packed.before[response_mask]]  # (S * W, V) -> (K, V)
     if logits.shape[:-1] != (K,):
-        raise ValueError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for a boolean "
-                         f"logits_to_keep selecting {K} positions; run ppo without --packing for this model.")
+        raise ValueError(f"{refuse} (logits of shape {tuple(logits.shape)} for {K} selected positions)")
     logits = logits.float() / temperature  # (K, V)
     zero = logits.new_zeros(response_ids.shape)  # (B, R)
     logps = zero.masked_scatter(response_mask, token_logps(logits, response_ids[response_mask]))

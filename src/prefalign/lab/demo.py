@@ -81,7 +81,7 @@ def run_demo(cfg: DemoConfig) -> int:
     run = base_stages(pipe, plan, seed, base_model)
     policies = dpo_policies(run) + ppo_policies(run)           # [(method, knobs, eval dir)]
     results = collect_results(out, plan, seed, run.samples, run.prefs, policies, time.perf_counter() - t0,
-                              base_model or str(out / "pretrain"))
+                              base_model or str((out / "pretrain").resolve()))
     trained = [n for n in ("pretrain", "sft", "reward") if (out / n).is_dir()] + [e.name for _, _, e in policies]
     report = write_report(out, results, R.curves(out, trained),
                           R.side_by_side(out, plan.shown_prompts, plan.frontier_samples, shown_policies(policies),

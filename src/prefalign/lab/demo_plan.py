@@ -64,7 +64,7 @@ class DemoPlan:
     base: str = "tiny"
     lora: bool = False                   # SFT, reward, DPO and PPO train LoRA adapters (outputs are merged)
     lora_r: int = 16                     # LoRA rank; alpha = 2 r
-    packing: bool = False                # padding-free rows in SFT, reward and DPO
+    packing: bool = False                # padding-free rows in SFT, reward, DPO and PPO
     shared_value_head: bool = False      # PPO's value head on the policy backbone, not a second model
 
     @property

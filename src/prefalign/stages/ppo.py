@@ -39,7 +39,8 @@ from prefalign.losses import gae, kl_estimate, ppo_policy_loss, ppo_value_loss
 from prefalign.models import (apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, load_scalar_model,
                               save_pretrained)
 from prefalign.ops import masked_mean
-from prefalign.rollout import Rollout, pack_sequences, sample
+from prefalign.models.attention import uses_packed_attention
+from prefalign.rollout import PackedSequences, Rollout, pack_sequences, sample
 from prefalign.stages.common import finish, save_final, start
 from prefalign.stages.ppo_parts import (AdaptiveKLController, FixedKLController, RunningMoments, average_gradients,
                                         check_replicas, global_moments, global_whiten, new_value_head,
@@ -131,8 +132,13 @@ def load_value_head(path: str, hidden_size: int) -> dict:
     if not file.is_file() or file.suffix != ".pt":
         raise ConfigError(f"--value-model {path} with --shared-value-head must be the value_model folder of an "
                           f"earlier `prefalign ppo --shared-value-head` run (it holds value_head.pt), or that file.")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or set(state) != {"weight", "bias"}:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, a pickle that is not plain tensors, ...
+        raise ModelError(f"{file} cannot be read as a value head ({type(e).__name__}: {e}). Pass the value_model "
+                         f"folder of an earlier `prefalign ppo --shared-value-head` run.") from None
+    if (not isinstance(state, dict) or set(state) != {"weight", "bias"}
+            or not all(torch.is_tensor(v) for v in state.values()) or tuple(state["bias"].shape) != (1,)):
         raise ModelError(f"{file} is not a value head saved by `prefalign ppo --shared-value-head` (expected a "
                          f"state dict with weight and bias). Pass the value_model folder of such a run.")
     shape = tuple(state["weight"].shape)
@@ -177,6 +183,16 @@ def final_scores(raw: torch.Tensor, ended_with_eos: torch.Tensor, cfg, stats: Ru
     return scores
 
 
+# --packing: tokens per packed row. With per-example attention a long row costs what its sequences
+# cost; otherwise attention and its mask grow with the row's square, so rows stay P + R wide.
+PACK_ROW_TOKENS = 1024
+
+
+def pack_rows(m: Models, seq: tuple) -> PackedSequences:
+    """The rollout's sequences packed for the scoring and training forwards (``--packing``)."""
+    return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if uses_packed_attention(m.policy) else 0)
+
+
 @torch.no_grad()
 def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: RunningMoments,
             generator: torch.Generator, device, reward_fn: Optional[RewardFn]) -> tuple[dict, dict]:
@@ -190,7 +206,7 @@ def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: Ru
     completions = [m.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
                    for ids, mask in zip(r.response_ids, r.response_mask)]
     seq = (r.query_ids, r.query_mask, r.response_ids, r.response_mask)
-    packed = pack_sequences(*seq) if cfg.packing else None
+    packed = pack_rows(m, seq) if cfg.packing else None
     with autocast_for(device, cfg.dtype):
         if reward_fn is not None:
             raw = torch.as_tensor(reward_fn(prompts, completions, r), dtype=torch.float32, device=device)
@@ -246,7 +262,7 @@ def minibatch_loss(cfg, m: Models, mb: dict) -> tuple[torch.Tensor, dict]:
     """Policy + value (+ entropy) loss of one minibatch and its metrics as (sum, count)."""
     seq = (mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
     mask = mb["response_mask"]
-    packed = pack_sequences(*seq) if cfg.packing else None  # one layout for the policy and value forwards
+    packed = pack_rows(m, seq) if cfg.packing else None  # one layout for the policy and value forwards
     logprobs, entropy, values = policy_forward(m.policy, m.value_head, *seq, temperature=cfg.temperature,
                                                packed=packed)
     if values is None:
