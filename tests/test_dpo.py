@@ -315,6 +315,7 @@ def test_resume_equals_uninterrupted(fx, tmp_path):
     ({"loss": "hinge", "label_smoothing": 0.1}, "label_smoothing"),
     ({"beta": 0.0}, "beta"),
     ({"reference_free": True, "live_reference": True}, "--reference-free"),
+    ({"lora": True, "lora_dropout": 0.1}, "--lora-dropout"),
 ])
 def test_bad_options_are_config_errors(fx, tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):

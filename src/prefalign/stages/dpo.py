@@ -138,6 +138,9 @@ def check_options(cfg) -> None:
         raise ConfigError("--reference-free uses no reference model; drop --ref-model / --live-reference.")
     if cfg.nll_weight < 0:
         raise ConfigError(f"--nll-weight must not be negative, got {cfg.nll_weight}.")
+    if cfg.lora and cfg.lora_dropout > 0:  # the model's own dropout is switched off (disable_dropout)
+        raise ConfigError(f"dpo trains without dropout, so policy and reference log-probs come from the same "
+                          f"deterministic forward; drop --lora-dropout {cfg.lora_dropout:g} (LoRA dropout 0).")
 
 def live_reference(cfg, model, tokenizer, device) -> Reference:
     """--live-reference: --ref-model kept in memory, the policy with adapters off (--lora), or a
