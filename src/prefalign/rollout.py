@@ -219,12 +219,12 @@ def pack_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, response_i
     S, W = row + 1, max(c + n for c, n in zip(cols, lengths))
     starts_t = torch.tensor(rows, device=device) * W + torch.tensor(cols, device=device)  # (B,) flat starts
     lengths_t = torch.tensor(lengths, device=device)
-    flat = starts_t.repeat_interleave(lengths_t) + torch.arange(int(lengths_t.sum()), device=device) \
-        - (lengths_t.cumsum(0) - lengths_t).repeat_interleave(lengths_t)  # (N,) where each real token goes
+    within = position_ids_from_mask(mask)[mask]  # (N,) each real token's position in its sequence
+    flat = starts_t.repeat_interleave(lengths_t) + within  # (N,) where each real token goes
     input_ids = torch.zeros(S * W, dtype=torch.long, device=device)
     input_ids[flat] = torch.cat([query_ids, response_ids], dim=1)[mask]  # row-major: query then response
     position_ids = torch.zeros(S * W, dtype=torch.long, device=device)
-    position_ids[flat] = flat - starts_t.repeat_interleave(lengths_t)
+    position_ids[flat] = within
     segment_ids = torch.full((S * W,), -1, dtype=torch.long, device=device)
     segment_ids[flat] = torch.arange(B, device=device).repeat_interleave(lengths_t)
     r = torch.arange(response_ids.shape[1], device=device)
