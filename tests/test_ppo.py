@@ -184,6 +184,22 @@ def test_packed_forwards_equal_padded_with_gradients(fixture, attention, old_tra
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
 
 
+def test_packed_rows_are_long_only_when_every_model_attends_per_example(fixture):
+    """A value model on transformers' block mask (cost grows with the row's square) keeps rows P + R wide."""
+    from types import SimpleNamespace
+    from prefalign.models import load_causal_lm, load_scalar_model
+    from prefalign.stages.ppo import pack_rows
+
+    d, vocab = fixture
+    policy, tok = load_causal_lm(str(d / "sft"))
+    value, _ = load_scalar_model(str(d / "sft"))
+    seq = ragged_rollout(vocab, tok.eos_token_id, tok.pad_token_id)  # 39 real tokens, P + R = 13
+    m = SimpleNamespace(policy=policy, ref=None, value_model=value, reward_model=None)
+    assert pack_rows(m, seq).input_ids.shape == (1, 39)
+    value.backbone.set_attn_implementation("sdpa")
+    assert pack_rows(m, seq).input_ids.shape == (4, 13)
+
+
 @pytest.mark.parametrize("row_tokens", [1024, 0], ids=["one-row", "rows-of-P+R"])
 def test_packed_ppo_run_equals_padded(fixture, tmp_path, monkeypatch, row_tokens):
     """Two PPO iterations with --packing against a reward model (the packed reward path) give the

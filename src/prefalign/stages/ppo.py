@@ -189,8 +189,11 @@ PACK_ROW_TOKENS = 1024
 
 
 def pack_rows(m: Models, seq: tuple) -> PackedSequences:
-    """The rollout's sequences packed for the scoring and training forwards (``--packing``)."""
-    return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if uses_packed_attention(m.policy) else 0)
+    """The rollout's sequences packed for the scoring and training forwards (``--packing``): long
+    rows only when every model that reads them runs per-example attention."""
+    readers = [x for x in (m.policy, m.ref, m.value_model, m.reward_model) if x is not None]
+    long_rows = all(uses_packed_attention(x) for x in readers)
+    return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
 
 
 @torch.no_grad()
