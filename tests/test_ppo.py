@@ -353,3 +353,9 @@ def test_shared_value_head_continues_from_an_earlier_runs_value_model(fixture, t
     with pytest.raises(ModelError, match="hidden size"):
         load_models(config(d, tmp_path / "x", shared_value_head=True, value_model=str(tmp_path / "narrow.pt")),
                     torch.device("cpu"), low_half_reward(vocab))
+    (tmp_path / "torn.pt").write_bytes((tmp_path / "first" / "value_model" / "value_head.pt").read_bytes()[:40])
+    torch.save({"weight": torch.zeros(1, 32)}, tmp_path / "no_bias.pt")
+    for bad, message in (("torn.pt", "cannot be read as a value head"), ("no_bias.pt", "expected a state dict")):
+        with pytest.raises(ModelError, match=message):
+            load_models(config(d, tmp_path / "x", shared_value_head=True, value_model=str(tmp_path / bad)),
+                        torch.device("cpu"), low_half_reward(vocab))
