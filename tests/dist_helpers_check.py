@@ -60,8 +60,8 @@ def check_sharded_frozen_model(info):
 
 def check_meter_with_an_idle_rank(info):
     """Rank 1 saw no examples (an eval set shorter than the world): the means are rank 0's."""
-    from prefalign.train.loop import _Meter
-    meter = _Meter()
+    from prefalign.train.harness import Meter
+    meter = Meter()
     if info.rank == 0:
         meter.add({"loss": (6.0, 3.0), "accuracy": (1.0, 2.0)})
     assert meter.reduce(info.device) == {"accuracy": 0.5, "loss": 2.0}

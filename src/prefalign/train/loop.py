@@ -1,4 +1,5 @@
-"""The one training loop every supervised stage uses (SFT, reward, DPO).
+"""The one training loop every supervised stage uses (SFT, reward, DPO), on the run harness
+(train/harness.py: resume, save, signals, bad steps, logging).
 
 A stage hands the loop an *objective*:
 
@@ -24,21 +25,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
-from prefalign.errors import ConfigError, PrefalignError
-from prefalign.train import checkpoint as ckpt
-from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, no_grad_sync
-from prefalign.train.logger import MetricsLogger, Stopwatch, progress
+from prefalign.errors import ConfigError
+from prefalign.train.dist import DistInfo, all_reduce_sum, no_grad_sync
+from prefalign.train.harness import LoopResult, Meter, Run, TrainingStopped
 from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
+
+__all__ = ["LossOutput", "LoopResult", "Objective", "TrainingStopped", "backward_step", "epoch_order", "evaluate",
+           "fit", "rank_batch_indices", "to_device", "autocast_for", "scheduler_step"]
 
 
 @dataclass
@@ -51,26 +52,6 @@ class Objective(Protocol):
     def units(self, batch: dict) -> float: ...
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput: ...
-
-
-class TrainingStopped(PrefalignError):
-    """Raised after a signal or too many bad steps, once a checkpoint is safely written."""
-
-    label = "stopped"  # not a usage error; the exit code (128 + signal, or 3) says why
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass
-class LoopResult:
-    steps: int
-    last_metrics: dict[str, float]
-    eval_metrics: dict[str, float]
-    bad_steps: int
-    wall_time_s: float
-    resumed_from: Optional[int]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -97,73 +78,6 @@ def autocast_for(device: torch.device, dtype: str):
     if device.type == "cuda" and dtype in ("auto", "bfloat16"):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-class _Meter:
-    """Metric (sum, count) accumulators, reduced across ranks when read."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, float] = {}
-
-    def add(self, metrics: dict[str, tuple[Any, Any]]) -> None:
-        for k, (s, c) in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(s)
-            self.counts[k] = self.counts.get(k, 0.0) + float(c)
-
-    def _summed(self, device: torch.device) -> tuple[list[str], torch.Tensor]:
-        """Keys and [sums..., counts...] summed over ranks."""
-        keys = sorted(self.sums)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # A rank that saw no examples (a short eval set) has no keys: agree on the union.
-            keys = sorted(set().union(*all_gather_object(keys)))
-        t = torch.tensor([self.sums.get(k, 0.0) for k in keys] + [self.counts.get(k, 0.0) for k in keys],
-                         dtype=torch.float64, device=device)
-        return keys, all_reduce_sum(t) if keys else t
-
-    def reduce(self, device: torch.device) -> dict[str, float]:
-        keys, t = self._summed(device)
-        n = len(keys)
-        return {k: (t[i] / t[n + i]).item() if t[n + i] > 0 else float("nan") for i, k in enumerate(keys)}
-
-    def global_state(self, device: torch.device) -> dict:
-        """The sums of all ranks (for a checkpoint between two logged steps). Loaded by rank 0
-        alone on resume, so nothing is lost or counted twice, whatever the new world size."""
-        keys, t = self._summed(device)
-        n = len(keys)
-        return {"sums": {k: t[i].item() for i, k in enumerate(keys)},
-                "counts": {k: t[n + i].item() for i, k in enumerate(keys)}}
-
-    def state(self) -> dict:
-        return {"sums": dict(self.sums), "counts": dict(self.counts)}
-
-    def load(self, s: dict) -> None:
-        self.sums, self.counts = dict(s["sums"]), dict(s["counts"])
-
-
-class _SignalFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and stops."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def count_tokens(batch: dict) -> int:
@@ -194,7 +108,7 @@ def evaluate(model, objective: Objective, eval_set: Sequence, collate: Callable,
     """Mean of every metric over eval_set (sharded over ranks), keys prefixed with eval/."""
     was_training = model.training
     model.eval()
-    meter = _Meter()
+    meter = Meter()
     mine = list(range(dist.rank, len(eval_set), dist.world_size))
     # Every rank runs the same number of forwards (FSDP forwards are collectives); a rank out of
     # examples runs a stand-in batch and drops its result.
@@ -242,51 +156,45 @@ def backward_step(model, objective: Objective, micro: list[dict], dist: DistInfo
     return loss_sum, units, metrics, tokens
 
 
-def agree(finite: bool, signum: Optional[int], dist: DistInfo) -> tuple[bool, int]:
-    """The same (step is finite, signal received) on every rank: a rank that skips or stops
-    alone would leave the others waiting in a collective."""
-    if not dist.distributed:
-        return finite, signum or 0
-    t = torch.tensor([0.0 if finite else 1.0, float(signum or 0)], dtype=torch.float64, device=dist.device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t[0].item() == 0, int(t[1].item())
 
 
-def _check_plan(path: Path, saved: Optional[dict], plan: dict) -> None:
-    """The data position means nothing if the data set or the global batch changed."""
-    if saved is not None and saved != plan:
-        raise ConfigError(f"cannot resume from {path}: it was written with {saved['examples']} training examples "
-                          f"and a global batch of {saved['global_batch']}, this run has {plan['examples']} and "
-                          f"{plan['global_batch']}. Resume with the same --data, --eval-fraction, --batch-size, "
-                          f"--grad-accum and number of processes, or start a new --output.")
+def scheduler_step(scheduler) -> None:
+    """Advance the LR schedule; a skipped (non-finite) step advances it too, which torch warns about."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
 
 
-def _apply_new_lr(lr: float, optimizer, scheduler) -> bool:
-    """A --lr changed on resume takes effect (the checkpoint holds the old peak LR), so a run
-    stopped by non-finite steps can continue with a lower one. True when it changed."""
-    if all(base == lr for base in scheduler.base_lrs):
-        return False
-    print(f"prefalign: --lr {lr:g} replaces the checkpoint's {scheduler.base_lrs[0]:g}; "
-          f"the count of skipped steps starts again.", file=sys.stderr)
-    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
-    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["initial_lr"], group["lr"] = lr, lr * fn(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    return True
+class Throughput:
+    """The perf/ keys of a logged row: rates over the steps since the previous logged row."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.t, self.cpu, self.tokens, self.steps = time.perf_counter(), time.process_time(), 0, 0
+
+    def row(self, world_size: int, device: torch.device) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.t, 1e-9)
+        row = {"perf/tokens_per_s": self.tokens * world_size / elapsed, "perf/steps_per_s": self.steps / elapsed,
+               # CPU seconds of this process (all threads): on a busy machine, work done rather
+               # than time spent waiting for a core.
+               "perf/cpu_s": time.process_time() - self.cpu}
+        if device.type == "cuda":
+            row["perf/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        return row
 
 
-def _load_states(state: dict, trainable, optimizer, scheduler, extra_state: dict, dist: DistInfo) -> None:
-    """Full model/optimizer state (broadcast from rank 0 under torchrun), scheduler and stage
-    extras; a checkpoint of another model or stage is a ConfigError."""
-    try:
-        ckpt.load_train_state(trainable, optimizer, state["model"], state["optimizer"], dist)
-        scheduler.load_state_dict(state["scheduler"])
-        for k, v in extra_state.items():
-            ckpt.load_extra(v, state["extra"][k], dist)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ConfigError(f"cannot resume from {state['path']}: it does not match this run's model or stage "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Resume with the same "
-                          f"--model and options, or start a new --output.") from None
+class EpochOrder:
+    """The shuffled order of the current epoch (one permutation per epoch from the seed)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.order = n, seed, -1, []
+
+    def of(self, epoch: int) -> list[int]:
+        if epoch != self.epoch:
+            self.order, self.epoch = epoch_order(self.n, self.seed, epoch), epoch
+        return self.order
 
 
 def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, collate: Callable[[list], dict], *,
@@ -297,131 +205,67 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
     optimizer updates and whose state is checkpointed (default ``model``; pass the unwrapped
     module when ``model`` is a DDP wrapper). ``extra_state`` maps names to objects with
     state_dict/load_state_dict (e.g. a value head) saved in every checkpoint."""
-    out_dir = Path(out_dir)
     trainable = trainable or model
-    extra_state = extra_state or {}
     per_epoch, total = plan_steps(cfg, len(train_set), dist.world_size)
     optimizer = make_optimizer(trainable, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
     scheduler = make_scheduler(optimizer, total, cfg.warmup_steps, cfg.warmup_ratio, cfg.lr_schedule)
-    logger = MetricsLogger(out_dir, enabled=dist.is_main)
-    pos = {"step": 0, "epoch": 0, "offset": 0, "bad_steps": 0}
-    meter = _Meter()
-    resumed_from = None
     B, A, W = cfg.batch_size, cfg.grad_accum, dist.world_size
-    plan = {"examples": len(train_set), "global_batch": B * A * W}
-    last_metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
+    run = Run(cfg, out_dir, dist, desc=desc, total=total, model=trainable, optimizer=optimizer, scheduler=scheduler,
+              extra=extra_state, position={"epoch": 0, "offset": 0}, global_batch=(B, A),
+              plan={"training examples": len(train_set), "examples per global batch": B * A * W},
+              plan_hint="Resume with the same --data, --eval-fraction, --batch-size, --grad-accum and number of "
+                        "processes. ")
     if W > 1 and dist.is_main:
         print(f"prefalign {desc}: global batch {B * A * W} = --batch-size {B} x --grad-accum {A} x {W} processes",
               file=sys.stderr)
-
-    state = ckpt.load_resume_state(out_dir, dist) if cfg.resume else None
-    if cfg.resume and state is None:
-        if dist.is_main:
-            print(f"prefalign: --resume: no complete checkpoint in {out_dir / ckpt.CKPT_DIR}; "
-                  f"starting from step 0.", file=sys.stderr)
-        logger.truncate_after(0)  # rows a killed run logged without a checkpoint
-    if state is not None:
-        ckpt.check_global_batch(state, B, A, W, out_dir)
-        _check_plan(Path(state["path"]), state.get("plan"), plan)
-        _load_states(state, trainable, optimizer, scheduler, extra_state, dist)
-        rngs = state.get("rng_ranks") or []
-        # Per-rank streams continue exactly when the world size is unchanged.
-        ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == W else state["rng"], dist.device)
-        pos.update(state["position"])
-        if dist.is_main:  # the saved sums are already those of all ranks
-            meter.load(state["meter"])
-        logged = state.get("logged", {})
-        last_metrics, eval_metrics = dict(logged.get("last", {})), dict(logged.get("eval", {}))
-        if _apply_new_lr(cfg.lr, optimizer, scheduler):
-            pos["bad_steps"] = 0  # a new --lr is a fresh try at the steps that failed
-        resumed_from = pos["step"]
-        logger.truncate_after(pos["step"])  # rows logged after the checkpoint are produced again
-        if dist.is_main:
-            print(f"prefalign: resumed from {state['path']} (step {pos['step']}).", file=sys.stderr)
-
-    def save(step: int) -> None:
-        """All ranks gather the state; rank 0 writes it; nobody leaves before it is on disk."""
-        state = ckpt.checkpoint_state(trainable, optimizer, scheduler, pos, meter.global_state(dist.device),
-                                      extra_state, dist, B * A * W)
-        if dist.is_main:
-            state.update(plan=plan, logged={"last": last_metrics, "eval": eval_metrics})
-            ckpt.save_checkpoint(out_dir, step, state, keep=cfg.keep_checkpoints)
-        barrier()
-
     if cfg.gradient_checkpointing and hasattr(trainable, "gradient_checkpointing_enable"):
         trainable.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    order: list[int] = []
-    order_epoch = -1
-    clock, window = Stopwatch(), {"t": time.perf_counter(), "cpu": time.process_time(), "tokens": 0, "steps": 0}
-    bar = progress(total, desc, initial=pos["step"], enabled=cfg.progress and dist.is_main)
-    with _SignalFlag() as stop, bar:
-        while pos["step"] < total:
+    order, perf = EpochOrder(len(train_set), cfg.seed), Throughput()
+    with run:
+        pos = run.pos
+        while run.step < total:
             if pos["offset"] >= per_epoch:
-                pos["epoch"] += 1
-                pos["offset"] = 0
-            if order_epoch != pos["epoch"]:
-                order, order_epoch = epoch_order(len(train_set), cfg.seed, pos["epoch"]), pos["epoch"]
-            mine = rank_batch_indices(order, pos["offset"], B, A, dist.rank, W)
+                pos["epoch"], pos["offset"] = pos["epoch"] + 1, 0
+            mine = rank_batch_indices(order.of(pos["epoch"]), pos["offset"], B, A, dist.rank, W)
             micro = [collate([train_set[i] for i in mine[k * B:(k + 1) * B]]) for k in range(A)]
             loss_sum, units, step_metrics, tokens = backward_step(model, objective, micro, dist, cfg.dtype)
-            window["tokens"] += tokens
             grad_norm, finite = clip_and_check(trainable.parameters(), cfg.max_grad_norm)
-            finite, signum = agree(finite and math.isfinite(loss_sum), stop.signum, dist)
+            finite, signum = run.agree(finite and math.isfinite(loss_sum))
             if finite:
                 optimizer.step()
-                meter.add({"loss": (loss_sum, units / W), "grad_norm": (float(grad_norm) / W, 1.0 / W),
-                           **step_metrics})
-            else:
-                pos["bad_steps"] += 1
+                run.meter.add({"loss": (loss_sum, units / W), "grad_norm": (float(grad_norm) / W, 1.0 / W),
+                               **step_metrics})
             optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # a skipped step still advances the schedule
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()
-            pos["step"] += 1
+            scheduler_step(scheduler)
             pos["offset"] += 1
-            window["steps"] += 1
-            bar.update(1)
-            step = pos["step"]
-            if not finite and pos["bad_steps"] > cfg.max_bad_steps:
-                logger.log({"step": step, "epoch": pos["epoch"] + pos["offset"] / per_epoch,
-                            "lr": scheduler.get_last_lr()[0], "bad_steps": pos["bad_steps"]})
-                save(step)
-                raise TrainingStopped(
-                    f"stopped at step {step}: {pos['bad_steps']} steps had a non-finite loss or gradient "
-                    f"(more than --max-bad-steps {cfg.max_bad_steps}); the weights were never updated by them. "
-                    f"The last good state is checkpointed in {out_dir / ckpt.CKPT_DIR}. Lower --lr or check the "
-                    f"data, then rerun with --resume.", exit_code=3)
-            row: dict[str, Any] = {}
-            if step % cfg.logging_steps == 0 or step == total:
-                last_metrics = finalize(objective, meter.reduce(dist.device))
-                meter = _Meter()
-                elapsed = time.perf_counter() - window["t"]
-                row.update(last_metrics)
-                row.update({"epoch": pos["epoch"] + pos["offset"] / per_epoch, "lr": scheduler.get_last_lr()[0],
-                            "bad_steps": pos["bad_steps"],
-                            "perf/tokens_per_s": window["tokens"] * W / max(elapsed, 1e-9),
-                            "perf/steps_per_s": window["steps"] / max(elapsed, 1e-9),
-                            # CPU seconds of this process (all threads): on a busy machine, work done
-                            # rather than time spent waiting for a core.
-                            "perf/cpu_s": time.process_time() - window["cpu"]})
-                if dist.device.type == "cuda":
-                    row["perf/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(dist.device) / 1e9
-                window = {"t": time.perf_counter(), "cpu": time.process_time(), "tokens": 0, "steps": 0}
-                bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}")
-            if eval_set and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
-                eval_metrics = evaluate(model, objective, eval_set, eval_collate or collate, B, dist, cfg.dtype)
-                row.update(eval_metrics)
-            if row:
-                logger.log({"step": step, **row})
-            # The last step is checkpointed too, so a kill during the final save loses no training.
-            if (cfg.save_steps and (step % cfg.save_steps == 0 or step == total)) or signum:
-                save(step)
-            if signum and step < total:
-                name = signal.Signals(signum).name
-                raise TrainingStopped(f"{name} received: saved a checkpoint at step {step} in "
-                                      f"{out_dir / ckpt.CKPT_DIR}; rerun with --resume to continue.",
-                                      exit_code=128 + signum)
-    return LoopResult(steps=pos["step"], last_metrics=last_metrics, eval_metrics=eval_metrics,
-                      bad_steps=pos["bad_steps"], wall_time_s=clock.elapsed(), resumed_from=resumed_from)
+            perf.tokens, perf.steps = perf.tokens + tokens, perf.steps + 1
+            run.count_step(bad=0 if finite else 1)
+            progress_row = {"epoch": pos["epoch"] + pos["offset"] / per_epoch, "lr": scheduler.get_last_lr()[0],
+                            "bad_steps": pos["bad_steps"]}
+            if run.too_many_bad_steps():
+                run.log(progress_row)
+            else:
+                log_step(run, objective, perf, progress_row, eval_set and (model, eval_set, eval_collate or collate))
+            run.end_step(signum)
+    return run.result()
+
+
+def log_step(run: Run, objective: Objective, perf: Throughput, progress_row: dict, evaluation) -> None:
+    """The metrics.jsonl row of one step, when --logging-steps or --eval-steps say one is due:
+    training means since the last row, perf/ rates, eval/ metrics (``evaluation`` = (model,
+    eval set, collate) or falsy)."""
+    cfg, step, row = run.cfg, run.step, {}
+    if step % cfg.logging_steps == 0 or step == run.total:
+        run.last = finalize(objective, run.reduce_metrics())
+        row.update(run.last)
+        row.update(progress_row)
+        row.update(perf.row(run.dist.world_size, run.dist.device))
+        perf.reset()
+        run.bar.set_postfix(loss=f"{run.last.get('loss', float('nan')):.4f}")
+    if evaluation and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == run.total):
+        model, eval_set, collate = evaluation
+        run.eval = evaluate(model, objective, eval_set, collate, cfg.batch_size, run.dist, cfg.dtype)
+        row.update(run.eval)
+    if row:
+        run.log(row)
