@@ -8,12 +8,11 @@ computation done in one process over the whole global batch.
 import torch
 
 from prefalign.errors import InternalError
-from prefalign.losses.advantage import whiten
+from prefalign.losses.advantage import global_moments, whiten
 from prefalign.ops import masked_mean, masked_var
-from prefalign.stages.ppo_parts import average_gradients, check_replicas
 from prefalign.tiny import SAMPLE_TEXTS, tiny_llama, tiny_tokenizer
-from prefalign.train.dist import (all_gather_object, any_rank, finish, global_mean_var, init_distributed,
-                                  masked_whiten_global, param_digest, prepare_frozen, sharded_map)
+from prefalign.train.dist import (all_gather_object, any_rank, average_gradients, check_replicas, finish,
+                                  init_distributed, param_digest, prepare_frozen, sharded_map)
 
 
 def check_global_whitening(info):
@@ -23,12 +22,16 @@ def check_global_whitening(info):
     parts = all_gather_object((x, mask))
     all_x, all_mask = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     start = sum(p[0].shape[0] for p in parts[:info.rank])
-    expected = whiten(all_x, all_mask)[start:start + x.shape[0]]
-    torch.testing.assert_close(masked_whiten_global(x, mask), expected, rtol=1e-6, atol=1e-6)
-    mean, var = global_mean_var(x, mask)
-    torch.testing.assert_close(mean, masked_mean(all_x, all_mask), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(var, masked_var(all_x, all_mask), rtol=1e-6, atol=1e-7)
-    local = whiten(x, mask)  # the bug this prevents: statistics of one rank's share only
+    # The one-process formula over the whole batch, written out (whiten itself reduces over ranks here).
+    mean_all, var_all = masked_mean(all_x, all_mask), masked_var(all_x, all_mask)
+    expected = torch.where(all_mask, (all_x - mean_all) * torch.rsqrt(var_all + 1e-8), 0.0)[start:start + x.shape[0]]
+    torch.testing.assert_close(whiten(x, mask), expected, rtol=1e-6, atol=1e-6)
+    mean, var, n = global_moments(x, mask)
+    torch.testing.assert_close(mean, mean_all, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(var, var_all, rtol=1e-6, atol=1e-7)
+    assert n.item() == all_mask.sum().item()
+    # the bug this prevents: statistics of one rank's share only
+    local = torch.where(mask, (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + 1e-8), 0.0)
     assert not torch.allclose(local, expected, atol=1e-3)
 
 

@@ -26,12 +26,11 @@ from safetensors.torch import load_file
 
 from prefalign.cli import main as cli_main
 from prefalign.errors import ConfigError, InternalError
-from prefalign.losses.advantage import whiten
+from prefalign.losses.advantage import global_moments
 from prefalign.ops import masked_mean, masked_var
-from prefalign.stages.ppo_parts import check_replicas
 from prefalign.tiny import SAMPLE_TEXTS, save_tiny_model, tiny_llama, tiny_tokenizer
 from prefalign.train.checkpoint import check_global_batch
-from prefalign.train.dist import DistInfo, global_mean_var, masked_whiten_global, param_digest, sharded_map
+from prefalign.train.dist import DistInfo, check_replicas, param_digest, sharded_map
 from prefalign.train.logger import read_metrics
 from prefalign.train.loop import epoch_order, rank_batch_indices
 
@@ -85,10 +84,10 @@ def test_world_of_one_helpers_are_the_local_computations():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, generator=g)
     mask = torch.rand(3, 7, generator=g) > 0.3
-    assert torch.equal(masked_whiten_global(x, mask), whiten(x, mask))
-    assert torch.equal(masked_whiten_global(x, mask, shift_mean=False), whiten(x, mask, shift_mean=False))
-    mean, var = global_mean_var(x, mask)
-    assert torch.equal(mean, masked_mean(x, mask)) and torch.equal(var, masked_var(x, mask))
+    mean, var, n = global_moments(x, mask)  # in one process: the local masked mean and variance
+    torch.testing.assert_close(mean, masked_mean(x, mask), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var, masked_var(x, mask), rtol=1e-6, atol=0)
+    assert n.item() == mask.sum().item()
     assert sharded_map(lambda c: [v * 10 for v in c], list(range(7)), CPU, 3) == [v * 10 for v in range(7)]
 
 

@@ -22,52 +22,30 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import sys
 import time
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from torch import nn
 
 from prefalign.data import encode_prompt, load_prompts
-from prefalign.errors import ConfigError, ModelError
-from prefalign.losses import gae, kl_estimate, ppo_policy_loss, ppo_value_loss
-from prefalign.models import (apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, load_scalar_model,
-                              save_pretrained)
+from prefalign.errors import ConfigError
+from prefalign.losses import gae, global_moments, kl_estimate, ppo_policy_loss, ppo_value_loss, whiten
+from prefalign.models import disabled_adapter
 from prefalign.ops import masked_mean
-from prefalign.models.attention import uses_packed_attention
-from prefalign.rollout import PackedSequences, Rollout, pack_sequences, sample
+from prefalign.rl.forwards import policy_forward, token_values
+from prefalign.rl.kl_control import make_kl_controller
+from prefalign.rl.reward_scoring import reward_inputs
+from prefalign.rl.scores import RunningMoments, final_scores
+from prefalign.rollout import PackedSequences, Rollout, sample
 from prefalign.stages.common import finish, save_final, start
-from prefalign.stages.ppo_parts import (AdaptiveKLController, FixedKLController, RunningMoments, average_gradients,
-                                        check_replicas, global_moments, global_whiten, new_value_head,
-                                        policy_forward, reward_inputs, same_tokenizer, token_values)
-from prefalign.train import checkpoint as ckpt
-from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, param_digest
-from prefalign.train.logger import MetricsLogger, progress
-from prefalign.train.loop import (LoopResult, TrainingStopped, _apply_new_lr, _Meter, _SignalFlag, agree, autocast_for,
-                                  epoch_order)
+from prefalign.stages.ppo_models import Models, RewardFn, load_models, pack_rows, save_models
+from prefalign.train.dist import (DistInfo, all_gather_object, all_reduce_sum, average_gradients, check_replicas,
+                                  param_digest)
+from prefalign.train.harness import Meter, Run, agree
+from prefalign.train.loop import autocast_for, epoch_order, scheduler_step
 from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
 
-# reward_fn(prompts, completions, rollout) -> scores (B,): replaces --reward-model (tests, the lab).
-RewardFn = Callable[[list, list[str], Rollout], torch.Tensor]
 N_SAMPLES = 4  # completions written to samples.jsonl every --sample-every iterations
-
-
-@dataclass
-class Models:
-    policy: nn.Module
-    tokenizer: object
-    ref: Optional[nn.Module]  # None with --lora and no --ref-model: the policy with adapters off
-    reward_model: Optional[nn.Module]  # None when a reward_fn is given
-    rm_tokenizer: object
-    retokenize: bool  # the reward model's tokenizer differs from the policy's
-    value_model: Optional[nn.Module]  # a ScalarModel, or None with --shared-value-head
-    value_head: Optional[nn.Module]  # a linear head on the policy's hidden states, or None
-    trainable: nn.ModuleDict  # what the optimizer updates and checkpoints hold
 
 
 # --------------------------------------------------------------------------- set-up
@@ -92,62 +70,6 @@ def check_options(cfg) -> None:
                           "drop the option (torchrun runs PPO data-parallel with gradients averaged over ranks).")
 
 
-def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
-    """Policy (trainable, from --model), frozen reference and reward model, trainable value model."""
-    kw = {"dtype": cfg.dtype, "device": device, "attn_implementation": cfg.attn_implementation}
-    policy, tok = load_causal_lm(cfg.model, **kw)
-    if cfg.lora:
-        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    ref = None
-    if cfg.ref_model or not cfg.lora:
-        ref, ref_tok = load_causal_lm(cfg.ref_model or cfg.model, trainable=False, **kw)
-        check_same_vocab(tok, ref_tok, cfg.model, cfg.ref_model or cfg.model, role="reference")
-    rm, rm_tok = (None, None) if reward_fn else load_scalar_model(cfg.reward_model, trainable=False, seed=cfg.seed, **kw)
-    retokenize = rm is not None and not same_tokenizer(tok, rm_tok)
-    value_model = value_head = None
-    if cfg.shared_value_head:
-        value_head = new_value_head(policy.config.hidden_size, cfg.seed).to(device)
-        if cfg.value_model:
-            value_head.load_state_dict(load_value_head(cfg.value_model, policy.config.hidden_size))
-    else:
-        # Values are per policy token, so the value model must share the policy's tokenizer.
-        path = cfg.value_model or (cfg.reward_model if rm is not None and not retokenize else None)
-        if path is None:
-            path = cfg.model
-            print(f"prefalign ppo: value model: a new value head on the policy's backbone ({cfg.model}), "
-                  f"since the reward model's tokenizer differs or no reward model was given.", file=sys.stderr)
-        value_model, value_tok = load_scalar_model(path, seed=cfg.seed, **kw)
-        if not same_tokenizer(tok, value_tok):
-            raise ModelError(f"--value-model {path} has a different tokenizer from the policy ({cfg.model}); "
-                             f"values are per policy token. Leave --value-model out, or use --shared-value-head.")
-    trainable = nn.ModuleDict({"policy": policy, "value": value_model if value_model is not None else value_head})
-    trainable.eval()  # no dropout: the recorded log-probs must equal the recomputed ones
-    return Models(policy, tok, ref, rm, rm_tok, retokenize, value_model, value_head, trainable)
-
-
-def load_value_head(path: str, hidden_size: int) -> dict:
-    """The state dict of a shared value head saved by an earlier `prefalign ppo --shared-value-head`
-    (its OUTPUT/value_model folder, or the value_head.pt in it), checked against the policy's width."""
-    file = Path(path) / "value_head.pt" if Path(path).is_dir() else Path(path)
-    if not file.is_file() or file.suffix != ".pt":
-        raise ConfigError(f"--value-model {path} with --shared-value-head must be the value_model folder of an "
-                          f"earlier `prefalign ppo --shared-value-head` run (it holds value_head.pt), or that file.")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, a pickle that is not plain tensors, ...
-        raise ModelError(f"{file} cannot be read as a value head ({type(e).__name__}: {e}). Pass the value_model "
-                         f"folder of an earlier `prefalign ppo --shared-value-head` run.") from None
-    if (not isinstance(state, dict) or set(state) != {"weight", "bias"}
-            or not all(torch.is_tensor(v) for v in state.values()) or tuple(state["bias"].shape) != (1,)):
-        raise ModelError(f"{file} is not a value head saved by `prefalign ppo --shared-value-head` (expected a "
-                         f"state dict with weight and bias). Pass the value_model folder of such a run.")
-    shape = tuple(state["weight"].shape)
-    if shape != (1, hidden_size):
-        raise ModelError(f"{file} holds a value head of shape {shape}; this policy (hidden size {hidden_size}) "
-                         f"needs (1, {hidden_size}). Pass the value_model folder of a run with this policy.")
-    return state
-
-
 def plan_iterations(cfg, n_prompts: int, world_size: int) -> tuple[int, int]:
     """(iterations per pass over the prompts, total iterations)."""
     global_batch = cfg.rollout_batch_size * world_size
@@ -170,32 +92,6 @@ def prompt_shard(n_prompts: int, iteration: int, per_epoch: int, cfg, dist) -> l
 
 # --------------------------------------------------------------------------- 1-2: rollout and scores
 
-def final_scores(raw: torch.Tensor, ended_with_eos: torch.Tensor, cfg, stats: RunningMoments) -> torch.Tensor:
-    """(B,) scores the reward is built from: running whitening, clipping, then the missing-EOS penalty."""
-    scores = raw.float()
-    if cfg.normalize_scores:
-        stats.update(scores)
-        scores = stats.normalize(scores)
-    if cfg.score_clip is not None:
-        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-    if cfg.missing_eos_penalty is not None:
-        scores = scores - cfg.missing_eos_penalty * (~ended_with_eos).float()
-    return scores
-
-
-# --packing: tokens per packed row. With per-example attention a long row costs what its sequences
-# cost; otherwise attention and its mask grow with the row's square, so rows stay P + R wide.
-PACK_ROW_TOKENS = 1024
-
-
-def pack_rows(m: Models, seq: tuple) -> PackedSequences:
-    """The rollout's sequences packed for the scoring and training forwards (``--packing``): long
-    rows only when every model that reads them runs per-example attention."""
-    readers = [x for x in (m.policy, m.ref, m.value_model, m.reward_model) if x is not None]
-    long_rows = all(uses_packed_attention(x) for x in readers)
-    return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
-
-
 @torch.no_grad()
 def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: RunningMoments,
             generator: torch.Generator, device, reward_fn: Optional[RewardFn]) -> tuple[dict, dict]:
@@ -211,14 +107,7 @@ def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: Ru
     seq = (r.query_ids, r.query_mask, r.response_ids, r.response_mask)
     packed = pack_rows(m, seq) if cfg.packing else None
     with autocast_for(device, cfg.dtype):
-        if reward_fn is not None:
-            raw = torch.as_tensor(reward_fn(prompts, completions, r), dtype=torch.float32, device=device)
-        elif packed is not None and not m.retokenize:
-            raw = m.reward_model.normalized(m.reward_model(packed.input_ids, position_ids=packed.position_ids,
-                                                           segment_ids=packed.segment_ids, n_segments=len(prompts)))
-        else:
-            raw = m.reward_model.normalized(m.reward_model(*reward_inputs(r, prompts, completions, m.rm_tokenizer,
-                                                                          m.retokenize)))
+        raw = raw_scores(m, r, prompts, completions, packed, reward_fn)
         with contextlib.nullcontext() if m.ref is not None else disabled_adapter(m.policy):
             ref_logprobs = policy_forward(m.ref if m.ref is not None else m.policy, None, *seq,
                                           temperature=cfg.temperature, packed=packed)[0]
@@ -231,6 +120,19 @@ def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: Ru
              "values": values.float(), "ended_with_eos": r.ended_with_eos, "raw_scores": raw.float(),
              "scores": final_scores(raw, r.ended_with_eos, cfg, stats), "completions": completions}
     return batch, {"rollout": t1 - t0, "score": time.perf_counter() - t1}
+
+
+def raw_scores(m: Models, r: Rollout, prompts: list, completions: list[str], packed: Optional[PackedSequences],
+               reward_fn: Optional[RewardFn]) -> torch.Tensor:
+    """(B,) the reward function's scores, or the reward model's normalised score at the last real
+    token (on the packed rows when it shares the policy's tokenizer, else re-tokenised as needed)."""
+    if reward_fn is not None:
+        return torch.as_tensor(reward_fn(prompts, completions, r), dtype=torch.float32, device=r.query_ids.device)
+    if packed is not None and not m.retokenize:
+        return m.reward_model.normalized(m.reward_model(packed.input_ids, position_ids=packed.position_ids,
+                                                        segment_ids=packed.segment_ids, n_segments=len(prompts)))
+    return m.reward_model.normalized(m.reward_model(*reward_inputs(r, prompts, completions, m.rm_tokenizer,
+                                                                   m.retokenize)))
 
 
 # --------------------------------------------------------------------------- 3-4: shaped reward and GAE
@@ -256,7 +158,7 @@ def add_advantages(batch: dict, cfg, beta: float) -> None:
     rewards, kl = shaped_rewards(batch["scores"], batch["logprobs"], batch["ref_logprobs"], mask, beta,
                                  cfg.kl_estimator)
     advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
-    batch.update(rewards=rewards, kl=kl, advantages=global_whiten(advantages, mask), returns=returns)
+    batch.update(rewards=rewards, kl=kl, advantages=whiten(advantages, mask), returns=returns)
 
 
 # --------------------------------------------------------------------------- 5: the PPO update
@@ -281,11 +183,11 @@ def minibatch_loss(cfg, m: Models, mb: dict) -> tuple[torch.Tensor, dict]:
                   "_logprob_gap": (gap.item(), 1)}
 
 
-def update(cfg, m: Models, batch: dict, optimizer, scheduler, shuffle: torch.Generator,
-           dist: DistInfo) -> tuple[_Meter, int, float]:
-    """K epochs of shuffled minibatches. Returns (metrics, skipped steps, the first minibatch's
-    max |recomputed - recorded| log-prob, measured before any update)."""
-    meter, bad, first_gap = _Meter(), 0, None
+def update(cfg, m: Models, batch: dict, optimizer, scheduler, shuffle: torch.Generator, dist: DistInfo,
+           meter: Meter) -> tuple[int, float]:
+    """K epochs of shuffled minibatches, their metrics added to ``meter``. Returns (skipped steps, the
+    first minibatch's max |recomputed - recorded| log-prob, measured before any update)."""
+    bad, first_gap = 0, None
     device, world_size = dist.device, dist.world_size
     n = batch["response_ids"].shape[0]
     params = [p for p in m.trainable.parameters() if p.requires_grad]
@@ -308,10 +210,8 @@ def update(cfg, m: Models, batch: dict, optimizer, scheduler, shuffle: torch.Gen
             else:
                 bad += 1
             optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # a skipped step still advances the schedule
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()
-    return meter, bad, first_gap
+            scheduler_step(scheduler)
+    return bad, first_gap
 
 
 # --------------------------------------------------------------------------- 6: metrics
@@ -336,9 +236,10 @@ def explained_variance(batch: dict) -> float:
     return float(1 - var_error / var_returns) if var_returns > 0 else float("nan")
 
 
-def iteration_row(meter: _Meter, batch: dict, device, elapsed: float, times: dict, **extra) -> dict:
-    """The metrics.jsonl row of one iteration: means over all ranks, timings, ``extra`` as given."""
-    row = meter.reduce(device)
+def iteration_row(run: Run, batch: dict, elapsed: float, times: dict, **extra) -> dict:
+    """The metrics.jsonl row of one iteration: means of run.meter over all ranks, timings, ``extra``."""
+    device = run.dist.device
+    row = run.reduce_metrics()
     counts = torch.tensor([float(batch["query_mask"].sum() + batch["response_mask"].sum()),
                            float(batch["response_mask"].shape[0])], device=device)  # (tokens, sequences)
     tokens, sequences = all_reduce_sum(counts).tolist()
@@ -349,13 +250,9 @@ def iteration_row(meter: _Meter, batch: dict, device, elapsed: float, times: dic
     return row
 
 
-def replica_digests(m: Models) -> dict[str, str]:
-    """{"policy": sha256, "value": sha256} of this rank's weights (see check_replicas)."""
-    return {name: param_digest(module) for name, module in m.trainable.items()}
-
-
-def sample_rows(step: int, prompts: list, batch: dict) -> dict:
-    return {"step": step, "samples": [
+def sample_rows(prompts: list, batch: dict) -> dict:
+    """The first N_SAMPLES completions of this rank's rollout, for samples.jsonl."""
+    return {"samples": [
         {"prompt": p, "completion": c, "score": float(s), "ended_with_eos": bool(e)}
         for p, c, s, e in zip(prompts, batch["completions"], batch["scores"], batch["ended_with_eos"])][:N_SAMPLES]}
 
@@ -374,142 +271,76 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     optimizer = make_optimizer(m.trainable, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
     steps = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
     scheduler = make_scheduler(optimizer, steps, cfg.warmup_steps, cfg.warmup_ratio, cfg.lr_schedule)
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl is not None
-              else FixedKLController(cfg.kl_coef))
-    stats = RunningMoments()
+    kl_ctl, stats = make_kl_controller(cfg), RunningMoments()
     generators = {"sample": torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + dist.rank),
                   "shuffle": torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 + dist.rank)}
-    stateful = {"model": m.trainable, "optimizer": optimizer, "scheduler": scheduler, "kl_ctl": kl_ctl,
-                "score_stats": stats}
-    pos = {"iteration": 0, "bad_steps": 0}
-    logger, samples = MetricsLogger(out, dist.is_main), MetricsLogger(out, dist.is_main, "samples.jsonl")
-
-    plan = {"prompts": len(examples), "rollout_batch": cfg.rollout_batch_size, "world_size": dist.world_size}
-
-    replica_checks = 0  # times the ranks' weights were compared and found identical
-
-    def save() -> None:
-        nonlocal replica_checks
-        # Every rank's own streams (sampling is seeded per rank), gathered to rank 0, with the digests
-        # of its weights: no checkpoint is written from ranks that diverged.
-        streams = all_gather_object({"rng": ckpt.rng_state(dist.device),
-                                     "generators": {k: g.get_state() for k, g in generators.items()},
-                                     "digests": replica_digests(m) if dist.distributed else {}})
-        check_replicas([s.pop("digests") for s in streams], f"at iteration {pos['iteration']}")
-        replica_checks += int(dist.distributed)
-        if dist.is_main:
-            state = {k: v.state_dict() for k, v in stateful.items()}
-            state.update(rng=streams[0]["rng"], streams=streams, position=dict(pos), plan=plan)
-            ckpt.save_checkpoint(out, pos["iteration"], state, keep=cfg.keep_checkpoints)
-        barrier()  # nobody leaves (or raises) before the checkpoint is on disk
-
-    resumed_from = resume(cfg, out, stateful, generators, pos, (logger, samples), plan, dist)
-    last: dict = {}
+    replicas = ReplicaCheck(m, dist)
+    run = Run(cfg, out, dist, desc="ppo", unit="iteration", total=total, model=m.trainable, optimizer=optimizer,
+              scheduler=scheduler, extra={"kl_ctl": kl_ctl, "score_stats": stats}, generators=generators,
+              plan={"prompts": len(examples), "prompts per rollout batch": cfg.rollout_batch_size,
+                    "processes": dist.world_size},
+              plan_hint="Resume with the same --prompts, --rollout-batch-size and number of processes. ",
+              pre_save=replicas.check, logs=("samples.jsonl",))
     train_time = 0.0
-    bar = progress(total, "ppo", initial=pos["iteration"], enabled=cfg.progress and dist.is_main, unit="iter")
-    with _SignalFlag() as stop, bar:
-        while pos["iteration"] < total:
+    with run:
+        while run.step < total:
             t_iter = time.perf_counter()
-            mine = prompt_shard(len(examples), pos["iteration"], per_epoch, cfg, dist)
+            # 1-2. rollout and scores
+            mine = prompt_shard(len(examples), run.step, per_epoch, cfg, dist)
             prompts = [examples[i].prompt for i in mine]
             batch, times = collect(cfg, m, prompts, [query_ids[i] for i in mine], stats, generators["sample"],
                                    dist.device, reward_fn)
+            # 3-4. shaped reward, GAE, whitened advantages
             beta = kl_ctl.value
             add_advantages(batch, cfg, beta)
+            # 5. K epochs of minibatch updates
             t_update = time.perf_counter()
-            meter, bad, gap = update(cfg, m, batch, optimizer, scheduler, generators["shuffle"], dist)
+            bad, gap = update(cfg, m, batch, optimizer, scheduler, generators["shuffle"], dist, run.meter)
             times["update"] = time.perf_counter() - t_update
-            meter.add(rollout_metrics(batch, beta))
-            pos["iteration"] += 1
-            pos["bad_steps"] += bad
-            step = pos["iteration"]
+            # 6. log, adapt beta, checkpoint
+            run.meter.add(rollout_metrics(batch, beta))
+            run.count_step(bad)
             elapsed = time.perf_counter() - t_iter
             train_time += elapsed
-            last = iteration_row(meter, batch, dist.device, elapsed, times, kl_coef=beta, bad_steps=pos["bad_steps"],
-                                 lr=scheduler.get_last_lr()[0], **{"policy/first_minibatch_logprob_maxdiff": gap})
-            kl_ctl.update(last["objective/kl"], cfg.rollout_batch_size * dist.world_size)
-            logger.log({"step": step, **last})
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                samples.log(sample_rows(step, prompts, batch))
-            bar.update(1)
-            bar.set_postfix(score=f"{last['objective/scores']:.3f}", kl=f"{last['objective/kl']:.3f}")
-            _, signum = agree(True, stop.signum, dist)  # every rank stops at the same iteration
-            stop_now = bool(signum) and step < total
-            if (cfg.save_steps and step % cfg.save_steps == 0) or stop_now or pos["bad_steps"] > cfg.max_bad_steps:
-                save()
-            check_stop(cfg, out, pos, signum if stop_now else None)
-    digests = None
-    if dist.distributed:  # the ranks update their own copies: they must have stayed bit-identical
-        digests = replica_digests(m)
-        check_replicas(all_gather_object(digests), f"at the end (iteration {pos['iteration']})")
-        replica_checks += 1
+            run.last = iteration_row(run, batch, elapsed, times, kl_coef=beta, bad_steps=run.pos["bad_steps"],
+                                     lr=scheduler.get_last_lr()[0], **{"policy/first_minibatch_logprob_maxdiff": gap})
+            kl_ctl.update(run.last["objective/kl"], cfg.rollout_batch_size * dist.world_size)
+            run.log(run.last)
+            if cfg.sample_every and run.step % cfg.sample_every == 0:
+                run.log(sample_rows(prompts, batch), to="samples.jsonl")
+            run.bar.set_postfix(score=f"{run.last['objective/scores']:.3f}", kl=f"{run.last['objective/kl']:.3f}")
+            run.end_step(run.agree()[1])  # every rank stops at the same iteration
+    digests = replicas.check_at_end()
     save_final(out, dist, lambda d: save_models(m, d))
-    result = LoopResult(steps=pos["iteration"], last_metrics=last, eval_metrics={}, bad_steps=pos["bad_steps"],
-                        wall_time_s=time.perf_counter() - t0, resumed_from=resumed_from)
-    summary = finish(cfg, out, dist, "ppo", t0, result, global_batch_size=cfg.rollout_batch_size * dist.world_size,
+    summary = finish(cfg, out, dist, "ppo", t0, run.result(), global_batch_size=cfg.rollout_batch_size * dist.world_size,
                      prompts=len(examples), iterations_time_s=train_time, final_kl_coef=kl_ctl.value,
                      value_model="shared head" if m.value_head is not None else "separate",
-                     reward_retokenized=m.retokenize, replica_checks=replica_checks, parameter_sha256=digests)
+                     reward_retokenized=m.retokenize, replica_checks=replicas.checks, parameter_sha256=digests)
     if dist.is_main:
         keys = ("objective/scores", "objective/kl", "kl_coef", "eos_rate")
         print(f"prefalign ppo: {summary['steps']} iterations in {summary['wall_time_s']:.1f}s; "
-              + " ".join(f"{k}={last[k]:.4g}" for k in keys if k in last))
+              + " ".join(f"{k}={run.last[k]:.4g}" for k in keys if k in run.last))
     return 0
 
 
-def resume(cfg, out, stateful: dict, generators: dict, pos: dict, loggers, plan: dict,
-           dist: DistInfo) -> Optional[int]:
-    """Load the newest complete checkpoint when --resume; drop log rows written after it."""
-    # Every process reads the checkpoint itself: sending a whole model-and-optimizer pickle from
-    # rank 0 would pass through each GPU under NCCL. --output must be visible to every machine.
-    found = ckpt.load_latest(out) if cfg.resume else None
-    if found is None:
-        return None
-    path, state = found
-    if state.get("plan", plan) != plan:
-        raise ConfigError(f"cannot resume from {path}: it was written with {state['plan']}, this run has {plan}. "
-                          f"Resume with the same --prompts, --rollout-batch-size and number of processes, "
-                          f"or start a new --output.")
-    try:
-        for name, obj in stateful.items():
-            obj.load_state_dict(state[name])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ConfigError(f"cannot resume from {path}: it does not match this run's models or options "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Resume with the same --model, "
-                          f"--shared-value-head and --lora, or start a new --output.") from None
-    new_lr = _apply_new_lr(cfg.lr, stateful["optimizer"], stateful["scheduler"])
-    mine = state["streams"][dist.rank]
-    ckpt.set_rng_state(mine["rng"], dist.device)
-    for name, g in generators.items():
-        g.set_state(mine["generators"][name])
-    pos.update(state["position"])
-    if new_lr:
-        pos["bad_steps"] = 0  # a new --lr is a fresh try at the steps that failed
-    for logger in loggers:
-        logger.truncate_after(pos["iteration"])
-    if dist.is_main:
-        print(f"prefalign: resumed from {path} (iteration {pos['iteration']}).", file=sys.stderr)
-    return pos["iteration"]
+class ReplicaCheck:
+    """PPO updates each rank's copy of the weights itself (no DDP), so the copies must stay
+    bit-identical: compared (sha256 per model) before every checkpoint, so none is written from
+    ranks that diverged, and at the end."""
 
+    def __init__(self, m: Models, dist: DistInfo):
+        self.m, self.dist, self.checks = m, dist, 0
 
-def check_stop(cfg, out, pos: dict, signum: Optional[int]) -> None:
-    """Stop (after the checkpoint is written) on a signal or too many skipped steps."""
-    if pos["bad_steps"] > cfg.max_bad_steps:
-        raise TrainingStopped(
-            f"stopped at iteration {pos['iteration']}: {pos['bad_steps']} minibatch steps had a non-finite loss or "
-            f"gradient (more than --max-bad-steps {cfg.max_bad_steps}). The last state is checkpointed in "
-            f"{out / ckpt.CKPT_DIR}; lower --lr, then rerun with --resume.", exit_code=3)
-    if signum is not None:
-        raise TrainingStopped(f"{signal.Signals(signum).name} received: saved a checkpoint at iteration "
-                              f"{pos['iteration']} in {out / ckpt.CKPT_DIR}; rerun with --resume to continue.",
-                              exit_code=128 + signum)
+    def digests(self) -> dict[str, str]:
+        return {name: param_digest(module) for name, module in self.m.trainable.items()}
 
+    def check(self, when: str = "before a checkpoint") -> Optional[dict[str, str]]:
+        if not self.dist.distributed:
+            return None
+        mine = self.digests()
+        check_replicas(all_gather_object(mine), when)
+        self.checks += 1
+        return mine
 
-def save_models(m: Models, out_dir) -> None:
-    """The policy in HF format in OUTPUT, the value model (or the shared head) in OUTPUT/value_model."""
-    save_pretrained(m.policy, m.tokenizer, out_dir)
-    if m.value_model is not None:
-        save_pretrained(m.value_model, m.tokenizer, out_dir / "value_model")
-    else:
-        (out_dir / "value_model").mkdir()
-        torch.save(m.value_head.state_dict(), out_dir / "value_model" / "value_head.pt")
+    def check_at_end(self) -> Optional[dict[str, str]]:
+        return self.check("at the end")

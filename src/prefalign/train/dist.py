@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from prefalign.errors import InternalError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -227,33 +229,42 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return best
 
 
-def global_mean_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of x over the masked entries of ALL ranks (PPO: statistics of the global
-    rollout batch). x (B, T), mask (B, T) bool -> two scalars, the same on every rank. In one
-    process: ops.masked_mean / masked_var exactly. Two passes (mean, then squared deviations)
-    for the same numerical behaviour as the local version."""
-    from prefalign.ops import masked_mean, masked_var
-    if not (dist.is_available() and dist.is_initialized()):
-        return masked_mean(x, mask), masked_var(x, mask, unbiased=unbiased)
-    xd = x.detach().double()  # statistics are constants: no gradient through an all-reduce
-    sums = all_reduce_sum(torch.stack([torch.where(mask, xd, 0.0).sum(), mask.sum().double()]))
-    n = sums[1]
-    mean = sums[0] / n.clamp(min=1)
-    sq = all_reduce_sum(torch.where(mask, (xd - mean) ** 2, 0.0).sum())
-    var = sq / n.clamp(min=1)
-    if unbiased:
-        var = var * n / (n - 1).clamp(min=1)  # Bessel's correction, as ops.masked_var
-    return mean.to(x.dtype), var.to(x.dtype)
+# ----------------------------------------------------------------- hand-made data parallelism (PPO, RLOO, GRPO)
+
+def average_gradients(parameters, world_size: int) -> None:
+    """Mean of every gradient over ranks (a no-op in one process). PPO does not wrap models in DDP:
+    it calls backbones and heads directly, which DDP's hooks would not see.
+
+    A parameter that got no gradient on some rank (an MoE expert none of its tokens reached) counts
+    as zeros there. The ranks first agree on which parameters have a gradient anywhere: one
+    all-reduce per parameter only where ``p.grad`` is set locally would pair different tensors
+    across ranks, or hang."""
+    if world_size == 1:
+        return
+    params = list(parameters)
+    if not params:
+        return
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)  # (N,)
+    all_reduce_sum(has_grad)
+    for p, anywhere in zip(params, has_grad.tolist()):
+        if not anywhere:
+            continue  # None on every rank: stays None, so the optimizer leaves it alone
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_reduce_sum(p.grad)
+        p.grad /= world_size
 
 
-def masked_whiten_global(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """losses.advantage.whiten with mean and variance over the global batch (all ranks).
-    x (B, T), mask (B, T) bool -> (B, T), 0 at masked positions."""
-    from prefalign.losses.advantage import whiten
-    if not (dist.is_available() and dist.is_initialized()):
-        return whiten(x, mask, shift_mean=shift_mean)
-    mean, var = global_mean_var(x, mask, unbiased=True)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask, whitened, torch.zeros((), dtype=x.dtype, device=x.device))
+def check_replicas(digests: list[dict[str, str]], when: str) -> None:
+    """Raise InternalError when the ranks' parameter digests differ (``[rank 0's, rank 1's, ...]``,
+    each ``{"policy": sha256, "value": sha256}``, see dist.param_digest). Every rank gets the same
+    list from one all_gather_object, so every rank raises, or none."""
+    for name in digests[0]:
+        values = [d[name] for d in digests]
+        if len(set(values)) > 1:
+            found = ", ".join(f"rank {r} {v[:12]}" for r, v in enumerate(values))
+            raise InternalError(
+                f"the {name} model's parameters differ between processes {when} (sha256: {found}). The "
+                f"ranks diverged, which is a bug in prefalign: please report it with the command line and "
+                f"`pip list`. Each checkpoint was written only after this check passed, so --resume "
+                f"continues from identical weights.")

@@ -1,0 +1,89 @@
+"""The four models of `prefalign ppo`: the trainable policy, its frozen reference, the frozen reward
+model (or a reward function instead) and the trainable value model (or a value head on the
+policy's backbone); how they are loaded, packed for, and saved."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from prefalign.errors import ModelError
+from prefalign.models import apply_lora, check_same_vocab, load_causal_lm, load_scalar_model, save_pretrained
+from prefalign.models.attention import uses_packed_attention
+from prefalign.rl.reward_scoring import same_tokenizer
+from prefalign.rl.value_head import load_value_head, new_value_head, save_value_head
+from prefalign.rollout import PackedSequences, Rollout, pack_sequences
+
+# reward_fn(prompts, completions, rollout) -> scores (B,): replaces --reward-model (tests, the lab).
+RewardFn = Callable[[list, list[str], Rollout], torch.Tensor]
+
+
+@dataclass
+class Models:
+    policy: nn.Module
+    tokenizer: object
+    ref: Optional[nn.Module]  # None with --lora and no --ref-model: the policy with adapters off
+    reward_model: Optional[nn.Module]  # None when a reward_fn is given
+    rm_tokenizer: object
+    retokenize: bool  # the reward model's tokenizer differs from the policy's
+    value_model: Optional[nn.Module]  # a ScalarModel, or None with --shared-value-head
+    value_head: Optional[nn.Module]  # a linear head on the policy's hidden states, or None
+    trainable: nn.ModuleDict  # what the optimizer updates and checkpoints hold
+
+
+def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
+    """Policy (trainable, from --model), frozen reference and reward model, trainable value model."""
+    kw = {"dtype": cfg.dtype, "device": device, "attn_implementation": cfg.attn_implementation}
+    policy, tok = load_causal_lm(cfg.model, **kw)
+    if cfg.lora:
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    ref = None
+    if cfg.ref_model or not cfg.lora:
+        ref, ref_tok = load_causal_lm(cfg.ref_model or cfg.model, trainable=False, **kw)
+        check_same_vocab(tok, ref_tok, cfg.model, cfg.ref_model or cfg.model, role="reference")
+    rm, rm_tok = (None, None) if reward_fn else load_scalar_model(cfg.reward_model, trainable=False, seed=cfg.seed, **kw)
+    retokenize = rm is not None and not same_tokenizer(tok, rm_tok)
+    value_model = value_head = None
+    if cfg.shared_value_head:
+        value_head = new_value_head(policy.config.hidden_size, cfg.seed).to(device)
+        if cfg.value_model:
+            value_head.load_state_dict(load_value_head(cfg.value_model, policy.config.hidden_size))
+    else:
+        # Values are per policy token, so the value model must share the policy's tokenizer.
+        path = cfg.value_model or (cfg.reward_model if rm is not None and not retokenize else None)
+        if path is None:
+            path = cfg.model
+            print(f"prefalign ppo: value model: a new value head on the policy's backbone ({cfg.model}), "
+                  f"since the reward model's tokenizer differs or no reward model was given.", file=sys.stderr)
+        value_model, value_tok = load_scalar_model(path, seed=cfg.seed, **kw)
+        if not same_tokenizer(tok, value_tok):
+            raise ModelError(f"--value-model {path} has a different tokenizer from the policy ({cfg.model}); "
+                             f"values are per policy token. Leave --value-model out, or use --shared-value-head.")
+    trainable = nn.ModuleDict({"policy": policy, "value": value_model if value_model is not None else value_head})
+    trainable.eval()  # no dropout: the recorded log-probs must equal the recomputed ones
+    return Models(policy, tok, ref, rm, rm_tok, retokenize, value_model, value_head, trainable)
+
+
+# --packing: tokens per packed row. With per-example attention a long row costs what its sequences
+# cost; otherwise attention and its mask grow with the row's square, so rows stay P + R wide.
+PACK_ROW_TOKENS = 1024
+
+
+def pack_rows(m: Models, seq: tuple) -> PackedSequences:
+    """The rollout's sequences packed for the scoring and training forwards (``--packing``): long
+    rows only when every model that reads them runs per-example attention."""
+    readers = [x for x in (m.policy, m.ref, m.value_model, m.reward_model) if x is not None]
+    long_rows = all(uses_packed_attention(x) for x in readers)
+    return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
+
+
+def save_models(m: Models, out_dir) -> None:
+    """The policy in HF format in OUTPUT, the value model (or the shared head) in OUTPUT/value_model."""
+    save_pretrained(m.policy, m.tokenizer, out_dir)
+    if m.value_model is not None:
+        save_pretrained(m.value_model, m.tokenizer, out_dir / "value_model")
+    else:
+        save_value_head(m.value_head, out_dir / "value_model")
