@@ -59,3 +59,20 @@ def test_cli_config_error_is_one_line(tmp_path, capsys):
     assert main(["sft", "--config", str(y)]) == 2
     err = capsys.readouterr().err
     assert "must hold a mapping" in err and "Traceback" not in err
+
+
+def test_convert_takes_the_file_alone_or_as_option(tmp_path, capsys):
+    alone = C.parse_config(C.ConvertConfig, ["m.gguf", "--output", "out"])
+    after = C.parse_config(C.ConvertConfig, ["--output", "out", "m.gguf"])
+    option = C.parse_config(C.ConvertConfig, ["--file", "m.gguf", "--output", "out"])
+    both = C.parse_config(C.ConvertConfig, ["m.gguf", "--file", "m.gguf", "--output", "out"])
+    assert {(c.file, c.output) for c in (alone, after, option, both)} == {("m.gguf", "out")}
+    y = tmp_path / "c.yaml"
+    y.write_text("file: from-yaml.gguf\n")
+    assert C.parse_config(C.ConvertConfig, ["--config", str(y), "m.gguf"]).file == "m.gguf"  # CLI wins
+    assert C.parse_config(C.ConvertConfig, ["--output", "out"]).file is None  # run_convert then asks for it
+    with pytest.raises(ConfigError, match="a.gguf and --file b.gguf disagree"):
+        C.parse_config(C.ConvertConfig, ["a.gguf", "--file", "b.gguf", "--output", "out"])
+    assert main(["models", "convert", "a.gguf", "--file", "b.gguf", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "disagree" in err and "Traceback" not in err and not (tmp_path / "o").exists()

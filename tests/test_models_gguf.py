@@ -148,6 +148,8 @@ def test_cli_convert(tiny_gguf, tmp_path):
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == model.config.num_hidden_layers
     again = run_cli("models", "convert", "--file", path, "--output", out, check=False)
     assert again.returncode == 2 and "already exists" in again.stderr
+    alone = run_cli("models", "convert", path, "--output", tmp_path / "alone")  # the file as a bare argument
+    assert "LlamaForCausalLM" in alone.stdout and (tmp_path / "alone" / "config.json").is_file()
 
 
 def test_truncated_file_is_a_clear_error(tiny_gguf, tmp_path):

@@ -60,7 +60,7 @@ def _label_export(cfg):
 
 
 def _convert(cfg):
-    from prefalign.models import run_convert
+    from prefalign.stages.convert import run_convert
     return run_convert(cfg)
 
 

@@ -23,7 +23,11 @@ from prefalign.errors import ConfigError
 
 
 def opt(default: Any, help: str, **kw) -> Any:
-    """A dataclass field with help text (and optionally ``choices``, ``metavar``)."""
+    """A dataclass field with help text (and optionally ``choices``, ``metavar``).
+
+    ``positional=True``: the command also takes the value as a bare argument
+    (``prefalign models convert FILE.gguf`` as well as ``--file FILE.gguf``).
+    """
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -256,7 +260,8 @@ class LabelExportConfig:
 @dataclass
 class ConvertConfig:
     """prefalign models convert: dequantise a GGUF file into a plain HF checkpoint."""
-    file: Optional[str] = opt(None, "The .gguf file.")
+    file: Optional[str] = opt(None, "The .gguf file (may also be given alone: `models convert FILE.gguf`).",
+                              positional=True)
     output: Optional[str] = opt(None, "Directory for the HF checkpoint.")
     config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
 
@@ -326,7 +331,26 @@ def build_parser(cls, prog: Optional[str] = None, parser: Optional[argparse.Argu
             kw["choices"] = list(typing.get_args(base))
         kw["type"] = _converter(name, f.type)
         parser.add_argument(_flag(name), dest=name, **kw)
+        if f.metadata.get("positional"):
+            parser.add_argument(_positional_dest(name), nargs="?", default=argparse.SUPPRESS, type=kw["type"],
+                                metavar=name.upper(), help=f"Same as {_flag(name)}.")
     return parser
+
+
+def _positional_dest(name: str) -> str:
+    return f"{name}_given_alone"
+
+
+def _merge_positionals(cls, cli_values: dict[str, Any]) -> None:
+    """Move a value given as a bare argument onto its option; given both ways, they must agree."""
+    for name, f in fields_of(cls).items():
+        if not f.metadata.get("positional") or _positional_dest(name) not in cli_values:
+            continue
+        value = cli_values.pop(_positional_dest(name))
+        if name in cli_values and cli_values[name] != value:
+            raise ConfigError(f"{value} and {_flag(name)} {cli_values[name]} disagree: give the "
+                              f"{name} once, either alone or as {_flag(name)}.")
+        cli_values[name] = value
 
 
 def _coerce(cls_name: str, f: dataclasses.Field, value: Any, source: str) -> Any:
@@ -389,6 +413,7 @@ def parse_config(cls, argv: list[str], prog: Optional[str] = None):
 
 def config_from_namespace(cls, ns: argparse.Namespace):
     cli_values = {k: v for k, v in vars(ns).items() if not k.startswith("_")}
+    _merge_positionals(cls, cli_values)
     values: dict[str, Any] = {}
     if cli_values.get("config"):
         values.update(load_yaml(cli_values["config"], cls))

@@ -3,9 +3,9 @@
 ``--model FILE.gguf`` works in every stage: the first use converts the file (weights to
 float32 safetensors, tokenizer and chat template from the GGUF metadata) into
 ``$PREFALIGN_CACHE/gguf/<key>`` (default ``~/.cache/prefalign/gguf/<key>``), later uses load
-that directory. ``prefalign models convert --file FILE.gguf --output DIR`` writes one explicitly.
-Both write into a temporary sibling directory and rename it into place, so a killed conversion
-never leaves a half-written checkpoint where a loader would find it.
+that directory. ``prefalign models convert FILE.gguf --output DIR`` (``stages/convert.py``) writes
+one explicitly. Both write into a temporary sibling directory and rename it into place, so a
+killed conversion never leaves a half-written checkpoint where a loader would find it.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from prefalign.errors import ModelError
+from prefalign.models.hf import quiet_transformers
 
 _HASH_SPAN = 16 << 20  # bytes hashed at each end of the file
 SOURCE_FILE = "prefalign_gguf_source.json"  # written into every converted checkpoint
@@ -56,8 +57,6 @@ def _read_gguf(path: Path):
     """(model float32, tokenizer) dequantised by transformers from one .gguf file."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from prefalign.models.loading import quiet_transformers
 
     _require_gguf()
     kwargs = {}
@@ -173,17 +172,3 @@ def find_smollm2_gguf() -> Optional[str]:
         if found:
             return str(found[0])
     return None
-
-
-def run_convert(cfg) -> int:
-    """``prefalign models convert --file FILE.gguf --output DIR``."""
-    from prefalign.config import require
-
-    require(cfg, "file", "output")
-    if not str(cfg.file).lower().endswith(".gguf"):
-        raise ModelError(f"--file {cfg.file} is not a .gguf file.")
-    out = convert_gguf(cfg.file, cfg.output)
-    config = json.loads((Path(out) / "config.json").read_text())
-    print(f"wrote {config.get('architectures', ['?'])[0]} ({config.get('num_hidden_layers', '?')} layers, "
-          f"hidden {config.get('hidden_size', '?')}, float32) with its tokenizer to {out}")
-    return 0

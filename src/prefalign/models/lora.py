@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Sequence
 from torch import nn
 
 from prefalign.errors import ModelError
+from prefalign.models.scalar import ScalarModel
 
 OUTPUT_HEADS = ("lm_head", "score")  # trained in full (score) or left frozen (lm_head), never adapted
 
@@ -55,8 +56,6 @@ def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0,
     ``target_modules``: module leaf names, a list or a comma-separated string; default
     ``default_lora_targets(model)``.
     """
-    from prefalign.models.scalar import ScalarModel
-
     peft = _peft()
     inner = model.model if isinstance(model, ScalarModel) else model
     if isinstance(target_modules, str):
@@ -87,8 +86,6 @@ def _checkpointing(model) -> bool:
 @contextlib.contextmanager
 def disabled_adapter(model) -> Iterator[None]:
     """Run ``model`` with its LoRA adapters switched off: the base (reference) model, no copy."""
-    from prefalign.models.scalar import ScalarModel
-
     inner = model.model if isinstance(model, ScalarModel) else model
     if not is_peft_model(inner):
         raise ModelError("disabled_adapter needs a model with LoRA adapters (apply_lora); without LoRA, "

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from prefalign.errors import ModelError
+from prefalign.models.gguf import cached_gguf_checkpoint
 
 # "org/name" or "name": what the hub accepts as a repository id.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -24,7 +25,6 @@ def resolve_model_path(spec) -> str:
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            from prefalign.models.gguf import cached_gguf_checkpoint
             return cached_gguf_checkpoint(path)
         raise ModelError(f"{spec} is a file, not a model: pass the directory that holds config.json "
                          f"and the weights, or a .gguf file.")

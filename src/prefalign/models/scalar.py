@@ -1,10 +1,11 @@
 """Scalar-head models for reward and value: a transformers sequence-classification model
 (num_labels=1) whose score we read ourselves at the last real token.
 
-The checkpoint on disk is a standard ``*ForSequenceClassification`` that plain transformers and
-TRL load. We do not use its forward: transformers finds the last token through
-``pad_token_id``, which is wrong when pad == eos and for left padding. Here the last real token
-comes from ``attention_mask`` (or, for packed rows, from ``segment_ids``).
+The checkpoint on disk (written by ``saving.save_pretrained``) is a standard
+``*ForSequenceClassification`` that plain transformers and TRL load. We do not use its forward:
+transformers finds the last token through ``pad_token_id``, which is wrong when pad == eos and for
+left padding. Here the last real token comes from ``attention_mask`` (or, for packed rows, from
+``segment_ids``).
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from torch import nn
 
 from prefalign.errors import ModelError
 from prefalign.models.attention import packed_kwargs, use_packed_attention
-from prefalign.models.loading import (check_causal_lm_config, check_vocab, load_config, quiet_transformers, resolve_device,
-                                      resolve_dtype)
+from prefalign.models.causal_lm import load_tokenizer
+from prefalign.models.hf import (check_causal_lm_config, check_vocab, ensure_pad_token, load_config, quiet_transformers,
+                                 resolve_device, resolve_dtype)
 from prefalign.models.paths import resolve_model_path
 
 SHIFT_KEY, SCALE_KEY = "prefalign_reward_shift", "prefalign_reward_scale"
@@ -152,7 +154,7 @@ class ScalarModel(nn.Module):
     def normalized(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.shift) / self.scale
 
-    # ---------------------------------------------------------------- construction and saving
+    # ---------------------------------------------------------------- construction
     @classmethod
     def from_causal_lm(cls, path: str, dtype="auto", device="cpu", attn_implementation: Optional[str] = None,
                        trainable: bool = True, seed: int = 0) -> "ScalarModel":
@@ -171,7 +173,7 @@ class ScalarModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype="auto", device="cpu", attn_implementation: Optional[str] = None,
                         trainable: bool = True) -> "ScalarModel":
-        """A reward/value model saved by ``save_pretrained`` (or any 1-label sequence classifier)."""
+        """A reward/value model saved by ``saving.save_pretrained`` (or any 1-label sequence classifier)."""
         path = resolve_model_path(path)
         architectures = list(getattr(load_config(path), "architectures", None) or [])
         if not any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -204,25 +206,10 @@ class ScalarModel(nn.Module):
             model.eval().requires_grad_(False)
         return model
 
-    def save_pretrained(self, out_dir: str, state_dict: Optional[dict] = None) -> None:
-        """A standard HF sequence-classification checkpoint; config.json keeps shift and scale.
-        ``state_dict`` (keyed like ``self.state_dict()``) replaces the weights, e.g. gathered from FSDP."""
-        from prefalign.models.lora import merged_copy
-
-        setattr(self.config, SHIFT_KEY, self.shift)
-        setattr(self.config, SCALE_KEY, self.scale)
-        if state_dict is not None:  # drop our "model." prefix: keys of the wrapped HF model
-            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-            self.model.save_pretrained(out_dir, state_dict=state_dict)
-            return
-        merged_copy(self.model).save_pretrained(out_dir)
-
 
 def load_scalar_model(path: str, dtype="auto", device="cpu", attn_implementation: Optional[str] = None,
                       trainable: bool = True, seed: int = 0):
     """``(ScalarModel, tokenizer)``: a saved reward/value model as is, or a causal LM with a new head."""
-    from prefalign.models.loading import ensure_pad_token, load_tokenizer
-
     path = resolve_model_path(path)
     config = load_config(path)
     architectures = list(getattr(config, "architectures", None) or [])

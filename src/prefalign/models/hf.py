@@ -1,8 +1,8 @@
-"""Load causal LMs and tokenizers for every stage; pick the device and dtype; save.
+"""The bottom layer of ``prefalign.models``: transformers helpers every loader shares.
 
-Every failure a user can cause (a wrong path, a directory that is not a model, a tokenizer
-that does not belong to the model, an architecture that is not a causal LM) becomes a
-``ModelError`` that names the path and what to do, never a deep transformers traceback.
+Device and dtype choice, quiet loading, reading a config or tokenizer from an already resolved
+path (``paths.resolve_model_path``), the pad token, and the checks that a config is a causal LM
+and that tokenizers fit their models. Nothing here imports another ``prefalign.models`` module.
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from typing import Optional
 import torch
 
 from prefalign.errors import ModelError
-from prefalign.models.attention import use_packed_attention
-from prefalign.models.paths import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +80,15 @@ def load_config(path: str):
     try:
         return AutoConfig.from_pretrained(path)
     except OSError as e:
-        raise _not_found(path, e) from None
+        raise loading_error(path, e) from None
     except (ValueError, KeyError) as e:
         raise ModelError(f"{path}/config.json cannot be read by transformers: {e}. "
                          f"Is it a model of an architecture this transformers version knows?") from None
 
 
-def _not_found(path: str, error: Exception) -> ModelError:
+def loading_error(path: str, error: Exception) -> ModelError:
+    """The ModelError for a failed ``from_pretrained(path)``: a local directory's own error, or for
+    anything else the hint that a hub name needs the network."""
     if os.path.isdir(path):
         return ModelError(f"{path} cannot be loaded: {error}")
     return ModelError(f"{path} is not a local directory, and loading it as a Hugging Face Hub name failed "
@@ -96,7 +96,8 @@ def _not_found(path: str, error: Exception) -> ModelError:
                       f"file. Details: {str(error).splitlines()[0]}")
 
 
-def _load_raw_tokenizer(path: str):
+def read_tokenizer(path: str):
+    """The tokenizer saved at a resolved model path, as it is (no pad token chosen yet)."""
     from transformers import AutoTokenizer
 
     if os.path.isdir(path) and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
@@ -105,17 +106,9 @@ def _load_raw_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise _not_found(path, e) from None
+        raise loading_error(path, e) from None
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"the tokenizer in {path} cannot be loaded: {e}") from None
-
-
-def load_tokenizer(path: str):
-    """A transformers tokenizer from a model directory, .gguf file or hub name, with a pad token set."""
-    path = resolve_model_path(path)
-    tokenizer = _load_raw_tokenizer(path)
-    ensure_pad_token(tokenizer)
-    return tokenizer
 
 
 def ensure_pad_token(tokenizer, model=None) -> str:
@@ -189,67 +182,3 @@ def check_same_vocab(policy_tokenizer, other_tokenizer, policy_path, other_path,
         return
     raise ModelError(f"{other_path}: the {role} model does not share the policy's vocabulary: {why}. "
                      f"Use a {role} model trained from the same base model as --model.")
-
-
-def load_causal_lm(path: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-                   attn_implementation: Optional[str] = None, trainable: bool = True):
-    """``(model, tokenizer)`` for any AutoModelForCausalLM from a directory, .gguf file or hub name.
-
-    ``trainable=False`` returns the model in eval mode with ``requires_grad`` off (reference,
-    frozen policies). ``attn_implementation`` defaults to "sdpa".
-    """
-    from transformers import AutoModelForCausalLM
-
-    path = resolve_model_path(path)
-    device = resolve_device(device) if isinstance(device, str) else device
-    config = load_config(path)
-    check_causal_lm_config(path, config)
-    tokenizer = _load_raw_tokenizer(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device, trainable),
-                                                     attn_implementation=attn_implementation or "sdpa")
-    except OSError as e:
-        raise _not_found(path, e) from None
-    except (ValueError, ImportError) as e:
-        raise ModelError(f"{path} cannot be loaded as a causal LM (attn_implementation="
-                         f"{attn_implementation or 'sdpa'}): {e}") from None
-    check_vocab(path, tokenizer, model)
-    ensure_pad_token(tokenizer, model)
-    use_packed_attention(model)  # SDPA exactly, but packed rows pay only for their examples' attention
-    model.to(device)
-    if not trainable:
-        model.eval().requires_grad_(False)
-    return model, tokenizer
-
-
-def save_pretrained(model, tokenizer, out_dir: str, save_adapter: bool = False, state_dict=None) -> None:
-    """Write ``model`` and ``tokenizer`` to ``out_dir`` so plain transformers loads them back.
-
-    A LoRA model is saved merged (a plain HF checkpoint); ``save_adapter=True`` also writes the
-    adapter alone to ``out_dir/adapter`` (peft format). A ScalarModel saves as a
-    ``*ForSequenceClassification`` checkpoint with its reward shift and scale. ``state_dict``
-    (the full weights keyed like ``model.state_dict()``) replaces the model's own tensors: an
-    FSDP-sharded model is saved from the state gathered on rank 0 (not with LoRA).
-    """
-    from prefalign.models.lora import is_peft_model, merged_copy
-    from prefalign.models.scalar import ScalarModel
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if state_dict is not None and is_peft_model(getattr(model, "model", model)):
-        raise ModelError("saving a LoRA model from a gathered state_dict is not supported.")
-    if isinstance(model, ScalarModel):
-        model.save_pretrained(str(out), state_dict=state_dict)
-        inner = model.model
-    elif state_dict is not None:
-        model.save_pretrained(str(out), state_dict=state_dict)
-        inner = model
-    else:
-        merged_copy(model).save_pretrained(str(out))
-        inner = model
-    if save_adapter:
-        if not is_peft_model(inner):
-            raise ModelError("save_adapter=True needs a model with LoRA adapters (apply_lora).")
-        inner.save_pretrained(str(out / "adapter"))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
