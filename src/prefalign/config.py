@@ -171,7 +171,12 @@ class DPOConfig(ModelArgs, DataArgs, TrainArgs):
 @dataclass
 class PPOConfig(ModelArgs, TrainArgs):
     """prefalign ppo: RLHF with PPO against a reward model, KL-shaped reward and GAE."""
-    lr: float = opt(1e-6, "Peak learning rate (AdamW) of policy and value model.")
+    lr: float = opt(1e-6, "Peak learning rate (AdamW) of the policy (and of the value model unless --value-lr).")
+    value_lr: Optional[float] = opt(
+        None, "Peak learning rate of the value model (or shared value head). Default: --lr; with --lora and a "
+              "separate value model (a full model, not LoRA) 1e-5, `prefalign reward`'s default for a full scalar model.")
+    batch_size: int = opt(8, "Not used by ppo (refused): TRL's per_device_train_batch_size x gradient_accumulation_steps "
+                             "is --minibatch-size here, and a rollout's size is --rollout-batch-size.")
     reward_model: Optional[str] = opt(None, "Frozen reward model directory (from `prefalign reward`).")
     prompts: Optional[str] = opt(None, "Prompts file (any format with a prompt).")
     data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
@@ -180,15 +185,18 @@ class PPOConfig(ModelArgs, TrainArgs):
                                          "--shared-value-head, an earlier run's value_model folder to continue its head.")
     shared_value_head: bool = opt(False, "Value head on the policy's backbone instead of a separate value model.")
     iterations: int = opt(-1, "PPO iterations (rollout + update); -1: one pass over the prompts per epoch.")
-    rollout_batch_size: int = opt(16, "Prompts sampled per iteration per process.")
+    rollout_batch_size: int = opt(
+        16, "Prompts sampled (one completion each) per iteration per process: TRL's local_batch_size = "
+            "per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches.")
     kl_coef: float = opt(0.05, "Initial KL coefficient beta.")
     target_kl: Optional[float] = opt(None, "Adapt beta toward this per-sequence KL (Ziegler et al. 2019); off when unset.")
     kl_horizon: int = opt(10000, "Horizon of the adaptive KL controller (in samples).")
     kl_estimator: Literal["k1", "k3"] = opt("k1", "Per-token KL estimator in the shaped reward.")
     gamma: float = opt(1.0, "Discount.")
     lam: float = opt(0.95, "GAE lambda.")
-    ppo_epochs: int = opt(4, "Optimisation epochs over each rollout batch.")
-    minibatch_size: int = opt(8, "Sequences per PPO minibatch.")
+    ppo_epochs: int = opt(4, "Optimisation epochs over each rollout batch (TRL: num_ppo_epochs).")
+    minibatch_size: int = opt(8, "Sequences per PPO optimizer step, a slice of the rollout (TRL: local_mini_batch_size "
+                                 "= per_device_train_batch_size x gradient_accumulation_steps).")
     cliprange: float = opt(0.2, "Policy ratio clip epsilon.")
     cliprange_value: float = opt(0.2, "Value clip range.")
     vf_coef: float = opt(0.1, "Value loss coefficient.")
@@ -201,7 +209,8 @@ class PPOConfig(ModelArgs, TrainArgs):
     missing_eos_penalty: Optional[float] = opt(None, "Subtract this from the score of completions without EOS.")
     normalize_scores: bool = opt(False, "Whiten reward-model scores with running statistics.")
     score_clip: Optional[float] = opt(None, "Clip (normalised) scores to [-c, c].")
-    sample_every: int = opt(10, "Write a few sample completions to samples.jsonl every N iterations.")
+    sample_every: int = opt(10, "Write a few sample completions to samples.jsonl every N iterations (and always at "
+                                "the first and the last; 0: never).")
     packing: bool = opt(False, "Run the scoring and training forwards on packed rows of real tokens (no "
                                 "prompt padding, nothing after EOS): same results, less compute when lengths vary.")
 

@@ -2,6 +2,8 @@
 per-sequence KL (Ziegler et al. 2019, Sec. 2.2). Both are checkpointed (state_dict)."""
 from __future__ import annotations
 
+from prefalign.errors import ConfigError
+
 
 class FixedKLController:
     """beta stays at its initial value."""
@@ -32,11 +34,26 @@ class AdaptiveKLController(FixedKLController):
 
     def update(self, kl: float, n_steps: int) -> None:
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)  # proportional error, clipped
-        self.value *= 1.0 + error * n_steps / self.horizon
+        multiplier = 1.0 + error * n_steps / self.horizon
+        if multiplier <= 0:  # a negative beta would reward moving away from the reference
+            raise ValueError(f"the adaptive KL controller's horizon {self.horizon} is too short for {n_steps} "
+                             f"sequences per update (beta would turn negative); it must exceed {n_steps / 5:g}")
+        self.value *= multiplier
 
 
-def make_kl_controller(cfg) -> FixedKLController:
+def min_kl_horizon(sequences_per_update: int) -> float:
+    """The horizon must exceed this: with the error clipped to 0.2, beta's multiplier
+    1 - 0.2 * n / horizon stays positive only while horizon > n / 5."""
+    return sequences_per_update / 5
+
+
+def make_kl_controller(cfg, sequences_per_update: int) -> FixedKLController:
     """--target-kl set: the adaptive controller; otherwise beta fixed at --kl-coef."""
     if cfg.target_kl is not None:
+        if cfg.kl_horizon <= min_kl_horizon(sequences_per_update):
+            raise ConfigError(f"--kl-horizon {cfg.kl_horizon} is too short for {sequences_per_update} sequences per "
+                              f"iteration: the adaptive KL controller could make beta negative (which rewards moving "
+                              f"away from the reference). Use --kl-horizon above "
+                              f"{min_kl_horizon(sequences_per_update):g} (the default is 10000).")
         return AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     return FixedKLController(cfg.kl_coef)

@@ -45,7 +45,7 @@ from prefalign.train.harness import Meter, Run, agree
 from prefalign.train.loop import autocast_for, epoch_order, scheduler_step
 from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
 
-N_SAMPLES = 4  # completions written to samples.jsonl every --sample-every iterations
+N_SAMPLES = 4  # completions written to samples.jsonl every --sample-every iterations, the first and the last
 
 
 # --------------------------------------------------------------------------- set-up
@@ -56,6 +56,8 @@ def check_options(cfg) -> None:
                           f"--minibatch-size ({cfg.minibatch_size}).")
     if cfg.ppo_epochs < 1 or cfg.max_new_tokens < 1 or cfg.temperature <= 0:
         raise ConfigError("--ppo-epochs and --max-new-tokens must be at least 1 and --temperature positive.")
+    if cfg.value_lr is not None and cfg.value_lr <= 0:
+        raise ConfigError(f"--value-lr must be positive, got {cfg.value_lr:g}.")
     if cfg.kl_coef < 0 or (cfg.target_kl is not None and cfg.target_kl <= 0) or cfg.kl_horizon < 1:
         raise ConfigError("--kl-coef must be >= 0, --target-kl > 0 when given, and --kl-horizon >= 1.")
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
@@ -68,6 +70,14 @@ def check_options(cfg) -> None:
     if cfg.gradient_checkpointing or cfg.distributed == "fsdp":
         raise ConfigError("`prefalign ppo` supports neither --gradient-checkpointing nor --distributed fsdp; "
                           "drop the option (torchrun runs PPO data-parallel with gradients averaged over ranks).")
+
+
+def value_learning_rate(cfg, m: Models) -> float:
+    """--value-lr, or its default: --lr, except 1e-5 for a separate (full) value model next to a LoRA
+    policy, whose --lr suits adapters, not a whole model."""
+    if cfg.value_lr is not None:
+        return cfg.value_lr
+    return 1e-5 if cfg.lora and m.value_model is not None else cfg.lr
 
 
 def plan_iterations(cfg, n_prompts: int, world_size: int) -> tuple[int, int]:
@@ -264,14 +274,16 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     --reward-model when given (tests and the demo lab use it)."""
     dist, out, t0 = start(cfg, "model", "prompts", "output", *(() if reward_fn else ("reward_model",)))
     check_options(cfg)
+    kl_ctl, stats = make_kl_controller(cfg, cfg.rollout_batch_size * dist.world_size), RunningMoments()
     examples = load_prompts(cfg.prompts, cfg.data_format)
     m = load_models(cfg, dist.device, reward_fn)
     query_ids = [encode_prompt(m.tokenizer, ex.prompt, cfg.max_prompt_length) for ex in examples]
     per_epoch, total = plan_iterations(cfg, len(examples), dist.world_size)
-    optimizer = make_optimizer(m.trainable, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
+    value_lr = value_learning_rate(cfg, m)
+    optimizer = make_optimizer(m.trainable, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps,
+                               submodule_lrs={"value": value_lr} if value_lr != cfg.lr else None)
     steps = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
     scheduler = make_scheduler(optimizer, steps, cfg.warmup_steps, cfg.warmup_ratio, cfg.lr_schedule)
-    kl_ctl, stats = make_kl_controller(cfg), RunningMoments()
     generators = {"sample": torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + dist.rank),
                   "shuffle": torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 + dist.rank)}
     replicas = ReplicaCheck(m, dist)
@@ -306,7 +318,7 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
                                      lr=scheduler.get_last_lr()[0], **{"policy/first_minibatch_logprob_maxdiff": gap})
             kl_ctl.update(run.last["objective/kl"], cfg.rollout_batch_size * dist.world_size)
             run.log(run.last)
-            if cfg.sample_every and run.step % cfg.sample_every == 0:
+            if cfg.sample_every and (run.step % cfg.sample_every == 0 or run.step in (1, total)):
                 run.log(sample_rows(prompts, batch), to="samples.jsonl")
             run.bar.set_postfix(score=f"{run.last['objective/scores']:.3f}", kl=f"{run.last['objective/kl']:.3f}")
             run.end_step(run.agree()[1])  # every rank stops at the same iteration

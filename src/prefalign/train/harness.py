@@ -142,15 +142,18 @@ def agree(finite: bool, signum: Optional[int], dist: DistInfo) -> tuple[bool, in
     return t[0].item() == 0, int(t[1].item())
 
 
-def apply_new_lr(lr: float, optimizer, scheduler) -> bool:
-    """A --lr changed on resume takes effect (the checkpoint holds the old peak LR), so a run
-    stopped by non-finite steps can continue with a lower one. True when it changed."""
-    if all(base == lr for base in scheduler.base_lrs):
+def apply_new_lr(requested: Sequence[float], optimizer, scheduler) -> bool:
+    """A --lr (or --value-lr) changed on resume takes effect (the checkpoint holds the old peak
+    LRs), so a run stopped by non-finite steps can continue with a lower one. ``requested`` is this
+    run's peak LR per parameter group. True when one changed."""
+    saved = list(scheduler.base_lrs)
+    if saved == list(requested):
         return False
-    print(f"prefalign: --lr {lr:g} replaces the checkpoint's {scheduler.base_lrs[0]:g}; "
+    show = lambda lrs: f"{lrs[0]:g}" if len(set(lrs)) == 1 else "/".join(f"{lr:g}" for lr in lrs)
+    print(f"prefalign: --lr {show(list(requested))} replaces the checkpoint's {show(saved)}; "
           f"the count of skipped steps starts again.", file=sys.stderr)
-    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
-    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+    scheduler.base_lrs = list(requested)
+    for group, fn, lr in zip(optimizer.param_groups, scheduler.lr_lambdas, requested):
         group["initial_lr"], group["lr"] = lr, lr * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # torch's own cache of get_last_lr()
     return True
@@ -178,6 +181,7 @@ class Run:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.extra, self.generators = extra or {}, generators or {}
         self.global_batch, self.pre_save = global_batch, pre_save
+        self.requested_lrs = list(scheduler.base_lrs)  # before a checkpoint's scheduler state replaces them
         self.pos: dict[str, Any] = {"step": 0, "bad_steps": 0, **(position or {})}
         self.meter = Meter()
         self.last: dict[str, float] = {}   # the newest logged metrics (summary.json's final_metrics)
@@ -300,7 +304,7 @@ class Run:
         if dist.is_main:  # the saved sums are already those of all ranks
             self.meter.load(state["meter"])
         self.last, self.eval = dict(state["logged"]["last"]), dict(state["logged"]["eval"])
-        if apply_new_lr(self.cfg.lr, self.optimizer, self.scheduler):
+        if apply_new_lr(self.requested_lrs, self.optimizer, self.scheduler):
             self.pos["bad_steps"] = 0  # a new --lr is a fresh try at the steps that failed
         self.resumed_from = self.step
         self.truncate_logs(self.step)  # rows logged after the checkpoint are produced again

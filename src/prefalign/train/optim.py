@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                   eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+                   eps: float = 1e-8, submodule_lrs: Optional[dict[str, float]] = None) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors).
+    ``submodule_lrs`` gives named children their own peak LR (PPO's value model: --value-lr)."""
+    own = {name: list(model.get_submodule(name).parameters()) for name in (submodule_lrs or {})}
+    special = {id(p) for params in own.values() for p in params}
+    groups = weight_decay_groups([p for p in model.parameters() if id(p) not in special], lr, weight_decay)
+    for name, params in own.items():
+        groups += weight_decay_groups(params, submodule_lrs[name], weight_decay)
     # The fused kernel is about 3x faster than the per-tensor loop (fixture model on CPU: 1.7 vs
     # 5.3 ms a step). Its rounding differs from the loop's (fp32 weights ~1e-7 apart after a few
     # steps), but it is deterministic, so runs and resumes with the same optimizer stay bitwise.
@@ -23,6 +24,17 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
     fused = bool(params) and all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda")
                                  and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False, fused=fused or None)
+
+
+def weight_decay_groups(parameters, lr: float, weight_decay: float) -> list[dict]:
+    """The trainable ``parameters`` as AdamW groups at ``lr``: matrices decay, 1-D tensors do not."""
+    decay, no_decay = [], []
+    for p in parameters:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    return [g for g in groups if g["params"]]
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
