@@ -204,7 +204,10 @@ def test_packed_ppo_run_equals_padded(fixture, tmp_path, monkeypatch, row_tokens
     padded run's metrics and weights, whether a batch fits one row or needs many."""
     monkeypatch.setattr("prefalign.stages.ppo_models.PACK_ROW_TOKENS", row_tokens)
     d, _ = fixture
-    kw = dict(reward_model=str(d / "sft"), iterations=2, max_new_tokens=6, temperature=0.8)
+    # Adam divides each gradient by its own running size: on embedding rows whose gradient is ~1e-8
+    # (tokens seen once), float rounding between the layouts becomes a step of ~lr/10. A larger
+    # epsilon keeps the comparison about the gradients, not about Adam's amplification of rounding.
+    kw = dict(reward_model=str(d / "sft"), iterations=2, max_new_tokens=6, temperature=0.8, adam_eps=1e-5)
     run_ppo(config(d, tmp_path / "padded", **kw))
     run_ppo(config(d, tmp_path / "packed", packing=True, **kw))
     padded, packed = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("padded", "packed"))
