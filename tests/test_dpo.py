@@ -323,6 +323,25 @@ def test_bad_options_are_config_errors(fx, tmp_path, bad, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"loss": "nope"}, "--loss must be one of sigmoid, ipo, hinge, robust"),
+    ({"beta": float("nan")}, "--beta must be a positive number"),
+    ({"loss": "robust", "label_smoothing": 0.5}, r"\[0, 0.5\) for --loss robust"),
+    ({"label_smoothing": 0.6}, r"\[0, 0.5\] for --loss sigmoid"),
+    ({"target_margin": float("inf")}, "--target-margin"),
+])
+def test_dpo_config_checks_its_options(bad, message):
+    """DPOConfig refuses bad options when it is built, before any stage code runs."""
+    with pytest.raises(ConfigError, match=message):
+        C.DPOConfig(**bad)
+
+
+def test_dpo_config_loss_choices_are_the_losses():
+    from typing import get_args
+    from prefalign.losses.preference import DPO_LOSSES
+    assert set(get_args(C.fields_of(C.DPOConfig)["loss"].type)) == set(DPO_LOSSES)
+
+
 def test_cli_with_yaml(fx, tmp_path):
     (tmp_path / "dpo.yaml").write_text("beta: 0.2\nlr: 0.005\nbatch_size: 8\nmax_steps: 6\nlogging_steps: 3\n"
                                        "packing: true\neval_fraction: 0.25\nloss: sigmoid\n")

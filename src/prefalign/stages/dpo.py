@@ -23,7 +23,6 @@ from typing import Callable, Optional
 import torch
 
 from prefalign.data import load_preferences
-from prefalign.errors import ConfigError
 from prefalign.losses import dpo_loss
 from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, resolve_dtype
 from prefalign.models.attention import uses_packed_attention
@@ -128,20 +127,6 @@ def reference_settings(cfg, data_path: str, pairs, device) -> dict:
             "max_prompt_length": cfg.max_prompt_length, "attn": cfg.attn_implementation,
             "sequences": sequences_digest(pairs)}
 
-def check_options(cfg) -> None:
-    try:  # dpo_loss validates beta, the loss name and label smoothing; fail before loading anything
-        z = torch.zeros(1)
-        dpo_loss(z, z, z, z, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing)
-    except ValueError as e:
-        raise ConfigError(str(e).replace("dpo_loss: ", "--").replace("loss_type", "loss")) from None
-    if cfg.reference_free and (cfg.ref_model or cfg.live_reference):
-        raise ConfigError("--reference-free uses no reference model; drop --ref-model / --live-reference.")
-    if cfg.nll_weight < 0:
-        raise ConfigError(f"--nll-weight must not be negative, got {cfg.nll_weight}.")
-    if cfg.lora and cfg.lora_dropout > 0:  # the model's own dropout is switched off (disable_dropout)
-        raise ConfigError(f"dpo trains without dropout, so policy and reference log-probs come from the same "
-                          f"deterministic forward; drop --lora-dropout {cfg.lora_dropout:g} (LoRA dropout 0).")
-
 def live_reference(cfg, model, tokenizer, device) -> Reference:
     """--live-reference: --ref-model kept in memory, the policy with adapters off (--lora), or a
     frozen copy of the initial policy."""
@@ -162,8 +147,7 @@ def precompute_reference(cfg, model, tokenizer, pairs, eval_pairs, dist) -> dict
                                 dtype=cfg.dtype)
 
 def run_dpo(cfg) -> int:
-    dist, out, t0 = start(cfg, "model", "data", "output")
-    check_options(cfg)
+    dist, out, t0 = start(cfg, "model", "data", "output")  # options: DPOConfig.__post_init__
     model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device="cpu",
                                       attn_implementation=cfg.attn_implementation)
     disable_dropout(model)
