@@ -15,7 +15,8 @@ from prefalign.data import PreferenceExample
 from prefalign.errors import ConfigError
 from prefalign.stages import dpo as dpo_stage
 from prefalign.stages.dpo import DPOObjective, adapter_off_reference, frozen_reference, run_dpo
-from prefalign.stages.dpo_batch import collate_pair_rows, collate_pairs, pair_logps, tokenize_pairs
+from prefalign.stages.dpo_batch import pair_logps
+from prefalign.stages.pair_batch import collate_pairs, tokenize_pairs
 from prefalign.stages.ref_cache import fill_reference_logps
 from prefalign.tiny import save_tiny_model, tiny_llama
 from prefalign.train.dist import DistInfo
@@ -166,7 +167,7 @@ def assert_same(a, b, rtol=1e-5, atol=1e-6):
 def test_precomputed_reference_equals_live(tok, tmp_path, packing, length_normalize):
     policy, ref = tiny_llama(tok, seed=2), tiny_llama(tok, seed=3).eval()
     pairs = tokenize_pairs(examples(pair_rows(12, 3)), tok, 24, 8)  # some truncated
-    collate = (lambda ps: collate_pair_rows(ps, tok.pad_token_id)) if packing else (
+    collate = (lambda ps: collate_pairs(ps, tok.pad_token_id, pack_tokens=1)) if packing else (
         lambda ps: collate_pairs(ps, tok.pad_token_id))
     info = fill_reference_logps({"train": (pairs, {"test": 1})},
                                 lambda: contextlib.nullcontext(frozen_reference(ref)), collate, 5, tmp_path, CPU,
@@ -186,7 +187,7 @@ def test_packed_run_caches_each_pairs_own_reference(fx, tmp_path, tok):
     from transformers import AutoModelForCausalLM
     cfg = make_cfg(fx, tmp_path / "out", packing=True, max_length=256, ref_model=str(fx / "ref"))
     pairs = tokenize_pairs(examples(pair_rows(12, 3)), tok, 256)
-    wide = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=256)
+    wide = collate_pairs(pairs, tok.pad_token_id, pack_tokens=256)
     assert wide["input_ids"].shape[0] < len(pairs)  # several pairs share a row
     dpo_stage.precompute_reference(cfg, tiny_llama(tok), tok, pairs, None, CPU)
     scorer = frozen_reference(AutoModelForCausalLM.from_pretrained(fx / "ref").eval())
@@ -200,10 +201,10 @@ def test_packed_run_caches_each_pairs_own_reference(fx, tmp_path, tok):
 def test_packed_equals_padded(tok, switches):
     policy, ref = tiny_llama(tok, seed=4), tiny_llama(tok, seed=5).eval()
     pairs = tokenize_pairs(examples(pair_rows(9, 4)), tok, 40, 8)
-    padded, packed = collate_pairs(pairs, tok.pad_token_id), collate_pair_rows(pairs, tok.pad_token_id)
+    padded, packed = collate_pairs(pairs, tok.pad_token_id), collate_pairs(pairs, tok.pad_token_id, pack_tokens=1)
     assert packed["input_ids"].shape[0] > 1  # several packed rows, right-padded
     assert "attention_mask" not in packed and packed["input_ids"].numel() < padded["input_ids"].numel()
-    wide = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=64)  # fewer, longer rows
+    wide = collate_pairs(pairs, tok.pad_token_id, pack_tokens=64)  # fewer, longer rows
     assert 1 < wide["input_ids"].shape[0] < packed["input_ids"].shape[0]
     objective = DPOObjective(objective_cfg(**switches), reference=frozen_reference(ref))
     assert objective.units(padded) == objective.units(packed) == 9
@@ -224,8 +225,8 @@ def test_shared_prompt_rows_equal_padded(tok, switches):
     pairs[3].rejected.input_ids[0] = (pairs[3].rejected.input_ids[0] + 1) % len(tok)  # prompts now differ
     assert shared_prompt_len(pairs[3].chosen, pairs[3].rejected) == 0
     padded = collate_pairs(pairs, tok.pad_token_id)
-    whole = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=64)
-    shared = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=64, share_prompt=True)
+    whole = collate_pairs(pairs, tok.pad_token_id, pack_tokens=64)
+    shared = collate_pairs(pairs, tok.pad_token_id, pack_tokens=64, share_prompt=True)
     assert len(shared["shared_prefix"]) == 8
     assert (shared["segment_ids"] >= 0).sum() < (whole["segment_ids"] >= 0).sum()  # 8 prompts fewer
     objective = DPOObjective(objective_cfg(**switches), reference=frozen_reference(ref))
@@ -235,17 +236,18 @@ def test_shared_prompt_rows_equal_padded(tok, switches):
 
 def test_shared_prompt_rows_need_the_packed_attention(tok):
     pairs = tokenize_pairs(examples(pair_rows(3, 4)), tok, 40, 8)
-    shared = collate_pair_rows(pairs, tok.pad_token_id, share_prompt=True)
+    shared = collate_pairs(pairs, tok.pad_token_id, pack_tokens=1, share_prompt=True)
     with pytest.raises(ValueError, match="prefalign_packed"):
         pair_logps(tiny_llama(tok), shared)  # plain SDPA would let rejected tokens see the chosen ones
 
 
 def test_packed_chosen_and_rejected_share_a_row(tok):
     pairs = tokenize_pairs(examples(pair_rows(7, 6)), tok, 32)
-    batch = collate_pair_rows(pairs, tok.pad_token_id)
+    batch = collate_pairs(pairs, tok.pad_token_id, pack_tokens=64)
     seg = batch["segment_ids"]
+    assert batch["input_ids"].shape[0] < 7  # rows hold several pairs
     for k in range(7):
-        rows_c, rows_r = (seg == 2 * k).any(1), (seg == 2 * k + 1).any(1)
+        rows_c, rows_r = (seg == k).any(1), (seg == 7 + k).any(1)  # pair k: chosen k, rejected B + k
         assert rows_c.sum() == 1 and torch.equal(rows_c, rows_r)
 
 

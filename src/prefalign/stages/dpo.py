@@ -2,8 +2,8 @@
 
 One step, top to bottom:
   1. every pair's chosen and rejected go through the policy in ONE forward pass (padded rows, or
-     with --packing padding-free rows holding each chosen next to its rejected; dpo_batch.py);
-  2. summed completion log-probs per sequence (means with --length-normalize);
+     with --packing padding-free rows holding each chosen next to its rejected; pair_batch.py);
+  2. summed completion log-probs per sequence (dpo_batch.py; means with --length-normalize);
   3. the reference's log-probs: computed once before training and cached on disk (ref_cache.py),
      riding along with each pair; with --live-reference a frozen model scores the same batch
      (with --lora: the policy itself with its adapter switched off, never a second copy);
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -27,7 +28,8 @@ from prefalign.losses import dpo_loss
 from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, resolve_dtype
 from prefalign.models.attention import uses_packed_attention
 from prefalign.stages.common import finish, report, save_model_final, split_eval, start
-from prefalign.stages.dpo_batch import collate_pair_rows, collate_pairs, pair_logps, tokenize_pairs
+from prefalign.stages.dpo_batch import pair_logps
+from prefalign.stages.pair_batch import collate_pairs, tokenize_pairs
 from prefalign.stages.ref_cache import (default_cache_dir, file_digest, fill_reference_logps, model_fingerprint,
                                         sequences_digest)
 from prefalign.train.dist import wrap_model
@@ -58,7 +60,9 @@ class DPOObjective:
             return self.reference(batch)
 
     def __call__(self, model, batch: dict) -> LossOutput:
-        chosen_sum, rejected_sum, chosen_tokens, rejected_tokens = pair_logps(model, batch)  # (B,) each
+        policy = pair_logps(model, batch)  # (B,) each
+        chosen_sum, rejected_sum = policy.chosen, policy.rejected
+        chosen_tokens, rejected_tokens = policy.chosen_tokens, policy.rejected_tokens
         ref_chosen, ref_rejected = self.reference_logps(batch)
         policy_chosen, policy_rejected = chosen_sum, rejected_sum
         if self.length_normalize:  # mean log-prob per completion token (SimPO-style)
@@ -80,13 +84,17 @@ class DPOObjective:
         return LossOutput(losses.sum(), metrics)
 
 def frozen_reference(ref_model) -> Reference:
-    return lambda batch: pair_logps(ref_model, batch)[:2]
+    def reference(batch):
+        out = pair_logps(ref_model, batch)
+        return out.chosen, out.rejected
+    return reference
 
 def adapter_off_reference(model) -> Reference:
     """The LoRA policy with its adapters switched off: the base weights, no second copy."""
     def reference(batch):
         with disabled_adapter(model):
-            return pair_logps(model, batch)[:2]
+            out = pair_logps(model, batch)
+        return out.chosen, out.rejected
     return reference
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -138,7 +146,7 @@ def precompute_reference(cfg, model, tokenizer, pairs, eval_pairs, dist) -> dict
     """Fill every pair's reference log-probs from the cache, or compute them once (ref_cache.py).
     Always from padded batches, whatever --packing says: packed rows reorder the pairs of a batch,
     and the cache is shared by packed and padded runs."""
-    collate = lambda rows: collate_pairs(rows, tokenizer.pad_token_id)
+    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     jobs = {"train": (pairs, reference_settings(cfg, cfg.data, pairs, dist.device))}
     if eval_pairs:
         jobs["eval"] = (eval_pairs, reference_settings(cfg, cfg.eval_data, eval_pairs, dist.device))
@@ -159,13 +167,12 @@ def run_dpo(cfg) -> int:
     pairs = tokenize(cfg.data)
     eval_pairs = tokenize(cfg.eval_data) if cfg.eval_data else None
     pad_id = tokenizer.pad_token_id
-    if cfg.packing:
-        # Each pair's prompt once (prompt, chosen, rejected) where every model that reads the rows
-        # follows the layout; a live --ref-model of its own may not.
-        share = uses_packed_attention(model) and not (cfg.live_reference and cfg.ref_model)
-        collate = lambda rows: collate_pair_rows(rows, pad_id, row_tokens=cfg.max_length, share_prompt=share)
-    else:
-        collate = lambda rows: collate_pairs(rows, pad_id)
+    # --packing: pairs in rows of about --max-length tokens. Each pair's prompt once (prompt, chosen,
+    # rejected) where every model that reads the rows follows the layout; a live --ref-model of
+    # its own may not.
+    share = cfg.packing and uses_packed_attention(model) and not (cfg.live_reference and cfg.ref_model)
+    collate = partial(collate_pairs, pad_id=pad_id, pack_tokens=cfg.max_length if cfg.packing else None,
+                      share_prompt=share)
     reference, ref_info = None, {"mode": "none" if cfg.reference_free else "live" if cfg.live_reference else "cached"}
     if ref_info["mode"] == "live":
         reference = live_reference(cfg, model, tokenizer, dist.device)
