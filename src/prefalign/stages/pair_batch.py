@@ -51,7 +51,8 @@ class ChosenRejected(NamedTuple):
     rejected: torch.Tensor
 
 
-def tokenize_pairs(examples, tokenizer, max_length: int, max_prompt_length: Optional[int] = None) -> list[TokenizedPair]:
+def tokenize_pairs(examples, tokenizer, max_length: int,
+                   max_prompt_length: Optional[int] = None) -> list[TokenizedPair]:
     """PreferenceExamples -> TokenizedPairs (prompt + completion + EOS each; ``encode_preference``)."""
     return [TokenizedPair(*encode_preference(tokenizer, ex, max_length, max_prompt_length), margin=ex.margin)
             for ex in examples]

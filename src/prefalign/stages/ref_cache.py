@@ -110,9 +110,10 @@ def score_pairs(scorer: Scorer, pairs: list[TokenizedPair], collate: Callable[[l
     return all_reduce_sum(values).cpu()
 
 
-def fill_reference_logps(jobs: dict[str, tuple[list[TokenizedPair], dict]], open_scorer: Callable[[], ContextManager[Scorer]],
-                         collate: Callable[[list], dict], batch_size: int, cache_dir: Path, dist: DistInfo,
-                         progress: bool = True, dtype: str = "auto") -> dict[str, dict]:
+def fill_reference_logps(jobs: dict[str, tuple[list[TokenizedPair], dict]],
+                         open_scorer: Callable[[], ContextManager[Scorer]], collate: Callable[[list], dict],
+                         batch_size: int, cache_dir: Path, dist: DistInfo, progress: bool = True,
+                         dtype: str = "auto") -> dict[str, dict]:
     """Set ``ref_chosen_logps`` / ``ref_rejected_logps`` of every pair of every job.
 
     jobs: name -> (pairs, settings the values depend on). ``open_scorer()`` is entered only when
