@@ -57,7 +57,7 @@ def data_stats(model_dir: Path, pairs_file: Path, max_length: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
     from prefalign.data import load_preferences
     from prefalign.models import load_tokenizer
-    from prefalign.stages.dpo_batch import tokenize_pairs
+    from prefalign.stages.pair_batch import tokenize_pairs
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()

@@ -14,8 +14,12 @@ import prefalign.config as C
 from prefalign.data import PreferenceExample
 from prefalign.errors import ConfigError
 from prefalign.stages import dpo as dpo_stage
-from prefalign.stages.dpo import DPOObjective, adapter_off_reference, frozen_reference, run_dpo
-from prefalign.stages.dpo_batch import collate_pair_rows, collate_pairs, pair_logps, tokenize_pairs
+from prefalign.stages import dpo_reference
+from prefalign.stages.dpo import DPOObjective, run_dpo
+from prefalign.stages.dpo_batch import pair_logps
+from prefalign.stages.dpo_reference import (AdapterOffReference, CachedReference, ModelReference, NoReference,
+                                           make_reference)
+from prefalign.stages.pair_batch import collate_pairs, tokenize_pairs
 from prefalign.stages.ref_cache import fill_reference_logps
 from prefalign.tiny import save_tiny_model, tiny_llama
 from prefalign.train.dist import DistInfo
@@ -166,16 +170,16 @@ def assert_same(a, b, rtol=1e-5, atol=1e-6):
 def test_precomputed_reference_equals_live(tok, tmp_path, packing, length_normalize):
     policy, ref = tiny_llama(tok, seed=2), tiny_llama(tok, seed=3).eval()
     pairs = tokenize_pairs(examples(pair_rows(12, 3)), tok, 24, 8)  # some truncated
-    collate = (lambda ps: collate_pair_rows(ps, tok.pad_token_id)) if packing else (
+    collate = (lambda ps: collate_pairs(ps, tok.pad_token_id, pack_tokens=1)) if packing else (
         lambda ps: collate_pairs(ps, tok.pad_token_id))
     info = fill_reference_logps({"train": (pairs, {"test": 1})},
-                                lambda: contextlib.nullcontext(frozen_reference(ref)), collate, 5, tmp_path, CPU,
+                                lambda: contextlib.nullcontext(ModelReference(ref).logps), collate, 5, tmp_path, CPU,
                                 progress=False)
     assert not info["train"]["hit"]
     cfg = objective_cfg(length_normalize=length_normalize, nll_weight=0.2)
     batch = collate(pairs[2:10])
-    cached = loss_and_grads(DPOObjective(cfg), policy, batch)
-    live = loss_and_grads(DPOObjective(cfg, reference=frozen_reference(ref)), policy, batch)
+    cached = loss_and_grads(DPOObjective(cfg, reference=CachedReference()), policy, batch)
+    live = loss_and_grads(DPOObjective(cfg, reference=ModelReference(ref)), policy, batch)
     assert_same(live, cached)
     assert cached[0].metrics["rewards/margins"][0] != 0  # different models: a real check
 
@@ -186,12 +190,12 @@ def test_packed_run_caches_each_pairs_own_reference(fx, tmp_path, tok):
     from transformers import AutoModelForCausalLM
     cfg = make_cfg(fx, tmp_path / "out", packing=True, max_length=256, ref_model=str(fx / "ref"))
     pairs = tokenize_pairs(examples(pair_rows(12, 3)), tok, 256)
-    wide = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=256)
+    wide = collate_pairs(pairs, tok.pad_token_id, pack_tokens=256)
     assert wide["input_ids"].shape[0] < len(pairs)  # several pairs share a row
-    dpo_stage.precompute_reference(cfg, tiny_llama(tok), tok, pairs, None, CPU)
-    scorer = frozen_reference(AutoModelForCausalLM.from_pretrained(fx / "ref").eval())
+    make_reference(cfg, tiny_llama(tok), tok, pairs, None, CPU)
+    scorer = ModelReference(AutoModelForCausalLM.from_pretrained(fx / "ref").eval())
     for p in pairs:
-        chosen, rejected = scorer(collate_pairs([p], tok.pad_token_id))
+        chosen, rejected = scorer.logps(collate_pairs([p], tok.pad_token_id))
         assert p.ref_chosen_logps == pytest.approx(float(chosen), rel=1e-5)
         assert p.ref_rejected_logps == pytest.approx(float(rejected), rel=1e-5)
 
@@ -200,12 +204,12 @@ def test_packed_run_caches_each_pairs_own_reference(fx, tmp_path, tok):
 def test_packed_equals_padded(tok, switches):
     policy, ref = tiny_llama(tok, seed=4), tiny_llama(tok, seed=5).eval()
     pairs = tokenize_pairs(examples(pair_rows(9, 4)), tok, 40, 8)
-    padded, packed = collate_pairs(pairs, tok.pad_token_id), collate_pair_rows(pairs, tok.pad_token_id)
+    padded, packed = collate_pairs(pairs, tok.pad_token_id), collate_pairs(pairs, tok.pad_token_id, pack_tokens=1)
     assert packed["input_ids"].shape[0] > 1  # several packed rows, right-padded
     assert "attention_mask" not in packed and packed["input_ids"].numel() < padded["input_ids"].numel()
-    wide = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=64)  # fewer, longer rows
+    wide = collate_pairs(pairs, tok.pad_token_id, pack_tokens=64)  # fewer, longer rows
     assert 1 < wide["input_ids"].shape[0] < packed["input_ids"].shape[0]
-    objective = DPOObjective(objective_cfg(**switches), reference=frozen_reference(ref))
+    objective = DPOObjective(objective_cfg(**switches), reference=ModelReference(ref))
     assert objective.units(padded) == objective.units(packed) == 9
     want = loss_and_grads(objective, policy, padded)
     assert_same(want, loss_and_grads(objective, policy, packed))
@@ -224,28 +228,29 @@ def test_shared_prompt_rows_equal_padded(tok, switches):
     pairs[3].rejected.input_ids[0] = (pairs[3].rejected.input_ids[0] + 1) % len(tok)  # prompts now differ
     assert shared_prompt_len(pairs[3].chosen, pairs[3].rejected) == 0
     padded = collate_pairs(pairs, tok.pad_token_id)
-    whole = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=64)
-    shared = collate_pair_rows(pairs, tok.pad_token_id, row_tokens=64, share_prompt=True)
+    whole = collate_pairs(pairs, tok.pad_token_id, pack_tokens=64)
+    shared = collate_pairs(pairs, tok.pad_token_id, pack_tokens=64, share_prompt=True)
     assert len(shared["shared_prefix"]) == 8
     assert (shared["segment_ids"] >= 0).sum() < (whole["segment_ids"] >= 0).sum()  # 8 prompts fewer
-    objective = DPOObjective(objective_cfg(**switches), reference=frozen_reference(ref))
+    objective = DPOObjective(objective_cfg(**switches), reference=ModelReference(ref))
     want = loss_and_grads(objective, policy, padded)
     assert_same(want, loss_and_grads(objective, policy, shared))
 
 
 def test_shared_prompt_rows_need_the_packed_attention(tok):
     pairs = tokenize_pairs(examples(pair_rows(3, 4)), tok, 40, 8)
-    shared = collate_pair_rows(pairs, tok.pad_token_id, share_prompt=True)
+    shared = collate_pairs(pairs, tok.pad_token_id, pack_tokens=1, share_prompt=True)
     with pytest.raises(ValueError, match="prefalign_packed"):
         pair_logps(tiny_llama(tok), shared)  # plain SDPA would let rejected tokens see the chosen ones
 
 
 def test_packed_chosen_and_rejected_share_a_row(tok):
     pairs = tokenize_pairs(examples(pair_rows(7, 6)), tok, 32)
-    batch = collate_pair_rows(pairs, tok.pad_token_id)
+    batch = collate_pairs(pairs, tok.pad_token_id, pack_tokens=64)
     seg = batch["segment_ids"]
+    assert batch["input_ids"].shape[0] < 7  # rows hold several pairs
     for k in range(7):
-        rows_c, rows_r = (seg == 2 * k).any(1), (seg == 2 * k + 1).any(1)
+        rows_c, rows_r = (seg == k).any(1), (seg == 7 + k).any(1)  # pair k: chosen k, rejected B + k
         assert rows_c.sum() == 1 and torch.equal(rows_c, rows_r)
 
 
@@ -261,12 +266,46 @@ def test_lora_reference_is_base_with_adapter_off(tok):
                 p.normal_(0, 0.5)  # adapters that change the outputs
     batch = collate_pairs(tokenize_pairs(examples(pair_rows(4, 7)), tok, 32), tok.pad_token_id)
     with torch.no_grad():
-        off = adapter_off_reference(model)(batch)
-        want = frozen_reference(original)(batch)
-        on = frozen_reference(model)(batch)
+        off = AdapterOffReference(model).logps(batch)
+        want = ModelReference(original).logps(batch)
+        on = ModelReference(model).logps(batch)
     for a, b in zip(off, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert not torch.allclose(on[0], want[0])
+    assert not torch.allclose(on.chosen, want.chosen)
+
+
+
+@pytest.mark.parametrize("options, kind, mode", [
+    ({}, CachedReference, "cached"),
+    ({"live_reference": True}, ModelReference, "live"),
+    ({"live_reference": True, "ref_model": "ref"}, ModelReference, "live"),
+    ({"reference_free": True}, NoReference, "none"),
+])
+def test_make_reference_picks_one_variant(fx, tmp_path, tok, options, kind, mode):
+    """One factory, one call: the variant the options ask for, its summary.json info, and log-probs
+    (B,) equal to a frozen model's (the initial policy's, or --ref-model's)."""
+    from transformers import AutoModelForCausalLM
+    if "ref_model" in options:
+        options = {**options, "ref_model": str(fx / "ref")}
+    cfg = make_cfg(fx, tmp_path / "out", **options)
+    pairs = tokenize_pairs(examples(pair_rows(5, 8)), tok, cfg.max_length)
+    policy = tiny_llama(tok, seed=7)
+    reference = make_reference(cfg, policy, tok, pairs, None, CPU)
+    assert type(reference) is kind and reference.info["mode"] == mode
+    if mode == "cached":
+        assert set(reference.info["train"]) == {"cache_file", "hit", "seconds"}
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    got = reference.logps(batch)
+    assert got.chosen.shape == got.rejected.shape == (5,)
+    if mode == "none":
+        assert not got.chosen.any() and not got.rejected.any()
+        return
+    truth = AutoModelForCausalLM.from_pretrained(fx / "ref").eval() if cfg.ref_model else policy
+    want = ModelReference(truth).logps(batch)
+    if mode == "live" and not cfg.ref_model:
+        assert reference.model is not policy  # a frozen copy, not the policy that trains
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("live", [False, True])
@@ -274,8 +313,9 @@ def test_lora_run_loads_no_second_model(fx, tmp_path, monkeypatch, live):
     pytest.importorskip("peft")
     loads = []
     real_load = dpo_stage.load_causal_lm
-    monkeypatch.setattr(dpo_stage, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    monkeypatch.setattr(dpo_stage, "_frozen_copy", lambda m: pytest.fail("copied the policy"))
+    for module in (dpo_stage, dpo_reference):  # the policy's load, and any reference load
+        monkeypatch.setattr(module, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(dpo_reference, "frozen_copy", lambda m: pytest.fail("copied the policy"))
     run_dpo(make_cfg(fx, tmp_path / "out", lora=True, lora_r=4, lr=1e-2, max_steps=8, live_reference=live))
     assert len(loads) == 1  # the policy only: the reference is the same weights with the adapter off
     rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
@@ -290,7 +330,7 @@ def test_reference_cache_reused_and_invalidated(fx, tmp_path, monkeypatch):
     cfg = dict(ref_model=str(fx / "ref"), max_steps=2, logging_steps=1)
     run_dpo(make_cfg(fx, tmp_path / "a", **cfg))
     # A hit must not even load the reference model.
-    monkeypatch.setattr(dpo_stage, "load_reference", lambda *a: pytest.fail("reference loaded on a cache hit"))
+    monkeypatch.setattr(dpo_reference, "load_ref_model", lambda *a: pytest.fail("reference loaded on a cache hit"))
     run_dpo(make_cfg(fx, tmp_path / "b", **cfg))
     summary = lambda out: json.loads((out / "summary.json").read_text())["reference"]["train"]
     assert not summary(tmp_path / "a")["hit"] and summary(tmp_path / "b")["hit"]
@@ -321,6 +361,25 @@ def test_bad_options_are_config_errors(fx, tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         run_dpo(make_cfg(fx, tmp_path / "out", **bad))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"loss": "nope"}, "--loss must be one of sigmoid, ipo, hinge, robust"),
+    ({"beta": float("nan")}, "--beta must be a positive number"),
+    ({"loss": "robust", "label_smoothing": 0.5}, r"\[0, 0.5\) for --loss robust"),
+    ({"label_smoothing": 0.6}, r"\[0, 0.5\] for --loss sigmoid"),
+    ({"target_margin": float("inf")}, "--target-margin"),
+])
+def test_dpo_config_checks_its_options(bad, message):
+    """DPOConfig refuses bad options when it is built, before any stage code runs."""
+    with pytest.raises(ConfigError, match=message):
+        C.DPOConfig(**bad)
+
+
+def test_dpo_config_loss_choices_are_the_losses():
+    from typing import get_args
+    from prefalign.losses.preference import DPO_LOSSES
+    assert set(get_args(C.fields_of(C.DPOConfig)["loss"].type)) == set(DPO_LOSSES)
 
 
 def test_cli_with_yaml(fx, tmp_path):

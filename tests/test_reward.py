@@ -7,7 +7,8 @@ import torch
 
 from prefalign.data import encode_preference, load_preferences
 from prefalign.models import load_scalar_model
-from prefalign.stages.reward import RewardObjective, collate_pairs
+from prefalign.stages.pair_batch import TokenizedPair, collate_pairs
+from prefalign.stages.reward import RewardObjective
 from prefalign.tiny import save_tiny_model
 from conftest import run_cli
 
@@ -80,11 +81,11 @@ def test_packed_pairs_equal_padded_pairs(trained, share_prompt):
     also with each pair's prompt packed once."""
     model, tok = load_scalar_model(str(trained / "base"), seed=1)
     examples = load_preferences(trained / "test.jsonl")[:6]
-    pairs = [(*encode_preference(tok, ex, 64), 0.5 * i) for i, ex in enumerate(examples)]
+    pairs = [TokenizedPair(*encode_preference(tok, ex, 64), margin=0.5 * i) for i, ex in enumerate(examples)]
     padded = collate_pairs(pairs, tok.pad_token_id)
     packed = collate_pairs(pairs, tok.pad_token_id, pack_tokens=40, share_prompt=share_prompt)
     assert packed["input_ids"].shape[0] > 1  # several rows, global segment ids
-    prompts = sum(p[0].prompt_len for p in pairs) if share_prompt else 0
+    prompts = sum(p.chosen.prompt_len for p in pairs) if share_prompt else 0
     assert prompts > 0 or not share_prompt
     assert int((packed["segment_ids"] >= 0).sum()) == int(padded["attention_mask"].sum()) - prompts
     obj = RewardObjective(center_coef=0.01)

@@ -167,6 +167,37 @@ class DPOConfig(ModelArgs, DataArgs, TrainArgs):
         None, "Where cached reference log-probs live, shared by runs (default: $PREFALIGN_CACHE/ref_logps, "
               "else ~/.cache/prefalign/ref_logps).")
 
+    def __post_init__(self):
+        super().__post_init__()
+        validate_dpo(self)
+
+
+def validate_dpo(cfg: DPOConfig) -> None:
+    """The DPO options that the CLI's choices and types cannot check, before anything is loaded."""
+    losses = typing.get_args(fields_of(DPOConfig)["loss"].type)
+    if cfg.loss not in losses:
+        raise ConfigError(f"--loss must be one of {', '.join(losses)}; got {cfg.loss!r}.")
+    if not 0 < cfg.beta < float("inf"):
+        raise ConfigError(f"--beta must be a positive number (the KL strength; 0.1 is usual), got {cfg.beta}.")
+    smoothing = cfg.label_smoothing
+    if cfg.loss in ("hinge", "ipo") and smoothing != 0:
+        raise ConfigError(f"--label-smoothing applies to --loss sigmoid and robust only, not {cfg.loss}; "
+                          f"set label_smoothing to 0 (drop --label-smoothing {smoothing:g}) or change --loss.")
+    if cfg.loss == "sigmoid" and not 0 <= smoothing <= 0.5:
+        raise ConfigError(f"--label-smoothing must lie in [0, 0.5] for --loss sigmoid, got {smoothing}.")
+    if cfg.loss == "robust" and not 0 <= smoothing < 0.5:
+        raise ConfigError(f"--label-smoothing must lie in [0, 0.5) for --loss robust (it divides by "
+                          f"1 - 2 * label_smoothing), got {smoothing}.")
+    if not abs(cfg.target_margin) < float("inf"):
+        raise ConfigError(f"--target-margin must be a finite number, got {cfg.target_margin}.")
+    if not cfg.nll_weight >= 0:
+        raise ConfigError(f"--nll-weight must not be negative, got {cfg.nll_weight} (0 turns the NLL term off).")
+    if cfg.reference_free and (cfg.ref_model or cfg.live_reference):
+        raise ConfigError("--reference-free uses no reference model; drop --ref-model / --live-reference.")
+    if cfg.lora and cfg.lora_dropout > 0:  # stages/dpo.py switches the model's own dropout off
+        raise ConfigError(f"dpo trains without dropout, so policy and reference log-probs come from the same "
+                          f"deterministic forward; drop --lora-dropout {cfg.lora_dropout:g} (LoRA dropout 0).")
+
 
 @dataclass
 class PPOConfig(ModelArgs, TrainArgs):

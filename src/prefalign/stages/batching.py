@@ -1,9 +1,10 @@
-"""Batches for the stages: padded rows, or packed rows (several examples per row)."""
+"""Batches of single sequences for the stages: padded rows, or packed rows (several examples per
+row). Preference pairs have their own layout on top of these (``pair_batch.py``)."""
 from __future__ import annotations
 
 import torch
 
-from prefalign.data import pack_batch, pad_batch, pair_pack_batch, pair_pack_shared, shared_prompt_len
+from prefalign.data import pack_batch, pad_batch
 from prefalign.data.collate import balanced_groups
 
 
@@ -23,7 +24,7 @@ def pad_packed_rows(rows: list[dict], pad_id: int) -> dict:
 
     Returns input_ids, position_ids, completion_mask, segment_ids (B, T) and n_segments (B,).
     """
-    out = _stack_rows(rows, pad_id)
+    out = stack_packed_rows(rows, pad_id)
     out["n_segments"] = torch.tensor([int(r["n_segments"]) for r in rows])
     return out
 
@@ -39,57 +40,12 @@ def collate_packed_flat(seqs, pad_id: int, max_tokens: int) -> dict:
     rows = [pack_batch([seqs[i] for i in g]) for g in groups]
     for g, r in zip(groups, rows):  # row-local segment j -> global id g[j]
         r["segment_ids"] = torch.tensor(g, dtype=torch.long)[r["segment_ids"]]
-    out = _stack_rows(rows, pad_id)
+    out = stack_packed_rows(rows, pad_id)
     out["n_segments"] = len(seqs)
     return out
 
 
-def collate_pairs_shared(chosen, rejected, pad_id: int, max_tokens: int) -> dict:
-    """B pairs packed padding-free with each pair's prompt once (``data.pair_pack_shared``) into
-    rows of about ``max_tokens``; a pair never straddles two rows. Segment i is chosen i (with its
-    prompt), segment B + i rejected i, whichever row holds them, so per-sequence outputs come back
-    as chosen 0..B-1 then rejected 0..B-1. Needs attention that follows ``shared_prefix``
-    (``prefalign.models.attention``).
-
-    Returns input_ids, position_ids, completion_mask, segment_ids (R, T), n_segments (2B) and
-    shared_prefix (K, 5): row, prompt start, prompt length, first rejected column, segment id.
-    """
-    B = len(chosen)
-    lengths = [len(c.input_ids) + len(r.input_ids) - shared_prompt_len(c, r) for c, r in zip(chosen, rejected)]
-    return pack_pair_rows(chosen, rejected, balanced_groups(lengths, max_tokens), pad_id, share_prompt=True,
-                          segment_ids_of=lambda i: (i, B + i))
-
-
-def pack_pair_rows(chosen, rejected, groups: list[list[int]], pad_id: int, share_prompt: bool,
-                   segment_ids_of) -> dict:
-    """Pairs packed into one row per group of pair indices, each pair's chosen then rejected
-    (``data.pair_pack_batch``), or prompt, chosen, rejected with ``share_prompt``
-    (``data.pair_pack_shared``). ``segment_ids_of(i)`` gives pair i's (chosen, rejected) segment
-    ids in the batch, whichever row holds it.
-
-    Returns input_ids, position_ids, completion_mask, segment_ids (R, T), n_segments (2 x pairs)
-    and, with ``share_prompt``, shared_prefix (K, 5): row, prompt start, prompt length, first
-    rejected column, segment id.
-    """
-    pack = pair_pack_shared if share_prompt else pair_pack_batch
-    rows, shared = [], []
-    for r, g in enumerate(groups):
-        row = pack([chosen[i] for i in g], [rejected[i] for i in g])
-        ids = torch.tensor([s for i in g for s in segment_ids_of(i)], dtype=torch.long)  # row-local 2j, 2j+1 -> ids
-        row["segment_ids"] = ids[row["segment_ids"]]
-        if share_prompt:
-            s = row["shared_prefix"].clone()
-            s[:, 0], s[:, 4] = r, ids[s[:, 4]]
-            shared.append(s)
-        rows.append(row)
-    out = _stack_rows(rows, pad_id)
-    out["n_segments"] = 2 * sum(len(g) for g in groups)
-    if share_prompt:
-        out["shared_prefix"] = torch.cat(shared)
-    return out
-
-
-def _stack_rows(rows: list[dict], pad_id: int) -> dict:
+def stack_packed_rows(rows: list[dict], pad_id: int) -> dict:
     """Right-pad packed (1, T_i) rows into (R, T) tensors; padding is segment -1, position 0."""
     T = max(r["input_ids"].shape[1] for r in rows)
     R = len(rows)

@@ -2,8 +2,8 @@
 
 DPO needs log pi_ref(y|x) of every chosen and rejected completion; the reference never changes, so
 they are computed in one no-grad pass before training and the reference model is then freed.
-The values ride along with each pair (``DPOPair.ref_*_logps``), so shuffling, sharding and resume
-need nothing more.
+The values ride along with each pair (``TokenizedPair.ref_*_logps``), so shuffling, sharding and
+resume need nothing more.
 
 The cache file is keyed by everything the values depend on: the reference weights and config
 (a content hash of the model directory), its dtype, the data file's content hash, the data format,
@@ -27,7 +27,7 @@ from typing import Callable, ContextManager, Optional
 import torch
 
 from prefalign.models.paths import resolve_model_path
-from prefalign.stages.dpo_batch import DPOPair
+from prefalign.stages.pair_batch import TokenizedPair
 from prefalign.train.dist import DistInfo, all_reduce_sum, barrier, broadcast_object
 from prefalign.train.logger import iter_progress
 from prefalign.train.loop import autocast_for, to_device
@@ -61,7 +61,7 @@ def model_fingerprint(spec: str) -> str:
     return h.hexdigest()
 
 
-def sequences_digest(pairs: list[DPOPair]) -> str:
+def sequences_digest(pairs: list[TokenizedPair]) -> str:
     """Hash of every pair's token ids and prompt/completion boundaries."""
     h = hashlib.sha256()
     for p in pairs:
@@ -95,7 +95,7 @@ def write_cache(path: Path, values: torch.Tensor, meta: dict) -> None:
 
 
 @torch.no_grad()
-def score_pairs(scorer: Scorer, pairs: list[DPOPair], collate: Callable[[list], dict], batch_size: int,
+def score_pairs(scorer: Scorer, pairs: list[TokenizedPair], collate: Callable[[list], dict], batch_size: int,
                 dist: DistInfo, desc: str, progress: bool, dtype: str = "auto") -> torch.Tensor:
     """Reference log-probs (N, 2) float64 of all pairs; each rank scores pairs i = rank mod W and
     the shares are summed over ranks. Pairs are batched longest first, so batches pad little."""
@@ -110,9 +110,10 @@ def score_pairs(scorer: Scorer, pairs: list[DPOPair], collate: Callable[[list], 
     return all_reduce_sum(values).cpu()
 
 
-def fill_reference_logps(jobs: dict[str, tuple[list[DPOPair], dict]], open_scorer: Callable[[], ContextManager[Scorer]],
-                         collate: Callable[[list], dict], batch_size: int, cache_dir: Path, dist: DistInfo,
-                         progress: bool = True, dtype: str = "auto") -> dict[str, dict]:
+def fill_reference_logps(jobs: dict[str, tuple[list[TokenizedPair], dict]],
+                         open_scorer: Callable[[], ContextManager[Scorer]], collate: Callable[[list], dict],
+                         batch_size: int, cache_dir: Path, dist: DistInfo, progress: bool = True,
+                         dtype: str = "auto") -> dict[str, dict]:
     """Set ``ref_chosen_logps`` / ``ref_rejected_logps`` of every pair of every job.
 
     jobs: name -> (pairs, settings the values depend on). ``open_scorer()`` is entered only when

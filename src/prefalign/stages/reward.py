@@ -11,37 +11,20 @@ completions; shift and scale are stored in config.json and every later scoring a
 from __future__ import annotations
 
 import math
-from typing import Optional
+from functools import partial
 
 import torch
 
-from prefalign.data import encode_preference, load_preferences, load_sft
+from prefalign.data import load_preferences, load_sft
 from prefalign.losses import bradley_terry_loss
 from prefalign.models import ScalarModel, apply_lora, load_scalar_model
 from prefalign.models.attention import uses_packed_attention
-from prefalign.stages.batching import collate_packed_flat, collate_padded, collate_pairs_shared
+from prefalign.stages.batching import collate_padded
 from prefalign.stages.common import finish, report, save_model_final, split_eval, start
+from prefalign.stages.pair_batch import TokenizedPair, collate_pairs, pair_sequences, split_pairs, tokenize_pairs
 from prefalign.train.dist import sharded_map, wrap_model
 from prefalign.train.logger import iter_progress
 from prefalign.train.loop import LossOutput, fit, to_device
-
-
-def collate_pairs(pairs, pad_id: int, pack_tokens: Optional[int] = None, share_prompt: bool = False) -> dict:
-    """[(chosen Tokenized, rejected Tokenized, margin)] -> chosen rows then rejected rows, (2B, T).
-
-    With ``pack_tokens`` the 2B sequences are packed padding-free into rows of about that many
-    tokens instead (segment i = sequence i: chosen 0..B-1, then rejected); the scores come back
-    in the same order, so the objective is unchanged and padding costs no compute. With
-    ``share_prompt`` too, each pair's prompt is packed once (``collate_pairs_shared``; the model
-    must run prefalign_packed attention).
-    """
-    seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
-    if pack_tokens and share_prompt:
-        batch = collate_pairs_shared(seqs[:len(pairs)], seqs[len(pairs):], pad_id, pack_tokens)
-    else:
-        batch = collate_packed_flat(seqs, pad_id, pack_tokens) if pack_tokens else collate_padded(seqs, pad_id)
-    batch["margin"] = torch.tensor([p[2] if p[2] is not None else 0.0 for p in pairs], dtype=torch.float32)
-    return batch
 
 
 class RewardObjective:
@@ -51,17 +34,17 @@ class RewardObjective:
         self.center_coef = center_coef
 
     def units(self, batch: dict) -> float:
-        return float(batch["margin"].shape[0])
+        return float(batch["n_pairs"])
 
     def __call__(self, model, batch: dict) -> LossOutput:
-        n = batch["margin"].shape[0]
+        n = batch["n_pairs"]
         if "segment_ids" in batch:  # packed rows
             scores = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                            segment_ids=batch["segment_ids"], n_segments=2 * n,
                            shared_prefix=batch.get("shared_prefix"))  # (2B,)
         else:
             scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (2B,)
-        chosen, rejected = scores[:n].float(), scores[n:].float()
+        chosen, rejected = split_pairs(scores.float())  # (B,) each
         losses, _ = bradley_terry_loss(chosen, rejected, batch["margin"])
         if self.center_coef:
             losses = losses + self.center_coef * (chosen + rejected) ** 2  # keeps E[r] near 0 while training
@@ -93,20 +76,12 @@ def score_sequences(model: ScalarModel, seqs, pad_id: int, batch_size: int, devi
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def normalization_sequences(cfg, tokenizer, train_pairs):
+def normalization_sequences(cfg, tokenizer, train_pairs: list[TokenizedPair]):
     """The completions E[r] = 0 is taken over: the training completions, or --normalize-data."""
     if not cfg.normalize_data:
-        return [p[0] for p in train_pairs] + [p[1] for p in train_pairs]
+        return pair_sequences(train_pairs)
     from prefalign.stages.sft import tokenize_sft
     return tokenize_sft(load_sft(cfg.normalize_data), tokenizer, cfg.max_length, cfg.max_prompt_length)
-
-
-def tokenize_pairs(examples, tokenizer, cfg):
-    pairs = []
-    for ex in examples:
-        chosen, rejected = encode_preference(tokenizer, ex, cfg.max_length, cfg.max_prompt_length)
-        pairs.append((chosen, rejected, ex.margin))
-    return pairs
 
 
 def run_reward(cfg) -> int:
@@ -117,13 +92,15 @@ def run_reward(cfg) -> int:
                                                   attn_implementation=cfg.attn_implementation)
     if cfg.lora:  # adapters on the backbone; the scalar head trains in full
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    pairs = tokenize_pairs(examples, tokenizer, cfg)
-    eval_pairs = tokenize_pairs(eval_examples, tokenizer, cfg) if eval_examples else None
+    pairs = tokenize_pairs(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    eval_pairs = tokenize_pairs(eval_examples, tokenizer, cfg.max_length, cfg.max_prompt_length) if eval_examples \
+        else None
     pairs, eval_pairs = split_eval(pairs, eval_pairs, cfg.eval_fraction, cfg.seed)
     pad_id = tokenizer.pad_token_id
-    # --packing: each micro-batch's sequences go padding-free into rows of about max_length tokens.
-    share = uses_packed_attention(model)  # packed rows hold each pair's prompt once
-    collate = lambda rows: collate_pairs(rows, pad_id, cfg.max_length if cfg.packing else None, share)
+    # --packing: each micro-batch's pairs go padding-free into rows of about max_length tokens,
+    # each pair's prompt once where the model's attention follows that layout.
+    collate = partial(collate_pairs, pad_id=pad_id, pack_tokens=cfg.max_length if cfg.packing else None,
+                      share_prompt=uses_packed_attention(model))
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, RewardObjective(cfg.center_coef), pairs, collate, out_dir=out, dist=dist,
                  eval_set=eval_pairs or None, desc="reward", trainable=model)

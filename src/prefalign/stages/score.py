@@ -10,12 +10,11 @@ import json
 import os
 from pathlib import Path
 
-
 from prefalign.config import require
-from prefalign.data import encode_preference, encode_prompt_completion, encode_text, load_preferences, load_sft
-from prefalign.data import FORMATS
+from prefalign.data import FORMATS, encode_prompt_completion, encode_text, load_preferences, load_sft
 from prefalign.data.records import parse_file
 from prefalign.models import load_scalar_model
+from prefalign.stages.pair_batch import pair_sequences, split_pairs, tokenize_pairs
 from prefalign.stages.reward import score_sequences
 from prefalign.train.dist import resolve_device
 
@@ -31,13 +30,9 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def score_pairs(model, tokenizer, examples, cfg, device) -> tuple[list[dict], dict]:
-    seqs = []
-    for ex in examples:
-        chosen, rejected = encode_preference(tokenizer, ex, cfg.max_length)
-        seqs += [chosen, rejected]
-    raw = score_sequences(model, seqs, tokenizer.pad_token_id, cfg.batch_size, device)
-    r = model.normalized(raw)
-    chosen, rejected = r[0::2], r[1::2]
+    pairs = tokenize_pairs(examples, tokenizer, cfg.max_length)
+    raw = score_sequences(model, pair_sequences(pairs), tokenizer.pad_token_id, cfg.batch_size, device)  # (2N,)
+    chosen, rejected = split_pairs(model.normalized(raw))  # (N,) each
     rows = [{"source": ex.source, "chosen_score": float(c), "rejected_score": float(j), "correct": bool(c > j)}
             for ex, c, j in zip(examples, chosen, rejected)]
     summary = {"pairs": len(rows), "accuracy": float((chosen > rejected).float().mean()),
