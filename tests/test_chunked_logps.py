@@ -1,18 +1,36 @@
-"""Chunked head log-probs (ops_chunked) equal the full-logits path, in values and gradients.
+"""Chunked head log-probs (ops_chunked, logits.head_logps) equal the full-logits path, in values and
+gradients, and never build an (N, V) tensor.
 
-The full path is log_softmax(lm_head(h).float() / temperature), written out here.
+The full path is log_softmax(lm_head(h).float() / temperature): for the op, written out here; for
+SFT, the same objective with ``head_logps`` patched to return None (its full-logits branch, the
+code that ran before chunking).
 """
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import prefalign.logits as logits_mod
+from prefalign import ops_chunked
+from prefalign.data import encode_prompt_completion, encode_text
+from prefalign.logits import head_logps, plain_linear_head
 from prefalign.ops import entropy_from_logits, token_logps
 from prefalign.ops_chunked import chunked_token_logps
+from prefalign.stages.batching import collate_packed_rows, collate_padded
+from prefalign.stages.sft import SFTObjective
+from prefalign.tiny import SAMPLE_TEXTS, tiny_llama, tiny_tokenizer
 
+PAIRS = [("The movie was", " great and the cast was wonderful."), ("Honestly the plot", " was boring and weak."),
+         ("I loved the", " music and the story."), ("The ending felt", " dull but lovely.")]
 # bf16 keeps 8 significant bits (eps 2^-8 = 0.0039). Both paths round the same bf16 logits, so values
 # agree to float32 rounding; the weight gradient is summed chunk by chunk (one bf16 rounding per chunk
 # instead of one for the whole sum), so it agrees to about one bf16 ulp of its largest entry.
 BF16_GRAD_ATOL = 2 ** -7
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(SAMPLE_TEXTS, vocab_size=300)
 
 
 def full_path(h, weight, bias, targets, temperature):
@@ -82,3 +100,195 @@ def test_op_ignores_negative_targets():
     assert bool((grad_h[::3] == 0).all())
     lp = full_path(h, weight, b, y.clamp(min=0), 1.0)[0]
     torch.testing.assert_close(out.logps[y >= 0], lp[y >= 0], rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+def sft_batches(tok):
+    seqs = [encode_prompt_completion(tok, p, c, 64) for p, c in PAIRS] + [encode_text(tok, SAMPLE_TEXTS[4], 64)]
+    return collate_padded(seqs, tok.pad_token_id), collate_packed_rows([seqs[:3], seqs[3:]], tok.pad_token_id)
+
+
+def full_logits(monkeypatch, module):
+    """Make ``module``'s head_logps answer None: the caller takes its full-logits branch."""
+    monkeypatch.setattr(module, "head_logps", lambda *a, **k: None)
+
+
+@pytest.fixture(params=[7, None], ids=["chunks_of_7", "one_chunk"])
+def chunks(request, tok, monkeypatch):
+    """Chunks of 7 tokens (no batch here has a multiple of 7 targets) or the default (one chunk)."""
+    if request.param is not None:
+        monkeypatch.setattr(ops_chunked, "CHUNK_LOGITS", request.param * len(tok))
+    return request.param
+
+
+def assert_chunked(model):
+    """The model took the chunked path: its head passed the checks and the probe."""
+    lm = logits_mod.causal_lm(model)
+    assert lm in logits_mod._probed and logits_mod._verdicts[lm] is None
+
+
+def loss_and_grads(model, batch, obj=SFTObjective()):
+    out = obj(model, batch)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    return out, dict(zip([n for n, _ in model.named_parameters()], grads))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sft_chunked_equals_full_logits(tok, tied, chunks, monkeypatch):
+    """Padded and packed batches, tied and untied embeddings: loss, accuracy and every gradient."""
+    import prefalign.stages.sft as sft
+    model = tiny_llama(tok, seed=2, tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    padded, packed = sft_batches(tok)
+    chunked = {name: loss_and_grads(model, b) for name, b in (("padded", padded), ("packed", packed))}
+    assert_chunked(model)
+    with monkeypatch.context() as m:
+        full_logits(m, sft)
+        full = {name: loss_and_grads(model, b) for name, b in (("padded", padded), ("packed", packed))}
+    for name in ("padded", "packed"):
+        (out, grads), (ref, ref_grads) = chunked[name], full[name]
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-5)
+        assert [int(x) for x in out.metrics["token_accuracy"]] == [int(x) for x in ref.metrics["token_accuracy"]]
+        for n in ref_grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    torch.testing.assert_close(chunked["packed"][0].loss, full["padded"][0].loss, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_chunked_equals_full_logits_bf16_autocast(tok, chunks, monkeypatch):
+    import prefalign.stages.sft as sft
+    model = tiny_llama(tok, seed=2)
+    padded, _ = sft_batches(tok)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = loss_and_grads(model, padded)
+        assert_chunked(model)
+        with monkeypatch.context() as m:
+            full_logits(m, sft)
+            ref, ref_grads = loss_and_grads(model, padded)
+    # The backbone and the bf16 logits are the same; the two sums of N float32 log-probs differ in order.
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-4)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=0,
+                                   atol=BF16_GRAD_ATOL * float(ref_grads[n].abs().max()) + 1e-8, msg=n)
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+def tiny_gemma2(tok):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                       max_position_embeddings=128, final_logit_softcapping=0.5, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return Gemma2ForCausalLM(cfg)
+
+
+class DoubledLogits(torch.nn.Module):
+    """A causal LM whose forward doubles its head's logits, with nothing in its config to say so."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm, self.config = lm, lm.config
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def forward(self, **kwargs):
+        out = self.lm(**kwargs)
+        out.logits = 2 * out.logits
+        return out
+
+
+def full_sft_loss(model, batch):
+    """SFT's loss written out on the model's own logits."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits[:, :-1]  # (B, T-1, V)
+    mask = batch["completion_mask"][:, 1:]
+    return -(token_logps(logits, batch["input_ids"][:, 1:]) * mask).sum()
+
+
+@pytest.mark.parametrize("build, reason", [
+    (tiny_gemma2, "Gemma2ForCausalLM post-processes its logits (final_logit_softcapping=0.5); using full logits"),
+    (lambda tok: DoubledLogits(tiny_llama(tok, seed=2)),
+     "DoubledLogits post-processes its logits (they differ from its head's output); using full logits")])
+def test_models_that_change_their_logits_fall_back_with_one_notice(tok, build, reason, capsys):
+    model = build(tok)
+    padded, _ = sft_batches(tok)
+    capsys.readouterr()
+    losses = [SFTObjective()(model, padded).loss for _ in range(2)]
+    notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prefalign:")]
+    assert notices == ["prefalign: " + reason]  # once per model
+    assert plain_linear_head(model) is None
+    for loss in losses:
+        torch.testing.assert_close(loss, full_sft_loss(model, padded), rtol=1e-6, atol=1e-6)
+
+
+def test_plain_model_probe_passes_silently(tok, capsys):
+    model = tiny_llama(tok, seed=2)
+    padded, _ = sft_batches(tok)
+    capsys.readouterr()
+    loss = SFTObjective()(model, padded).loss
+    assert capsys.readouterr().err == ""
+    assert_chunked(model)
+    torch.testing.assert_close(loss, full_sft_loss(model, padded), rtol=1e-6, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op creates (its element count), forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), str(func)
+        return out
+
+
+def test_no_tensor_of_n_by_v_in_forward_or_backward(monkeypatch):
+    """A wide vocabulary (V = 8192) and a narrow model (H = 16): the largest tensor any op creates,
+    or autograd saves, in forward + backward is a chunk of logits (16 x V) or a weight (V x H),
+    far below the N x V = 126 x V of full logits; the full path does create one."""
+    import prefalign.stages.sft as sft
+    from transformers import LlamaConfig, LlamaForCausalLM
+    V, H, B, T = 8192, 16, 2, 64
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
+    ids = torch.randint(1, V, (B, T))
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.bool),
+             "position_ids": torch.arange(T).expand(B, T), "completion_mask": torch.ones(B, T, dtype=torch.bool)}
+    N = B * (T - 1)
+    monkeypatch.setattr(ops_chunked, "CHUNK_LOGITS", 16 * V)  # 16 tokens a chunk
+
+    def measure():
+        saved = []
+        with LargestTensor() as created, torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel()) or t, lambda t: t):
+            SFTObjective()(model, batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return created.numel, max(saved)
+
+    measure()  # the first call per model probes the head on one position; measure a later one
+    created, saved = measure()
+    assert created <= max(16 * V, V * H) and saved <= max(16 * V, V * H), (created, saved)
+    with monkeypatch.context() as m:
+        full_logits(m, sft)
+        created_full, saved_full = measure()
+    assert created_full >= N * V and saved_full >= N * V
+
+
+def test_head_logps_checks_select_shape(tok):
+    model = tiny_llama(tok, seed=2)
+    ids = torch.randint(7, len(tok), (2, 5))
+    with pytest.raises(ValueError, match="does not match the model's final hidden states"):
+        head_logps(model, {"input_ids": ids}, torch.ones(2, 4, dtype=torch.bool), torch.zeros(8, dtype=torch.long))
