@@ -2,8 +2,8 @@
 gradients, and never build an (N, V) tensor.
 
 The full path is log_softmax(lm_head(h).float() / temperature): for the op, written out here; for
-SFT, the same objective with ``head_logps`` patched to return None (its full-logits branch, the
-code that ran before chunking).
+SFT and rollout scoring, the same function with ``head_logps`` patched to return None (its
+full-logits branch, the code that ran before chunking).
 """
 import pytest
 import torch
@@ -16,6 +16,7 @@ from prefalign.data import encode_prompt_completion, encode_text
 from prefalign.logits import head_logps, plain_linear_head
 from prefalign.ops import entropy_from_logits, token_logps
 from prefalign.ops_chunked import chunked_token_logps
+from prefalign.rollout import forward_logps, forward_logps_packed, pack_sequences
 from prefalign.stages.batching import collate_packed_rows, collate_padded
 from prefalign.stages.sft import SFTObjective
 from prefalign.tiny import SAMPLE_TEXTS, tiny_llama, tiny_tokenizer
@@ -171,6 +172,92 @@ def test_sft_chunked_equals_full_logits_bf16_autocast(tok, chunks, monkeypatch):
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=0,
                                    atol=BF16_GRAD_ATOL * float(ref_grads[n].abs().max()) + 1e-8, msg=n)
+
+
+# --------------------------------------------------------------------------- rollout scoring
+
+
+def ragged(tok, B=4, P=6, R=7, seed=3):
+    """Left-padded prompts of 1..P tokens, right-padded responses of 1..R tokens."""
+    g = torch.Generator().manual_seed(seed)
+    V, pad = len(tok), tok.pad_token_id
+    q, qm = torch.full((B, P), pad), torch.zeros(B, P, dtype=torch.bool)
+    r, rm = torch.full((B, R), pad), torch.zeros(B, R, dtype=torch.bool)
+    for b, (p, n) in enumerate(zip([6, 1, 3, 4], [7, 3, 1, 5])):
+        q[b, P - p:] = torch.randint(7, V, (p,), generator=g)
+        qm[b, P - p:] = True
+        r[b, :n] = torch.randint(7, V, (n,), generator=g)
+        rm[b, :n] = True
+    return q, qm, r, rm
+
+
+def scored(fn, model, *args):
+    lp, ent = fn(model, *args, temperature=0.7)
+    grads = torch.autograd.grad(lp.sum() + 0.3 * ent.sum(), [p for p in model.parameters() if p.requires_grad])
+    return lp.detach(), ent.detach(), grads
+
+
+def gpt2_with_head_bias(tok):
+    """GPT-2 (tied embeddings, absolute positions) with a biased head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id)).eval()  # eval: no dropout
+    head = torch.nn.Linear(32, len(tok), bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.normal_()
+    model.lm_head = head
+    return model
+
+
+ROLLOUT_MODELS = {"llama": lambda tok: tiny_llama(tok, seed=1),
+                  "llama-tied": lambda tok: tiny_llama(tok, seed=1, tie_word_embeddings=True),
+                  "gpt2-head-bias": gpt2_with_head_bias}
+
+
+@pytest.mark.parametrize("arch", list(ROLLOUT_MODELS))
+def test_forward_logps_chunked_equals_full_logits(tok, arch, chunks, monkeypatch):
+    """forward_logps and forward_logps_packed, temperature 0.7: log-probs, entropy and gradients."""
+    import prefalign.rollout as rollout
+    model = ROLLOUT_MODELS[arch](tok)
+    seq = ragged(tok)
+    packed = pack_sequences(*seq, row_tokens=8)
+    padded_args, packed_args = seq, (packed, seq[2], seq[3])
+    chunked = [scored(forward_logps, model, *padded_args), scored(forward_logps_packed, model, *packed_args)]
+    assert_chunked(model)
+    with monkeypatch.context() as m:
+        full_logits(m, rollout)
+        full = [scored(forward_logps, model, *padded_args), scored(forward_logps_packed, model, *packed_args)]
+    for (lp, ent, grads), (lp_f, ent_f, grads_f) in zip(chunked, full):
+        torch.testing.assert_close(lp, lp_f, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ent, ent_f, rtol=0, atol=1e-5)
+        assert bool((lp[~seq[3]] == 0).all() and (ent[~seq[3]] == 0).all())
+        for a, c in zip(grads_f, grads):
+            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked[1][0], full[0][0], rtol=0, atol=2e-5)  # packed chunked == padded full
+
+
+def test_lora_model_is_chunked_and_a_lora_head_is_not(tok, monkeypatch, capsys):
+    pytest.importorskip("peft")
+    import prefalign.rollout as rollout
+    from prefalign.models import apply_lora
+    seq = ragged(tok)
+    model = apply_lora(tiny_llama(tok, seed=1), r=4, alpha=8)
+    assert plain_linear_head(model) is not None
+    lp, ent, grads = scored(forward_logps, model, *seq)
+    assert_chunked(model)
+    with monkeypatch.context() as m:
+        full_logits(m, rollout)
+        lp_f, ent_f, grads_f = scored(forward_logps, model, *seq)
+    torch.testing.assert_close(lp, lp_f, rtol=0, atol=1e-5)
+    for a, c in zip(grads_f, grads):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+    head_adapted = apply_lora(tiny_llama(tok, seed=1), r=4, alpha=8, target_modules=["q_proj", "lm_head"])
+    capsys.readouterr()
+    assert plain_linear_head(head_adapted) is None
+    assert "is not a plain linear layer" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- fallback
