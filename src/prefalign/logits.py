@@ -50,17 +50,24 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        try:  # torch 2.4
+            from torch.distributed._tensor import DTensor
+        except ImportError:  # a build without torch.distributed
+            return False
+    return isinstance(t, DTensor)
+
+
 def _refusal(lm: nn.Module) -> Optional[str]:
     """Why ``lm``'s logits are not ``head(final hidden states)``, or None."""
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if type(head) is not nn.Linear:  # exact type: LoRA, quantised and custom heads are not plain
         return f"has an output head that is not a plain linear layer ({type(head).__name__})"
-    try:
-        from torch.distributed.tensor import DTensor
-        if isinstance(head.weight, DTensor):
-            return "has sharded head weights (FSDP)"
-    except ImportError:
-        pass
+    if _is_dtensor(head.weight):
+        return "has sharded head weights (FSDP)"
     config = getattr(lm, "config", None)
     configs = [config] + ([config.get_text_config()] if hasattr(config, "get_text_config") else [])
     for c in configs:
