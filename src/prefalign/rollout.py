@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from prefalign.logits import head_logps
 from prefalign.ops import entropy_from_logits, token_logps
 
 
@@ -149,14 +150,25 @@ def forward_logps(model, query_ids: torch.Tensor, query_mask: torch.Tensor, resp
 
     query_ids/query_mask (B, P) left-padded, response_ids/response_mask (B, R) right-padded, as in Rollout.
     Returns (logprobs (B, R) float32 of log softmax(logits / temperature), entropy (B, R) of that
-    distribution), both 0 where response_mask is False. Positions match ``sample``.
+    distribution), both 0 where response_mask is False. Positions match ``sample``. The head runs chunk
+    by chunk on the states that predict response tokens (``logits.head_logps``); models that
+    post-process their logits take the full path.
     """
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, P + R)
     mask = torch.cat([query_mask, response_mask], dim=1)
+    inputs = dict(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
+                  use_cache=False)
+    # The state at P - 1 + r predicts response token r.
+    before = torch.zeros_like(mask)
+    before[:, query_ids.shape[1] - 1:-1] = response_mask
+    chunked = head_logps(model, inputs, before, response_ids[response_mask], temperature=temperature,
+                         with_entropy=True)
+    if chunked is not None:
+        zero = chunked.logps.new_zeros(response_ids.shape)  # (B, R)
+        return zero.masked_scatter(response_mask, chunked.logps), zero.masked_scatter(response_mask, chunked.entropy)
     R = response_ids.shape[1]
     # The last R + 1 positions suffice: logits at P - 1 + r predict response token r.
-    logits = model(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
-                   logits_to_keep=R + 1, use_cache=False).logits[:, :-1]  # (B, R, V)
+    logits = model(**inputs, logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V)
     logits = logits.float() / temperature
     zero = torch.zeros((), device=logits.device)
     logps = torch.where(response_mask, token_logps(logits, response_ids), zero)
@@ -239,14 +251,20 @@ def forward_logps_packed(model, packed: PackedSequences, response_ids: torch.Ten
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``forward_logps`` on packed rows: the same (logprobs (B, R), entropy (B, R)), 0 where masked.
 
-    The model's own head (so heads that scale or cap logits behave as in ``forward_logps``) computes
-    logits only at the K states that predict response tokens (``logits_to_keep`` as a boolean mask,
-    transformers >= 5); they come out in row-major order, which is the (b, r) order of
-    ``response_mask``. Older transformers compute every position's logits and the K are gathered.
+    The K states that predict response tokens (``packed.keep``) come out in row-major order, which is
+    the (b, r) order of ``response_mask``. A plain linear head runs chunk by chunk on them
+    (``logits.head_logps``). A model that post-processes its logits runs its own head on them
+    (``logits_to_keep`` as a boolean mask, transformers >= 5; older transformers compute every
+    position's logits and the K are gathered).
     """
-    from transformers import modeling_utils
     kwargs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                   **packed.attention_kwargs(model))
+    chunked = head_logps(model, kwargs, packed.keep, response_ids[response_mask], temperature=temperature,
+                         with_entropy=True)
+    if chunked is not None:
+        zero = chunked.logps.new_zeros(response_ids.shape)  # (B, R)
+        return zero.masked_scatter(response_mask, chunked.logps), zero.masked_scatter(response_mask, chunked.entropy)
+    from transformers import modeling_utils
     K = int(response_mask.sum())
     refuse = (f"{type(model).__name__} does not take a boolean logits_to_keep (transformers' "
               f"slice_logits_to_keep); run ppo without --packing for this model.")

@@ -7,8 +7,10 @@ the loss equals the padded loss of the same examples (tests/test_sft.py).
 """
 from __future__ import annotations
 
+import torch
 
 from prefalign.data import encode_prompt_completion, encode_text, load_sft, pack_groups
+from prefalign.logits import head_logps
 from prefalign.models import load_causal_lm
 from prefalign.models.attention import packed_kwargs
 from prefalign.ops import next_token_inputs, token_logps
@@ -19,17 +21,33 @@ from prefalign.train.loop import LossOutput, fit
 
 
 class SFTObjective:
-    """Sum of next-token NLL over completion tokens; the unit is one predicted token."""
+    """Sum of next-token NLL over completion tokens; the unit is one predicted token.
+
+    The head runs chunk by chunk on the final hidden states of the positions with a target
+    (``logits.head_logps``), so no (B, T, V) logits exist; models that post-process their logits
+    take the full path.
+    """
 
     def units(self, batch: dict) -> float:
         return float(label_mask(batch).sum())
 
     def __call__(self, model, batch: dict) -> LossOutput:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       position_ids=batch["position_ids"], use_cache=False,
-                       **packed_kwargs(model, batch.get("segment_ids"))).logits  # (B, T, V)
-        logits, labels, _ = next_token_inputs(logits, batch["input_ids"], batch["completion_mask"])
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      position_ids=batch["position_ids"], use_cache=False,
+                      **packed_kwargs(model, batch.get("segment_ids")))
         mask = label_mask(batch)  # (B, T-1)
+        labels = batch["input_ids"][:, 1:][mask]  # (N,)
+        select = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)  # (B, T): position t predicts t + 1
+        chunked = head_logps(model, inputs, select, labels, with_argmax=True)
+        if chunked is None:
+            return self._full_logits(model, inputs, batch, mask)
+        correct = chunked.argmax == labels
+        return LossOutput(-chunked.logps.sum(), {"token_accuracy": (correct.sum(), mask.sum())})
+
+    @staticmethod
+    def _full_logits(model, inputs: dict, batch: dict, mask) -> LossOutput:
+        logits = model(**inputs).logits  # (B, T, V)
+        logits, labels, _ = next_token_inputs(logits, batch["input_ids"], batch["completion_mask"])
         logps = token_logps(logits, labels)  # (B, T-1)
         correct = (logits.argmax(-1) == labels) & mask
         return LossOutput(-(logps * mask).sum(), {"token_accuracy": (correct.sum(), mask.sum())})
