@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from prefalign.data.sources import parse_columns
 from prefalign.errors import ConfigError
 
 
@@ -49,11 +50,35 @@ class ModelArgs:
 
 
 @dataclass
+class SourceArgs:
+    """Where data comes from, for every data option of a command (--data, --eval-data, --prompts)."""
+    data_split: Optional[str] = opt(
+        None, "Split of a Hub dataset or dataset folder (default: train, or its only split).")
+    data_config: Optional[str] = opt(None, "Configuration (subset) of a Hub dataset or dataset folder.")
+    data_revision: Optional[str] = opt(None, "Revision (branch, tag or commit) of a Hub dataset.")
+    data_columns: Optional[dict[str, str]] = opt(
+        None, "Rename the source's columns to ours: OURS=THEIRS,... e.g. chosen=response_a,rejected=response_b "
+              "(in YAML also a mapping).", metavar="OURS=THEIRS,...")
+
+    def __post_init__(self):
+        try:
+            self.data_columns = parse_columns(self.data_columns) or None
+        except ValueError as e:
+            raise ConfigError(f"--data-columns: {e}.") from None
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+
+
+@dataclass
 class DataArgs:
-    data: Optional[str] = opt(None, "Training data file (JSONL or JSON array).")
+    data: Optional[str] = opt(None, "Training data: a JSONL, JSON, Parquet or CSV file, a dataset folder "
+                                    "(save_to_disk or laid out like a Hub repo), or a Hub dataset id org/name.")
     data_format: Optional[str] = opt(
         None, "Force a data format instead of detecting it (see `prefalign data check`).")
-    eval_data: Optional[str] = opt(None, "Held-out data file for evaluation.")
+    eval_data: Optional[str] = opt(None, "Held-out data for evaluation (any source --data accepts).")
+    eval_data_split: Optional[str] = opt(
+        None, "Split of --eval-data when it is a Hub dataset or dataset folder (default: test, validation, ... "
+              "or its only split).")
     eval_fraction: float = opt(0.0, "Hold out this fraction of --data for evaluation when --eval-data is not given.")
     max_length: int = opt(512, "Maximum tokens of prompt + completion; longer examples are truncated (prompt start first).")
     max_prompt_length: Optional[int] = opt(None, "Maximum prompt tokens (default: max_length // 2).")
@@ -117,14 +142,14 @@ class TrainArgs:
 # --------------------------------------------------------------------------- commands
 
 @dataclass
-class SFTConfig(ModelArgs, DataArgs, TrainArgs):
+class SFTConfig(ModelArgs, DataArgs, SourceArgs, TrainArgs):
     """prefalign sft: supervised fine-tuning (completion-only loss, or plain LM loss on {text})."""
     lr: float = opt(2e-5, "Peak learning rate (AdamW).")
     completion_only: bool = opt(True, "Mask prompt tokens out of the loss (for prompt/completion and chat data).")
 
 
 @dataclass
-class RewardConfig(ModelArgs, DataArgs, TrainArgs):
+class RewardConfig(ModelArgs, DataArgs, SourceArgs, TrainArgs):
     """prefalign reward: Bradley-Terry reward model (causal LM + linear scalar head)."""
     lr: float = opt(1e-5, "Peak learning rate (AdamW).")
     normalize: Literal["none", "shift", "std"] = opt(
@@ -134,10 +159,11 @@ class RewardConfig(ModelArgs, DataArgs, TrainArgs):
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(SourceArgs):
     """prefalign score: score completions or pairs with a reward model; pairwise accuracy."""
     reward_model: Optional[str] = opt(None, "Reward model directory written by `prefalign reward`.")
-    data: Optional[str] = opt(None, "{prompt, completion} rows or preference pairs.")
+    data: Optional[str] = opt(None, "{prompt, completion} rows or preference pairs (any source: file, folder, "
+                                    "Hub id).")
     data_format: Optional[str] = opt(None, "Force a data format instead of detecting it.")
     output: Optional[str] = opt(None, "Write per-row scores as JSONL here.")
     batch_size: int = opt(16, "Rows per forward pass.")
@@ -147,7 +173,7 @@ class ScoreConfig:
 
 
 @dataclass
-class DPOConfig(ModelArgs, DataArgs, TrainArgs):
+class DPOConfig(ModelArgs, DataArgs, SourceArgs, TrainArgs):
     """prefalign dpo: Direct Preference Optimization and its variants."""
     lr: float = opt(5e-7, "Peak learning rate (AdamW).")
     ref_model: Optional[str] = opt(None, "Frozen reference model (default: a copy of the initial policy).")
@@ -165,11 +191,12 @@ class DPOConfig(ModelArgs, DataArgs, TrainArgs):
 
 
 @dataclass
-class PPOConfig(ModelArgs, TrainArgs):
+class PPOConfig(ModelArgs, SourceArgs, TrainArgs):
     """prefalign ppo: RLHF with PPO against a reward model, KL-shaped reward and GAE."""
     lr: float = opt(1e-6, "Peak learning rate (AdamW) of policy and value model.")
     reward_model: Optional[str] = opt(None, "Frozen reward model directory (from `prefalign reward`).")
-    prompts: Optional[str] = opt(None, "Prompts file (any format with a prompt).")
+    prompts: Optional[str] = opt(None, "Prompts (any format with a prompt; any source --data accepts: file, "
+                                       "folder, Hub id).")
     data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
     ref_model: Optional[str] = opt(None, "Frozen reference (default: the SFT model given by --model).")
     value_model: Optional[str] = opt(None, "Initial value model (default: the reward model); with "
@@ -203,9 +230,10 @@ class PPOConfig(ModelArgs, TrainArgs):
 
 
 @dataclass
-class DataCheckConfig:
-    """prefalign data check: audit a data file before training."""
-    data: Optional[str] = opt(None, "Data file to audit.")
+class DataCheckConfig(SourceArgs):
+    """prefalign data check: audit a data source before training."""
+    data: Optional[str] = opt(None, "Data to audit: a JSONL, JSON, Parquet or CSV file, a dataset folder, or a "
+                                    "Hub dataset id org/name.")
     data_format: Optional[str] = opt(None, "Force a data format instead of detecting it.")
     model: Optional[str] = opt(None, "Tokenizer (model directory) for token-length statistics.")
     max_length: int = opt(512, "Length budget used to report truncation.")
@@ -215,10 +243,10 @@ class DataCheckConfig:
 
 
 @dataclass
-class PairsConfig:
+class PairsConfig(SourceArgs):
     """prefalign pairs: sample K completions per prompt for human labelling."""
     model: Optional[str] = opt(None, "Model to sample from.")
-    prompts: Optional[str] = opt(None, "Prompts file.")
+    prompts: Optional[str] = opt(None, "Prompts with text prompts (any source: file, folder, Hub id).")
     output: Optional[str] = opt(None, "pairs.jsonl to write: {prompt, completions: [...]} per row.")
     n_per_prompt: int = opt(2, "Completions per prompt (at least 2).")
     max_new_tokens: int = opt(64, "Maximum sampled tokens per completion.")
@@ -293,7 +321,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _converter(name: str, tp: Any):
     """A function str -> value for argparse and for YAML values of the wrong type."""
     base, _ = _unwrap_optional(tp)
-    if typing.get_origin(base) is Literal:
+    if typing.get_origin(base) in (Literal, dict):  # a mapping is OURS=THEIRS text, parsed by its config
         return str
     if base in (int, float, str):
         return base
@@ -325,6 +353,8 @@ def build_parser(cls, prog: Optional[str] = None, parser: Optional[argparse.Argu
         if typing.get_origin(base) is Literal:
             kw["choices"] = list(typing.get_args(base))
         kw["type"] = _converter(name, f.type)
+        if "metavar" in f.metadata:
+            kw["metavar"] = f.metadata["metavar"]
         parser.add_argument(_flag(name), dest=name, **kw)
     return parser
 
@@ -339,6 +369,10 @@ def _coerce(cls_name: str, f: dataclasses.Field, value: Any, source: str) -> Any
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{source}: `{f.name}` must be true or false, got {value!r}.")
+    if typing.get_origin(base) is dict:
+        if isinstance(value, (dict, str)):
+            return value  # checked by the config's __post_init__
+        raise ConfigError(f"{source}: `{f.name}` must be a mapping or OURS=THEIRS text, got {value!r}.")
     if typing.get_origin(base) is Literal:
         choices = typing.get_args(base)
         if value not in choices:

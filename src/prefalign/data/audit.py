@@ -1,4 +1,4 @@
-"""`prefalign data check`: what a data file holds and the problems that silently ruin training.
+"""`prefalign data check`: what a data source holds and the problems that silently ruin training.
 
 ``audit`` is pure (path in, report dict out); ``run_data_check`` prints it and sets the exit
 code: 0 when the file is usable for training, 2 when not (the reasons are printed).
@@ -11,6 +11,7 @@ from typing import Optional
 
 from prefalign.data.formats import FORMATS
 from prefalign.data.records import KIND_NAMES, ParsedFile, PreferenceExample, parse_file
+from prefalign.data.sources import source_options
 from prefalign.data.tokenize import encode_preference, encode_prompt, encode_prompt_completion, encode_text
 from prefalign.errors import DataError, ModelError, PrefalignError
 
@@ -103,18 +104,19 @@ def _preference_findings(pf: ParsedFile) -> dict:
 
 
 def audit(path, data_format: Optional[str] = None, tokenizer=None, max_length: int = 512,
-          max_prompt_length: Optional[int] = None) -> dict:
-    """A report on one data file (see docs/README-SECTION-data.md for the fields)."""
+          max_prompt_length: Optional[int] = None, **source) -> dict:
+    """A report on one data source (docs/data.md describes the fields); ``source`` holds
+    ``open_source``'s options (split, config, revision, columns)."""
     report: dict = {"path": str(path), "usable": False, "reasons": [], "warnings": []}
     try:
-        pf = parse_file(path, data_format)
+        pf = parse_file(path, data_format, **source)
     except DataError as e:
         report["reasons"].append(str(e))
         return report
+    report["path"] = pf.path  # a Hub id or folder gains its split
     kinds = sorted({FORMATS[name].kind for name in pf.formats})
     kind = kinds[0] if len(kinds) == 1 else None
-    skipped = defaultdict(list)
-    notes = defaultdict(list)
+    skipped, notes = defaultdict(list), defaultdict(list)
     for n, _, p in pf.parsed:
         if p.skip:
             skipped[p.skip].append(n)
@@ -122,8 +124,8 @@ def audit(path, data_format: Optional[str] = None, tokenizer=None, max_length: i
             notes[p.note].append(n)
     usable = sum(1 for _, _, p in pf.parsed if not p.skip)
     report.update({
-        "container": "JSON array" if pf.array else "JSONL",
-        "records": pf.n_records, "numbered_by": "record" if pf.array else "line",
+        "container": pf.container,
+        "records": pf.n_records, "numbered_by": pf.numbered_by,
         "formats": dict(pf.formats), "kind": kind, "usable_records": usable,
         "errors": {"count": len(pf.errors), "first": [str(e) for e in pf.errors[:FIRST]]},
         "skipped": {reason: _finding(lines) for reason, lines in skipped.items()},
@@ -237,6 +239,7 @@ def run_data_check(cfg) -> int:
             tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load a tokenizer from {cfg.model}: {e}") from None
-    report = audit(cfg.data, cfg.data_format, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    report = audit(cfg.data, cfg.data_format, tokenizer, cfg.max_length, cfg.max_prompt_length,
+                   **source_options(cfg))
     print(json.dumps(report, indent=2) if cfg.json else format_report(report))
     return 0 if report["usable"] else 2

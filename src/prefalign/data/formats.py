@@ -236,6 +236,10 @@ FORMATS: dict[str, RecordFormat] = {
 }
 
 
+# Every key a format reads: what --data-columns may map a source's columns onto.
+RECORD_KEYS = ("prompt", "chosen", "rejected", "margin", "completion", "text", "messages")
+
+
 def detect_format(record: dict) -> str:
     """The FORMATS name that fits ``record`` (raises RecordError when none does).
 

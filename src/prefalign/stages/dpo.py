@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from prefalign.data import load_preferences
+from prefalign.data import load_preferences, source_digest, source_options
 from prefalign.errors import ConfigError
 from prefalign.losses import dpo_loss
 from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, resolve_dtype
@@ -124,7 +124,7 @@ def reference_settings(cfg, data_path: str, pairs, device) -> dict:
     """What the cached reference log-probs depend on (ref_cache.py hashes these into the key)."""
     return {"reference": model_fingerprint(cfg.ref_model or cfg.model),
             "dtype": str(resolve_dtype(cfg.dtype, device, trainable=not cfg.ref_model)),
-            "data": file_digest(data_path), "data_format": cfg.data_format, "max_length": cfg.max_length,
+            "data": source_digest(data_path), "data_format": cfg.data_format, "max_length": cfg.max_length,
             "max_prompt_length": cfg.max_prompt_length, "attn": cfg.attn_implementation,
             "sequences": sequences_digest(pairs)}
 
@@ -170,10 +170,10 @@ def run_dpo(cfg) -> int:
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model.to(dist.device)
-    tokenize = lambda path: tokenize_pairs(load_preferences(path, cfg.data_format), tokenizer, cfg.max_length,
-                                           cfg.max_prompt_length)
+    tokenize = lambda path, eval=False: tokenize_pairs(load_preferences(path, cfg.data_format, **source_options(cfg, eval)),
+                                                       tokenizer, cfg.max_length, cfg.max_prompt_length)
     pairs = tokenize(cfg.data)
-    eval_pairs = tokenize(cfg.eval_data) if cfg.eval_data else None
+    eval_pairs = tokenize(cfg.eval_data, True) if cfg.eval_data else None
     pad_id = tokenizer.pad_token_id
     if cfg.packing:
         # Each pair's prompt once (prompt, chosen, rejected) where every model that reads the rows

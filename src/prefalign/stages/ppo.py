@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from prefalign.data import encode_prompt, load_prompts
+from prefalign.data import encode_prompt, load_prompts, source_options
 from prefalign.errors import ConfigError, ModelError
 from prefalign.losses import gae, kl_estimate, ppo_policy_loss, ppo_value_loss
 from prefalign.models import (apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, load_scalar_model,
@@ -367,7 +367,7 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     --reward-model when given (tests and the demo lab use it)."""
     dist, out, t0 = start(cfg, "model", "prompts", "output", *(() if reward_fn else ("reward_model",)))
     check_options(cfg)
-    examples = load_prompts(cfg.prompts, cfg.data_format)
+    examples = load_prompts(cfg.prompts, cfg.data_format, **source_options(cfg))
     m = load_models(cfg, dist.device, reward_fn)
     query_ids = [encode_prompt(m.tokenizer, ex.prompt, cfg.max_prompt_length) for ex in examples]
     per_epoch, total = plan_iterations(cfg, len(examples), dist.world_size)
