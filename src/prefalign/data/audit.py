@@ -10,7 +10,7 @@ from collections import defaultdict
 from typing import Optional
 
 from prefalign.data.formats import FORMATS
-from prefalign.data.records import KIND_NAMES, ParsedFile, PreferenceExample, parse_file
+from prefalign.data.records import KIND_NAMES, ParsedFile, PreferenceExample, half_pair_warning, parse_file
 from prefalign.data.sources import source_options
 from prefalign.data.tokenize import encode_preference, encode_prompt, encode_prompt_completion, encode_text
 from prefalign.errors import DataError, ModelError, PrefalignError
@@ -116,12 +116,14 @@ def audit(path, data_format: Optional[str] = None, tokenizer=None, max_length: i
     report["path"] = pf.path  # a Hub id or folder gains its split
     kinds = sorted({FORMATS[name].kind for name in pf.formats})
     kind = kinds[0] if len(kinds) == 1 else None
-    skipped, notes = defaultdict(list), defaultdict(list)
+    skipped, notes, half_pairs = defaultdict(list), defaultdict(list), defaultdict(list)
     for n, _, p in pf.parsed:
         if p.skip:
             skipped[p.skip].append(n)
         if p.note:
             notes[p.note].append(n)
+        if p.warn:
+            half_pairs[p.warn].append(n)
     usable = sum(1 for _, _, p in pf.parsed if not p.skip)
     report.update({
         "container": pf.container,
@@ -130,6 +132,7 @@ def audit(path, data_format: Optional[str] = None, tokenizer=None, max_length: i
         "errors": {"count": len(pf.errors), "first": [str(e) for e in pf.errors[:FIRST]]},
         "skipped": {reason: _finding(lines) for reason, lines in skipped.items()},
         "notes": {note: _finding(lines) for note, lines in notes.items()},
+        "half_pairs": {warn: _finding(lines) for warn, lines in half_pairs.items()},
         "budget": {"max_length": max_length, "max_prompt_length": max_prompt_length or max_length // 2},
     })
     if kind == "preference":
@@ -159,6 +162,9 @@ def _judge(report: dict) -> None:
         reasons.append("no usable records.")
     for reason, f in report["skipped"].items():
         warnings.append(f"{f['count']} record(s) skipped: {reason} ({_lines(f, by)}).")
+    for warn, f in report["half_pairs"].items():
+        warnings.append(f"{half_pair_warning(f['count'], warn)[:-1]} ({_lines(f, by)}). Add the missing field to "
+                        "train on pairs, or drop the reply to silence this.")
     empty = report.get("empty_completion")
     if empty and empty["count"]:
         warnings.append(f"{empty['count']} pair(s) with an empty (whitespace-only) completion: chosen {empty['chosen']}, "

@@ -145,6 +145,12 @@ def _parse_one(record: dict, name: str, majority: str, formats: Counter) -> Pars
 KIND_NAMES = {"preference": "preference pairs", "sft": "supervised examples", "prompt": "prompts"}
 
 
+def half_pair_warning(count: int, warn: str) -> str:
+    """What to say about records a parser flagged with ``Parsed.warn`` (formats.parse_prompt)."""
+    return (f"{count} record(s) {warn}: they look like preference pairs missing a field, and are read as prompts "
+            "only (the reply is ignored).")
+
+
 def _load(path, data_format: Optional[str], wanted: tuple[str, ...], what: str, source: dict) -> ParsedFile:
     """Parse a source, raise its first error, and check its format can give ``what``."""
     pf = parse_file(path, data_format, **source)
@@ -152,14 +158,18 @@ def _load(path, data_format: Optional[str], wanted: tuple[str, ...], what: str, 
         more = f" ({len(pf.errors) - 1} more problem(s); `prefalign data check --data {path}` lists them all)" \
             if len(pf.errors) > 1 else ""
         raise _with_suffix(pf.errors[0], more) if more else pf.errors[0]
+    warned = Counter(p.warn for _, _, p in pf.parsed if p.warn)
     for name in pf.formats:
         if FORMATS[name].kind not in wanted:
             fit = [n for n, f in FORMATS.items() if f.kind in wanted]
+            half = "".join(f" {half_pair_warning(c, w)}" for w, c in warned.items())
             raise DataError(f"holds `{name}` records, which give no {what}; use a file in one of the formats "
-                            f"{', '.join(fit)} (see `prefalign data check`).", path=pf.path)
+                            f"{', '.join(fit)} (see `prefalign data check`).{half}", path=pf.path)
     skipped = Counter(p.skip for _, _, p in pf.parsed if p.skip)
     for reason, count in skipped.items():
         log.warning("%s: skipped %d record(s): %s", pf.path, count, reason)
+    for warn, count in warned.items():
+        log.warning("%s: %s", pf.path, half_pair_warning(count, warn))
     return pf
 
 
