@@ -140,6 +140,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"prefalign {' '.join(words)}: interrupted.", file=sys.stderr)
         code = 130
     # Any other exception propagates with its traceback and torchrun stops the other ranks.
+    if "prefalign.train.trackers" in sys.modules:  # runs that ended without a summary (an error, a signal)
+        from prefalign.train.trackers import close_open
+        close_open(ok=code == 0)
     if "torch.distributed" in sys.modules:  # only a stage that trained imported it
         from prefalign.train.dist import finish
         return finish(code)  # under torchrun, the process ends here

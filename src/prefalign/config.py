@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ import yaml
 
 from prefalign.data.sources import parse_columns
 from prefalign.errors import ConfigError
+
+# Experiment trackers --report-to accepts -> the module their extra installs (train/trackers.py has
+# one class per name; `pip install 'prefalign[NAME]'`).
+REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 
 
 def opt(default: Any, help: str, **kw) -> Any:
@@ -123,8 +128,21 @@ class TrainArgs:
     max_bad_steps: int = opt(10, "Stop after this many skipped steps with a non-finite loss or gradient.")
     distributed: Literal["ddp", "fsdp"] = opt("ddp", "Data parallel strategy under torchrun.")
     progress: bool = opt(True, "Show a progress bar with ETA.")
+    report_to: str = opt("none", "Experiment trackers that get every metrics.jsonl row, the config and the "
+                                 "summary: none, or any of tensorboard, wandb, trackio, mlflow (comma-separated).")
+    run_name: Optional[str] = opt(None, "Run name shown by the trackers (default: the --output folder's name).")
+    project: Optional[str] = opt(None, "Tracker project / experiment name (default: prefalign).")
 
     def __post_init__(self):
+        names = [n.strip() for n in self.report_to.split(",") if n.strip()] or ["none"]
+        unknown = [n for n in names if n not in ("none", *REPORT_TO)]
+        if unknown or ("none" in names and len(names) > 1):
+            raise ConfigError(f"--report-to must be none or a comma-separated list of {', '.join(REPORT_TO)}; "
+                              f"got {self.report_to!r}.")
+        self.report_to = ",".join(dict.fromkeys(names))
+        for name in names:  # a missing extra fails here, before any model loads
+            if name != "none" and importlib.util.find_spec(REPORT_TO[name]) is None:
+                raise ConfigError(f"--report-to {name} needs the {name} extra: pip install 'prefalign[{name}]'.")
         for name in ("batch_size", "grad_accum", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")

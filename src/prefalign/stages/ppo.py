@@ -48,6 +48,7 @@ from prefalign.stages.ppo_parts import (AdaptiveKLController, FixedKLController,
 from prefalign.train import checkpoint as ckpt
 from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, param_digest
 from prefalign.train.logger import MetricsLogger, progress
+from prefalign.train.trackers import open_trackers
 from prefalign.train.loop import (LoopResult, TrainingStopped, _apply_new_lr, _Meter, _SignalFlag, agree, autocast_for,
                                   epoch_order)
 from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
@@ -382,7 +383,8 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     stateful = {"model": m.trainable, "optimizer": optimizer, "scheduler": scheduler, "kl_ctl": kl_ctl,
                 "score_stats": stats}
     pos = {"iteration": 0, "bad_steps": 0}
-    logger, samples = MetricsLogger(out, dist.is_main), MetricsLogger(out, dist.is_main, "samples.jsonl")
+    logger = MetricsLogger(out, dist.is_main, trackers=open_trackers(cfg, out, dist.is_main))
+    samples = MetricsLogger(out, dist.is_main, "samples.jsonl")
 
     plan = {"prompts": len(examples), "rollout_batch": cfg.rollout_batch_size, "world_size": dist.world_size}
 

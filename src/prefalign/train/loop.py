@@ -38,6 +38,7 @@ from prefalign.errors import ConfigError, PrefalignError
 from prefalign.train import checkpoint as ckpt
 from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, no_grad_sync
 from prefalign.train.logger import MetricsLogger, Stopwatch, progress
+from prefalign.train.trackers import open_trackers
 from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
 
 
@@ -303,7 +304,7 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
     per_epoch, total = plan_steps(cfg, len(train_set), dist.world_size)
     optimizer = make_optimizer(trainable, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
     scheduler = make_scheduler(optimizer, total, cfg.warmup_steps, cfg.warmup_ratio, cfg.lr_schedule)
-    logger = MetricsLogger(out_dir, enabled=dist.is_main)
+    logger = MetricsLogger(out_dir, enabled=dist.is_main, trackers=open_trackers(cfg, out_dir, dist.is_main))
     pos = {"step": 0, "epoch": 0, "offset": 0, "bad_steps": 0}
     meter = _Meter()
     resumed_from = None
