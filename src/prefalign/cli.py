@@ -64,6 +64,11 @@ def _convert(cfg):
     return run_convert(cfg)
 
 
+def _plot(cfg):
+    from prefalign.plot import run_plot
+    return run_plot(cfg)
+
+
 def _demo(cfg):
     from prefalign.lab.demo import run_demo
     return run_demo(cfg)
@@ -87,6 +92,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("label",): Command(C.LabelConfig, _label, "Serve the labelling web app."),
     ("label", "export"): Command(C.LabelExportConfig, _label_export, "Export labels as preference pairs."),
     ("models", "convert"): Command(C.ConvertConfig, _convert, "Convert a GGUF file to an HF checkpoint."),
+    ("plot",): Command(C.PlotConfig, _plot, "Draw the training curves of one or several runs (PNG)."),
     ("demo",): Command(C.DemoConfig, _demo, "The whole pipeline on the embedded sentiment lab."),
 }
 

@@ -308,6 +308,25 @@ class ConvertConfig:
 
 
 @dataclass
+class PlotConfig:
+    """prefalign plot: the training curves of one or several runs, from their metrics.jsonl, in one PNG."""
+    runs: list[str] = opt([], "OUTPUT folders (or metrics.jsonl files) of the runs to draw.", positional=True,
+                          metavar="OUTPUT")
+    output: str = opt("plot.png", "PNG file to write.")
+    metrics: Optional[str] = opt(
+        None, "Comma-separated metrics, one panel each (default: every curve but perf/, at most 12, eval/ twins "
+              "dashed in their training panel; all: every one).")
+    labels: Optional[str] = opt(None, "Comma-separated legend names, one per run (default: the folder names).")
+    smooth: int = opt(0, "Overlay a moving average over N logged points (0: off).")
+    title: Optional[str] = opt(None, "Figure title.")
+    config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
+
+    def __post_init__(self):
+        if self.smooth < 0:
+            raise ConfigError(f"--smooth must not be negative, got {self.smooth}.")
+
+
+@dataclass
 class DemoConfig:
     """prefalign demo: the whole pipeline on the embedded sentiment lab, with a report."""
     output: str = opt("demo-output", "Directory for every stage, results.json and report.html.")
@@ -339,7 +358,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _converter(name: str, tp: Any):
     """A function str -> value for argparse and for YAML values of the wrong type."""
     base, _ = _unwrap_optional(tp)
-    if typing.get_origin(base) in (Literal, dict):  # a mapping is OURS=THEIRS text, parsed by its config
+    if typing.get_origin(base) in (Literal, dict, list):  # a mapping is OURS=THEIRS text; a list, its items
         return str
     if base in (int, float, str):
         return base
@@ -367,6 +386,10 @@ def build_parser(cls, prog: Optional[str] = None, parser: Optional[argparse.Argu
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {default})")
             continue
+        if f.metadata.get("positional"):  # e.g. `prefalign plot OUTPUT [OUTPUT ...]`
+            parser.add_argument(name, nargs="*", default=argparse.SUPPRESS, help=help_text,
+                                metavar=f.metadata.get("metavar", name.upper()))
+            continue
         kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{help_text} (default: {default})"}
         if typing.get_origin(base) is Literal:
             kw["choices"] = list(typing.get_args(base))
@@ -387,6 +410,10 @@ def _coerce(cls_name: str, f: dataclasses.Field, value: Any, source: str) -> Any
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{source}: `{f.name}` must be true or false, got {value!r}.")
+    if typing.get_origin(base) is list:
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+            return [str(v) for v in value]
+        raise ConfigError(f"{source}: `{f.name}` must be a list, got {value!r}.")
     if typing.get_origin(base) is dict:
         if isinstance(value, (dict, str)):
             return value  # checked by the config's __post_init__
