@@ -168,6 +168,8 @@ def test_csv_cells_are_text_and_margins_numbers(tmp_path):
     path.write_text("prompt,chosen,rejected,margin\np,c,r,high\n")
     with pytest.raises(DataError, match=r"row 0, field `margin`: must be a finite number"):
         load_preferences(path)
+    path.write_text("question,response_a,response_b,score\np,c,r,2.5\n")  # a mapped margin is a number too
+    assert fields(load_preferences(path, columns=MAPPING + ",margin=score")) == [("p", "c", "r", 2.5)]
 
 
 def test_chat_messages_in_parquet(tmp_path):

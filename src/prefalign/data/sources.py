@@ -123,7 +123,10 @@ def open_source(spec, *, split: Optional[str] = None, config: Optional[str] = No
     else:
         raise DataError("file does not exist; check the path (a Hub dataset id looks like org/name).",
                         path=str(spec))
-    return _renamed(src, mapping) if mapping else src
+    src = _renamed(src, mapping) if mapping else src
+    if src.container == "CSV":  # after renaming: a mapped margin column is a number too
+        src.rows = [(n, {**r, "margin": _csv_number(r["margin"])} if "margin" in r else r) for n, r in src.rows]
+    return src
 
 
 def _open_file(path: Path) -> SourceRows:
@@ -166,8 +169,6 @@ def _open_csv(path: Path) -> SourceRows:
                                             f"names {len(reader.fieldnames)} columns; quote cells that hold commas.",
                                             **src.where(i))))
             continue
-        if "margin" in row:
-            row["margin"] = _csv_number(row["margin"])
         src.rows.append((i, row))
     if not src.rows and not src.errors:
         raise DataError("has a header but no rows.", path=str(path))
