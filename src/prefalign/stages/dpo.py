@@ -170,8 +170,9 @@ def run_dpo(cfg) -> int:
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model.to(dist.device)
-    tokenize = lambda path, eval=False: tokenize_pairs(load_preferences(path, cfg.data_format, **source_options(cfg, eval)),
-                                                       tokenizer, cfg.max_length, cfg.max_prompt_length)
+    tokenize = lambda path, eval=False: tokenize_pairs(
+        load_preferences(path, cfg.data_format, **source_options(cfg, eval)), tokenizer, cfg.max_length,
+        cfg.max_prompt_length)
     pairs = tokenize(cfg.data)
     eval_pairs = tokenize(cfg.eval_data, True) if cfg.eval_data else None
     pad_id = tokenizer.pad_token_id
