@@ -40,7 +40,7 @@ def _ppo(cfg):
 
 
 def _data_check(cfg):
-    from prefalign.data.audit import run_data_check
+    from prefalign.stages.data_check import run_data_check
     return run_data_check(cfg)
 
 
@@ -62,6 +62,11 @@ def _label_export(cfg):
 def _convert(cfg):
     from prefalign.stages.convert import run_convert
     return run_convert(cfg)
+
+
+def _plot(cfg):
+    from prefalign.plot import run_plot
+    return run_plot(cfg)
 
 
 def _demo(cfg):
@@ -87,6 +92,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("label",): Command(C.LabelConfig, _label, "Serve the labelling web app."),
     ("label", "export"): Command(C.LabelExportConfig, _label_export, "Export labels as preference pairs."),
     ("models", "convert"): Command(C.ConvertConfig, _convert, "Convert a GGUF file to an HF checkpoint."),
+    ("plot",): Command(C.PlotConfig, _plot, "Draw the training curves of one or several runs (PNG)."),
     ("demo",): Command(C.DemoConfig, _demo, "The whole pipeline on the embedded sentiment lab."),
 }
 
@@ -140,6 +146,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"prefalign {' '.join(words)}: interrupted.", file=sys.stderr)
         code = 130
     # Any other exception propagates with its traceback and torchrun stops the other ranks.
+    if "prefalign.train.trackers" in sys.modules:  # runs that ended without a summary (an error, a signal)
+        from prefalign.train.trackers import close_open
+        close_open(ok=code == 0)
     if "torch.distributed" in sys.modules:  # only a stage that trained imported it
         from prefalign.train.dist import finish
         return finish(code)  # under torchrun, the process ends here

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,12 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from prefalign.data.sources import parse_columns
 from prefalign.errors import ConfigError
+
+# Experiment trackers --report-to accepts -> the module their extra installs (train/trackers.py has
+# one class per name; `pip install 'prefalign[NAME]'`).
+REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 
 
 def opt(default: Any, help: str, **kw) -> Any:
@@ -53,11 +59,35 @@ class ModelArgs:
 
 
 @dataclass
+class SourceArgs:
+    """Where data comes from, for every data option of a command (--data, --eval-data, --prompts)."""
+    data_split: Optional[str] = opt(
+        None, "Split of a Hub dataset or dataset folder (default: train, or its only split).")
+    data_config: Optional[str] = opt(None, "Configuration (subset) of a Hub dataset or dataset folder.")
+    data_revision: Optional[str] = opt(None, "Revision (branch, tag or commit) of a Hub dataset.")
+    data_columns: Optional[dict[str, str]] = opt(
+        None, "Rename the source's columns to ours: OURS=THEIRS,... e.g. chosen=response_a,rejected=response_b "
+              "(in YAML also a mapping).", metavar="OURS=THEIRS,...")
+
+    def __post_init__(self):
+        try:
+            self.data_columns = parse_columns(self.data_columns) or None
+        except ValueError as e:
+            raise ConfigError(f"--data-columns: {e}.") from None
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+
+
+@dataclass
 class DataArgs:
-    data: Optional[str] = opt(None, "Training data file (JSONL or JSON array).")
+    data: Optional[str] = opt(None, "Training data: a JSONL, JSON, Parquet or CSV file, a dataset folder "
+                                    "(save_to_disk or laid out like a Hub repo), or a Hub dataset id org/name.")
     data_format: Optional[str] = opt(
         None, "Force a data format instead of detecting it (see `prefalign data check`).")
-    eval_data: Optional[str] = opt(None, "Held-out data file for evaluation.")
+    eval_data: Optional[str] = opt(None, "Held-out data for evaluation (any source --data accepts).")
+    eval_data_split: Optional[str] = opt(
+        None, "Split of --eval-data when it is a Hub dataset or dataset folder (default: test, validation, ... "
+              "or its only split).")
     eval_fraction: float = opt(0.0, "Hold out this fraction of --data for evaluation when --eval-data is not given.")
     max_length: int = opt(512, "Maximum tokens of prompt + completion; longer examples are truncated (prompt start first).")
     max_prompt_length: Optional[int] = opt(None, "Maximum prompt tokens (default: max_length // 2).")
@@ -102,8 +132,21 @@ class TrainArgs:
     max_bad_steps: int = opt(10, "Stop after this many skipped steps with a non-finite loss or gradient.")
     distributed: Literal["ddp", "fsdp"] = opt("ddp", "Data parallel strategy under torchrun.")
     progress: bool = opt(True, "Show a progress bar with ETA.")
+    report_to: str = opt("none", "Experiment trackers that get every metrics.jsonl row, the config and the "
+                                 "summary: none, or any of tensorboard, wandb, trackio, mlflow (comma-separated).")
+    run_name: Optional[str] = opt(None, "Run name shown by the trackers (default: the --output folder's name).")
+    project: Optional[str] = opt(None, "Tracker project / experiment name (default: prefalign).")
 
     def __post_init__(self):
+        names = [n.strip() for n in self.report_to.split(",") if n.strip()] or ["none"]
+        unknown = [n for n in names if n not in ("none", *REPORT_TO)]
+        if unknown or ("none" in names and len(names) > 1):
+            raise ConfigError(f"--report-to must be none or a comma-separated list of {', '.join(REPORT_TO)}; "
+                              f"got {self.report_to!r}.")
+        self.report_to = ",".join(dict.fromkeys(names))
+        for name in names:  # a missing extra fails here, before any model loads
+            if name != "none" and importlib.util.find_spec(REPORT_TO[name]) is None:
+                raise ConfigError(f"--report-to {name} needs the {name} extra: pip install 'prefalign[{name}]'.")
         for name in ("batch_size", "grad_accum", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
@@ -121,14 +164,14 @@ class TrainArgs:
 # --------------------------------------------------------------------------- commands
 
 @dataclass
-class SFTConfig(ModelArgs, DataArgs, TrainArgs):
+class SFTConfig(ModelArgs, DataArgs, SourceArgs, TrainArgs):
     """prefalign sft: supervised fine-tuning (completion-only loss, or plain LM loss on {text})."""
     lr: float = opt(2e-5, "Peak learning rate (AdamW).")
     completion_only: bool = opt(True, "Mask prompt tokens out of the loss (for prompt/completion and chat data).")
 
 
 @dataclass
-class RewardConfig(ModelArgs, DataArgs, TrainArgs):
+class RewardConfig(ModelArgs, DataArgs, SourceArgs, TrainArgs):
     """prefalign reward: Bradley-Terry reward model (causal LM + linear scalar head)."""
     lr: float = opt(1e-5, "Peak learning rate (AdamW).")
     normalize: Literal["none", "shift", "std"] = opt(
@@ -138,10 +181,11 @@ class RewardConfig(ModelArgs, DataArgs, TrainArgs):
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(SourceArgs):
     """prefalign score: score completions or pairs with a reward model; pairwise accuracy."""
     reward_model: Optional[str] = opt(None, "Reward model directory written by `prefalign reward`.")
-    data: Optional[str] = opt(None, "{prompt, completion} rows or preference pairs.")
+    data: Optional[str] = opt(None, "{prompt, completion} rows or preference pairs (any source: file, folder, "
+                                    "Hub id).")
     data_format: Optional[str] = opt(None, "Force a data format instead of detecting it.")
     output: Optional[str] = opt(None, "Write per-row scores as JSONL here.")
     batch_size: int = opt(16, "Rows per forward pass.")
@@ -151,7 +195,7 @@ class ScoreConfig:
 
 
 @dataclass
-class DPOConfig(ModelArgs, DataArgs, TrainArgs):
+class DPOConfig(ModelArgs, DataArgs, SourceArgs, TrainArgs):
     """prefalign dpo: Direct Preference Optimization and its variants."""
     lr: float = opt(5e-7, "Peak learning rate (AdamW).")
     ref_model: Optional[str] = opt(None, "Frozen reference model (default: a copy of the initial policy).")
@@ -200,7 +244,7 @@ def validate_dpo(cfg: DPOConfig) -> None:
 
 
 @dataclass
-class PPOConfig(ModelArgs, TrainArgs):
+class PPOConfig(ModelArgs, SourceArgs, TrainArgs):
     """prefalign ppo: RLHF with PPO against a reward model, KL-shaped reward and GAE."""
     lr: float = opt(1e-6, "Peak learning rate (AdamW) of the policy (and of the value model unless --value-lr).")
     value_lr: Optional[float] = opt(
@@ -209,7 +253,8 @@ class PPOConfig(ModelArgs, TrainArgs):
     batch_size: int = opt(8, "Not used by ppo (refused): TRL's per_device_train_batch_size x gradient_accumulation_steps "
                              "is --minibatch-size here, and a rollout's size is --rollout-batch-size.")
     reward_model: Optional[str] = opt(None, "Frozen reward model directory (from `prefalign reward`).")
-    prompts: Optional[str] = opt(None, "Prompts file (any format with a prompt).")
+    prompts: Optional[str] = opt(None, "Prompts (any format with a prompt; any source --data accepts: file, "
+                                       "folder, Hub id).")
     data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
     ref_model: Optional[str] = opt(None, "Frozen reference (default: the SFT model given by --model).")
     value_model: Optional[str] = opt(None, "Initial value model (default: the reward model); with "
@@ -247,9 +292,10 @@ class PPOConfig(ModelArgs, TrainArgs):
 
 
 @dataclass
-class DataCheckConfig:
-    """prefalign data check: audit a data file before training."""
-    data: Optional[str] = opt(None, "Data file to audit.")
+class DataCheckConfig(SourceArgs):
+    """prefalign data check: audit a data source before training."""
+    data: Optional[str] = opt(None, "Data to audit: a JSONL, JSON, Parquet or CSV file, a dataset folder, or a "
+                                    "Hub dataset id org/name.")
     data_format: Optional[str] = opt(None, "Force a data format instead of detecting it.")
     model: Optional[str] = opt(None, "Tokenizer (model directory) for token-length statistics.")
     max_length: int = opt(512, "Length budget used to report truncation.")
@@ -259,10 +305,10 @@ class DataCheckConfig:
 
 
 @dataclass
-class PairsConfig:
+class PairsConfig(SourceArgs):
     """prefalign pairs: sample K completions per prompt for human labelling."""
     model: Optional[str] = opt(None, "Model to sample from.")
-    prompts: Optional[str] = opt(None, "Prompts file.")
+    prompts: Optional[str] = opt(None, "Prompts with text prompts (any source: file, folder, Hub id).")
     output: Optional[str] = opt(None, "pairs.jsonl to write: {prompt, completions: [...]} per row.")
     n_per_prompt: int = opt(2, "Completions per prompt (at least 2).")
     max_new_tokens: int = opt(64, "Maximum sampled tokens per completion.")
@@ -307,6 +353,25 @@ class ConvertConfig:
 
 
 @dataclass
+class PlotConfig:
+    """prefalign plot: the training curves of one or several runs, from their metrics.jsonl, in one PNG."""
+    runs: list[str] = opt([], "OUTPUT folders (or metrics.jsonl files) of the runs to draw.", positional=True,
+                          metavar="OUTPUT")
+    output: str = opt("plot.png", "PNG file to write.")
+    metrics: Optional[str] = opt(
+        None, "Comma-separated metrics, one panel each (default: every curve but perf/, at most 12, eval/ twins "
+              "dashed in their training panel; all: every one).")
+    labels: Optional[str] = opt(None, "Comma-separated legend names, one per run (default: the folder names).")
+    smooth: int = opt(0, "Overlay a moving average over N logged points (0: off).")
+    title: Optional[str] = opt(None, "Figure title.")
+    config: Optional[str] = opt(None, "YAML file with any of these options (command-line options win).")
+
+    def __post_init__(self):
+        if self.smooth < 0:
+            raise ConfigError(f"--smooth must not be negative, got {self.smooth}.")
+
+
+@dataclass
 class DemoConfig:
     """prefalign demo: the whole pipeline on the embedded sentiment lab, with a report."""
     output: str = opt("demo-output", "Directory for every stage, results.json and report.html.")
@@ -338,7 +403,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _converter(name: str, tp: Any):
     """A function str -> value for argparse and for YAML values of the wrong type."""
     base, _ = _unwrap_optional(tp)
-    if typing.get_origin(base) is Literal:
+    if typing.get_origin(base) in (Literal, dict, list):  # a mapping is OURS=THEIRS text; a list, its items
         return str
     if base in (int, float, str):
         return base
@@ -366,10 +431,16 @@ def build_parser(cls, prog: Optional[str] = None, parser: Optional[argparse.Argu
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {default})")
             continue
+        if f.metadata.get("positional"):  # e.g. `prefalign plot OUTPUT [OUTPUT ...]`
+            parser.add_argument(name, nargs="*", default=argparse.SUPPRESS, help=help_text,
+                                metavar=f.metadata.get("metavar", name.upper()))
+            continue
         kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{help_text} (default: {default})"}
         if typing.get_origin(base) is Literal:
             kw["choices"] = list(typing.get_args(base))
         kw["type"] = _converter(name, f.type)
+        if "metavar" in f.metadata:
+            kw["metavar"] = f.metadata["metavar"]
         parser.add_argument(_flag(name), dest=name, **kw)
         if f.metadata.get("positional"):
             parser.add_argument(_positional_dest(name), nargs="?", default=argparse.SUPPRESS, type=kw["type"],
@@ -403,6 +474,14 @@ def _coerce(cls_name: str, f: dataclasses.Field, value: Any, source: str) -> Any
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{source}: `{f.name}` must be true or false, got {value!r}.")
+    if typing.get_origin(base) is list:
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+            return [str(v) for v in value]
+        raise ConfigError(f"{source}: `{f.name}` must be a list, got {value!r}.")
+    if typing.get_origin(base) is dict:
+        if isinstance(value, (dict, str)):
+            return value  # checked by the config's __post_init__
+        raise ConfigError(f"{source}: `{f.name}` must be a mapping or OURS=THEIRS text, got {value!r}.")
     if typing.get_origin(base) is Literal:
         choices = typing.get_args(base)
         if value not in choices:

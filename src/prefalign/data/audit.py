@@ -1,18 +1,17 @@
-"""`prefalign data check`: what a data file holds and the problems that silently ruin training.
+"""`prefalign data check`: what a data source holds and the problems that silently ruin training.
 
 ``audit`` is pure (path in, report dict out); ``run_data_check`` prints it and sets the exit
 code: 0 when the file is usable for training, 2 when not (the reasons are printed).
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from typing import Optional
 
 from prefalign.data.formats import FORMATS
-from prefalign.data.records import KIND_NAMES, ParsedFile, PreferenceExample, parse_file
+from prefalign.data.records import KIND_NAMES, ParsedFile, PreferenceExample, half_pair_warning, parse_file
 from prefalign.data.tokenize import encode_preference, encode_prompt, encode_prompt_completion, encode_text
-from prefalign.errors import DataError, ModelError, PrefalignError
+from prefalign.errors import DataError, PrefalignError
 
 FIRST = 5          # how many line numbers to show per finding
 BIAS_WARN = 0.10   # warn when the chosen-is-longer share is further than this from one half
@@ -103,31 +102,35 @@ def _preference_findings(pf: ParsedFile) -> dict:
 
 
 def audit(path, data_format: Optional[str] = None, tokenizer=None, max_length: int = 512,
-          max_prompt_length: Optional[int] = None) -> dict:
-    """A report on one data file (see docs/README-SECTION-data.md for the fields)."""
+          max_prompt_length: Optional[int] = None, **source) -> dict:
+    """A report on one data source (docs/data.md describes the fields); ``source`` holds
+    ``open_source``'s options (split, config, revision, columns)."""
     report: dict = {"path": str(path), "usable": False, "reasons": [], "warnings": []}
     try:
-        pf = parse_file(path, data_format)
+        pf = parse_file(path, data_format, **source)
     except DataError as e:
         report["reasons"].append(str(e))
         return report
+    report["path"] = pf.path  # a Hub id or folder gains its split
     kinds = sorted({FORMATS[name].kind for name in pf.formats})
     kind = kinds[0] if len(kinds) == 1 else None
-    skipped = defaultdict(list)
-    notes = defaultdict(list)
+    skipped, notes, half_pairs = defaultdict(list), defaultdict(list), defaultdict(list)
     for n, _, p in pf.parsed:
         if p.skip:
             skipped[p.skip].append(n)
         if p.note:
             notes[p.note].append(n)
+        if p.warn:
+            half_pairs[p.warn].append(n)
     usable = sum(1 for _, _, p in pf.parsed if not p.skip)
     report.update({
-        "container": "JSON array" if pf.array else "JSONL",
-        "records": pf.n_records, "numbered_by": "record" if pf.array else "line",
+        "container": pf.container,
+        "records": pf.n_records, "numbered_by": pf.numbered_by,
         "formats": dict(pf.formats), "kind": kind, "usable_records": usable,
         "errors": {"count": len(pf.errors), "first": [str(e) for e in pf.errors[:FIRST]]},
         "skipped": {reason: _finding(lines) for reason, lines in skipped.items()},
         "notes": {note: _finding(lines) for note, lines in notes.items()},
+        "half_pairs": {warn: _finding(lines) for warn, lines in half_pairs.items()},
         "budget": {"max_length": max_length, "max_prompt_length": max_prompt_length or max_length // 2},
     })
     if kind == "preference":
@@ -157,6 +160,9 @@ def _judge(report: dict) -> None:
         reasons.append("no usable records.")
     for reason, f in report["skipped"].items():
         warnings.append(f"{f['count']} record(s) skipped: {reason} ({_lines(f, by)}).")
+    for warn, f in report["half_pairs"].items():
+        warnings.append(f"{half_pair_warning(f['count'], warn)[:-1]} ({_lines(f, by)}). Add the missing field to "
+                        "train on pairs, or drop the reply to silence this.")
     empty = report.get("empty_completion")
     if empty and empty["count"]:
         warnings.append(f"{empty['count']} pair(s) with an empty (whitespace-only) completion: chosen {empty['chosen']}, "
@@ -223,20 +229,3 @@ def format_report(report: dict) -> str:
 
 def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.1%}"
-
-
-def run_data_check(cfg) -> int:
-    """The `prefalign data check` command: print the report; 0 when usable, 2 when not."""
-    from prefalign.config import require
-
-    require(cfg, "data")
-    tokenizer = None
-    if cfg.model:
-        try:
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load a tokenizer from {cfg.model}: {e}") from None
-    report = audit(cfg.data, cfg.data_format, tokenizer, cfg.max_length, cfg.max_prompt_length)
-    print(json.dumps(report, indent=2) if cfg.json else format_report(report))
-    return 0 if report["usable"] else 2

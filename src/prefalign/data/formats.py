@@ -4,7 +4,9 @@ Each format turns one JSON object into one example. A format's parser raises ``R
 (message + field) for a record it cannot use; the reader adds the file and line. A parser may
 also return a ``Parsed`` with a ``skip`` reason (the record is valid JSON of the right shape but
 carries no training signal, e.g. chosen identical to rejected) or a ``note`` (the record was
-read, but in a way worth reporting, e.g. an HH pair whose dialogues differ before the last turn).
+read, but in a way worth reporting, e.g. an HH pair whose dialogues differ before the last turn) or a
+``warn`` (the record was read, but probably not as its author meant: a prompt with a chosen reply
+and no rejected one looks like a preference pair missing a field).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class Parsed:
     fields: dict[str, Any]
     skip: Optional[str] = None
     note: Optional[str] = None
+    warn: Optional[str] = None   # read, but probably not what the author meant (data check warns)
 
 
 # --------------------------------------------------------------------------- field checks
@@ -201,7 +204,12 @@ def parse_messages(record: dict) -> Parsed:
 
 def parse_prompt(record: dict) -> Parsed:
     chat = isinstance(record.get("prompt"), list)
-    return Parsed({"prompt": _text_or_messages(record, "prompt", chat)})
+    half = [k for k in ("chosen", "rejected") if k in record]
+    warn = None
+    if len(half) == 1:
+        other = "rejected" if half == ["chosen"] else "chosen"
+        warn = f"have `prompt` and `{half[0]}` but no `{other}`"
+    return Parsed({"prompt": _text_or_messages(record, "prompt", chat)}, warn=warn)
 
 
 @dataclass(frozen=True)
@@ -234,6 +242,10 @@ FORMATS: dict[str, RecordFormat] = {
         parse_messages),
     "prompt": RecordFormat("prompt", ("prompt",), '{"prompt": "Write a haiku about rain."}', parse_prompt),
 }
+
+
+# Every key a format reads: what --data-columns may map a source's columns onto.
+RECORD_KEYS = ("prompt", "chosen", "rejected", "margin", "completion", "text", "messages")
 
 
 def detect_format(record: dict) -> str:

@@ -1,4 +1,5 @@
-"""Read JSONL / JSON-array files (optionally gzipped) into typed examples.
+"""Read data sources (JSONL / JSON, Parquet, CSV, dataset folders, Hub ids: sources.py) into
+typed examples.
 
 Policy: structural problems fail fast with a ``DataError`` naming the file, the line (JSONL)
 or record (JSON array), the field, and what to do — a file that is half unreadable should be
@@ -8,21 +9,20 @@ lists every skip and every bad line.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from prefalign.data.formats import FORMATS, Parsed, RecordError, detect_format
+from prefalign.data.jsonfiles import scan_records
+from prefalign.data.sources import location, open_source
 from prefalign.errors import DataError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PreferenceExample", "SFTExample", "PromptExample", "FORMATS", "detect_format", "read_records",
-           "load_preferences", "load_sft", "load_prompts", "parse_file", "ParsedFile"]
+           "load_preferences", "load_sft", "load_prompts", "parse_file", "ParsedFile", "scan_records"]
 
 
 @dataclass
@@ -52,112 +52,39 @@ class PromptExample:
 
 # --------------------------------------------------------------------------- reading
 
-def _where(path: Path, n: int, array: bool) -> dict:
-    """DataError location keywords: JSONL gives a line; a JSON array gives a record index."""
-    return {"path": f"{path}, record {n}", "line": None} if array else {"path": str(path), "line": n}
-
-
-def _read_text(path: Path) -> str:
-    """The file's text, or a DataError saying why it cannot be read as UTF-8 text."""
-    if not path.exists():
-        raise DataError("file does not exist; check the path.", path=str(path))
-    if path.is_dir():
-        raise DataError("is a directory; give a .jsonl, .jsonl.gz or .json file.", path=str(path))
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        elif path.suffix == ".gz":
-            raise DataError("ends in .gz but is not gzip-compressed; rename or recompress it.", path=str(path))
-    except OSError as e:
-        raise DataError(f"cannot be read: {e.strerror or e}.", path=str(path)) from None
-    except EOFError:
-        raise DataError("is a truncated gzip file; copy it again.", path=str(path)) from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"is not UTF-8 text (byte {e.start}); convert it to UTF-8 "
-                        "(e.g. `iconv -f latin1 -t utf-8`) or check that it is a data file.",
-                        path=str(path), line=line) from None
-    if "\x00" in text:
-        line = text[:text.index("\x00")].count("\n") + 1
-        raise DataError("holds binary data (NUL bytes); give a JSONL or JSON text file.", path=str(path), line=line)
-    if not text.strip():
-        raise DataError("is empty; it needs one JSON object per line (JSONL) or a JSON array of objects.",
-                        path=str(path))
-    return text
-
-
-def scan_records(path) -> tuple[list[tuple[int, dict]], list[DataError], bool]:
-    """Every record that parses, every line or record that does not, and whether it was a JSON array.
-
-    File-level problems (missing, unreadable, not UTF-8, empty, invalid JSON array) raise.
-    JSONL blank lines are ignored. Numbers are lines for JSONL and 0-based indices for arrays.
-    """
-    path = Path(path)
-    text = _read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"is not valid JSON: {e.msg} (column {e.colno}).", path=str(path), line=e.lineno) from None
-        if not isinstance(data, list):  # e.g. "[1] [2]" cannot reach here; kept for clarity
-            raise DataError("must be a JSON array of objects.", path=str(path))
-        records, errors = [], []
-        for i, obj in enumerate(data):
-            if isinstance(obj, dict):
-                records.append((i, obj))
-            else:
-                errors.append(DataError(f"is {_kind(obj)}; a JSON array must hold one object per record.",
-                                        **_where(path, i, True)))
-        return records, errors, True
-    records, errors = [], []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            hint = " (a pretty-printed JSON object? put one object per line, or wrap objects in a JSON array)" \
-                if n == 1 and line.strip() == "{" else ""
-            errors.append(DataError(f"is not valid JSON: {e.msg} (column {e.colno}){hint}.", path=str(path), line=n))
-            continue
-        if isinstance(obj, dict):
-            records.append((n, obj))
-        else:
-            errors.append(DataError(f"is {_kind(obj)}; each JSONL line must be one JSON object {{...}}.",
-                                    path=str(path), line=n))
-    return records, errors, False
-
-
-def _kind(obj) -> str:
-    return {list: "a JSON list", str: "a JSON string", bool: "a JSON boolean", type(None): "null"}.get(
-        type(obj), "a JSON number")
-
-
-def read_records(path) -> list[tuple[int, dict]]:
-    """(line or index, record) for every record; the first bad line raises its DataError."""
-    records, errors, _ = scan_records(path)
-    if errors:
-        raise errors[0]
-    return records
+def read_records(path, **source) -> list[tuple[int, dict]]:
+    """(line or index, record) for every record of any source (see ``open_source``: files,
+    dataset folders, Hub ids; ``columns`` renames theirs to ours); the first bad one raises."""
+    src = open_source(path, **source)
+    if src.errors:
+        raise src.errors[0][1]
+    return src.rows
 
 
 # --------------------------------------------------------------------------- parsing
 
 @dataclass
 class ParsedFile:
-    """A file read record by record: what each format made of it, and what went wrong where."""
-    path: str
-    array: bool
-    n_records: int                                     # non-blank JSONL lines or array elements
+    """A source read record by record: what each format made of it, and what went wrong where."""
+    path: str                                          # the source's label: a path, or "org/name (split train)"
+    container: str                                     # "JSONL", "JSON array", "Parquet", "CSV", "Hub dataset", ...
+    numbered_by: str                                   # "line", "record" or "row"
+    n_records: int                                     # non-blank JSONL lines, array elements or rows
     formats: Counter                                   # format name -> records
     parsed: list[tuple[int, str, Parsed]]              # (line or index, format, parsed record)
     errors: list[DataError]                            # every record that cannot be used
 
+    @property
+    def array(self) -> bool:
+        """Records are numbered by index (JSON array, table, dataset), not by line."""
+        return self.numbered_by != "line"
+
     def source(self, n: int) -> str:
-        return f"{self.path}[{n}]" if self.array else f"{self.path}:{n}"
+        return f"{self.path}:{n}" if self.numbered_by == "line" else f"{self.path}[{n}]"
+
+    def where(self, n: int) -> dict:
+        """DataError location keywords for record ``n``."""
+        return location(self.path, self.numbered_by, n)
 
 
 def _check_forced(data_format: Optional[str]) -> None:
@@ -166,23 +93,23 @@ def _check_forced(data_format: Optional[str]) -> None:
                         field="data_format")
 
 
-def parse_file(path, data_format: Optional[str] = None) -> ParsedFile:
-    """Read and parse every record, collecting (not raising) per-record errors.
+def parse_file(path, data_format: Optional[str] = None, **source) -> ParsedFile:
+    """Read and parse every record of a source, collecting (not raising) per-record errors.
 
-    Without ``data_format`` each record's format is detected; a file whose records fall into
-    more than one format gets an error on the first odd record (forcing a format fixes that
-    when the records really are one format).
+    ``source`` holds ``open_source``'s options (split, config, revision, columns). Without
+    ``data_format`` each record's format is detected; a source whose records fall into more
+    than one format gets an error on the first odd record (forcing a format fixes that when the
+    records really are one format).
     """
     _check_forced(data_format)
-    path = Path(path)
-    records, scan_errors, array = scan_records(path)
-    errors: list[tuple[int, DataError]] = [(e.line or 0, e) for e in scan_errors]
+    src = open_source(path, **source)
+    errors: list[tuple[int, DataError]] = list(src.errors)
     detected: list[tuple[int, str, dict]] = []
-    for n, record in records:
+    for n, record in src.rows:
         try:
             detected.append((n, data_format or detect_format(record), record))
         except RecordError as e:
-            errors.append((n, DataError(str(e), **_where(path, n, array), field=e.field)))
+            errors.append((n, DataError(str(e), **src.where(n), field=e.field)))
     formats = Counter(name for _, name, _ in detected)
     majority = formats.most_common(1)[0][0] if formats else None
     parsed = []
@@ -190,9 +117,10 @@ def parse_file(path, data_format: Optional[str] = None) -> ParsedFile:
         try:
             parsed.append((n, name, _parse_one(record, name, majority, formats)))
         except RecordError as e:
-            errors.append((n, DataError(str(e), **_where(path, n, array), field=e.field)))
+            errors.append((n, DataError(str(e), **src.where(n), field=e.field)))
     errors.sort(key=lambda item: item[0])
-    return ParsedFile(str(path), array, len(records) + len(scan_errors), formats, parsed, [e for _, e in errors])
+    return ParsedFile(src.label, src.container, src.numbered_by, len(src.rows) + len(src.errors), formats, parsed,
+                      [e for _, e in errors])
 
 
 def _parse_one(record: dict, name: str, majority: str, formats: Counter) -> Parsed:
@@ -217,21 +145,31 @@ def _parse_one(record: dict, name: str, majority: str, formats: Counter) -> Pars
 KIND_NAMES = {"preference": "preference pairs", "sft": "supervised examples", "prompt": "prompts"}
 
 
-def _load(path, data_format: Optional[str], wanted: tuple[str, ...], what: str) -> ParsedFile:
-    """Parse a file, raise its first error, and check its format can give ``what``."""
-    pf = parse_file(path, data_format)
+def half_pair_warning(count: int, warn: str) -> str:
+    """What to say about records a parser flagged with ``Parsed.warn`` (formats.parse_prompt)."""
+    return (f"{count} record(s) {warn}: they look like preference pairs missing a field, and are read as prompts "
+            "only (the reply is ignored).")
+
+
+def _load(path, data_format: Optional[str], wanted: tuple[str, ...], what: str, source: dict) -> ParsedFile:
+    """Parse a source, raise its first error, and check its format can give ``what``."""
+    pf = parse_file(path, data_format, **source)
     if pf.errors:
         more = f" ({len(pf.errors) - 1} more problem(s); `prefalign data check --data {path}` lists them all)" \
             if len(pf.errors) > 1 else ""
         raise _with_suffix(pf.errors[0], more) if more else pf.errors[0]
+    warned = Counter(p.warn for _, _, p in pf.parsed if p.warn)
     for name in pf.formats:
         if FORMATS[name].kind not in wanted:
             fit = [n for n, f in FORMATS.items() if f.kind in wanted]
+            half = "".join(f" {half_pair_warning(c, w)}" for w, c in warned.items())
             raise DataError(f"holds `{name}` records, which give no {what}; use a file in one of the formats "
-                            f"{', '.join(fit)} (see `prefalign data check`).", path=str(path))
+                            f"{', '.join(fit)} (see `prefalign data check`).{half}", path=pf.path)
     skipped = Counter(p.skip for _, _, p in pf.parsed if p.skip)
     for reason, count in skipped.items():
-        log.warning("%s: skipped %d record(s): %s", path, count, reason)
+        log.warning("%s: skipped %d record(s): %s", pf.path, count, reason)
+    for warn, count in warned.items():
+        log.warning("%s: %s", pf.path, half_pair_warning(count, warn))
     return pf
 
 
@@ -252,18 +190,19 @@ def _nonempty(examples: list, pf: ParsedFile, what: str) -> list:
     return examples
 
 
-def load_preferences(path, data_format: Optional[str] = None) -> list[PreferenceExample]:
-    """Preference pairs from explicit, implicit, hh or conversational records (identical pairs skipped)."""
-    pf = _load(path, data_format, ("preference",), "preference pairs")
+def load_preferences(path, data_format: Optional[str] = None, **source) -> list[PreferenceExample]:
+    """Preference pairs from explicit, implicit, hh or conversational records (identical pairs skipped).
+    ``path`` is any source and ``source`` its options (split, config, revision, columns: ``open_source``)."""
+    pf = _load(path, data_format, ("preference",), "preference pairs", source)
     return _nonempty([PreferenceExample(p.fields["prompt"], p.fields["chosen"], p.fields["rejected"],
                                         p.fields["margin"], source=pf.source(n))
                       for n, _, p in pf.parsed if not p.skip], pf, "preference pairs")
 
 
-def load_sft(path, data_format: Optional[str] = None) -> list[SFTExample]:
+def load_sft(path, data_format: Optional[str] = None, **source) -> list[SFTExample]:
     """Supervised examples from completion, text or messages records; preference records give
     (prompt, chosen), the usual SFT step before DPO on the same data."""
-    pf = _load(path, data_format, ("sft", "preference"), "supervised examples")
+    pf = _load(path, data_format, ("sft", "preference"), "supervised examples", source)
     out = []
     for n, _, p in pf.parsed:
         if "chosen" in p.fields:
@@ -274,11 +213,17 @@ def load_sft(path, data_format: Optional[str] = None) -> list[SFTExample]:
     return _nonempty(out, pf, "supervised examples")
 
 
-def load_prompts(path, data_format: Optional[str] = None) -> list[PromptExample]:
+def load_prompts(path, data_format: Optional[str] = None, *, text_only: bool = False,
+                 **source) -> list[PromptExample]:
     """Prompts from any record with a prompt: prompt-only, completion, messages (all turns before
-    the final assistant reply) and every preference format. {text} records have none."""
-    pf = _load(path, data_format, ("prompt", "sft", "preference"), "prompts")
+    the final assistant reply) and every preference format. {text} records have none.
+    ``text_only``: a prompt given as a message list is an error (for samplers of plain text)."""
+    pf = _load(path, data_format, ("prompt", "sft", "preference"), "prompts", source)
     if "text" in pf.formats:
         raise DataError("holds {text} records, which have no prompt; give {prompt} records "
-                        '(e.g. {"prompt": "Write a haiku."}).', path=str(path))
+                        '(e.g. {"prompt": "Write a haiku."}).', path=pf.path)
+    for n, _, p in pf.parsed:
+        if text_only and not isinstance(p.fields["prompt"], str):
+            raise DataError("is a list of messages; this command needs text prompts (a string per record).",
+                            **pf.where(n), field="prompt")
     return [PromptExample(p.fields["prompt"], source=pf.source(n)) for n, _, p in pf.parsed]

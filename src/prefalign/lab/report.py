@@ -26,15 +26,13 @@ import matplotlib
 matplotlib.use("Agg")   # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Keys of metrics.jsonl rows that are bookkeeping, not curves.
-NOT_CURVES = {"step", "epoch", "time", "elapsed", "elapsed_s", "tokens", "samples", "iteration"}
+# The training-curve panels are `prefalign plot`'s (one style for the report and the command).
+from prefalign.plot import NOT_CURVES, curve_keys, panel_grid, save_figure, style_panel  # noqa: E402,F401
+from prefalign.plot import number as _num  # noqa: E402
+
 MAX_CURVES_PER_STAGE = 8
 STYLE = {"ppo": ("tab:blue", "o"), "dpo": ("tab:orange", "s"), "best-of-n": ("tab:green", "^"),
          "sft": ("black", "*")}
-
-
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 def _frontier_points(frontier: Sequence) -> list[tuple[float, float, float]]:
@@ -78,30 +76,15 @@ def plot_reward_vs_kl(results: dict, path: Path) -> Path:
 
 def plot_curves(stage: str, rows: Sequence[dict], path: Path) -> Path | None:
     """One panel per logged metric of one stage, vs step. None when nothing numeric was logged."""
-    keys: list[str] = []
-    for row in rows:
-        for k, v in row.items():
-            if k not in NOT_CURVES and k not in keys and _num(v) is not None:
-                keys.append(k)
-    keys = sorted(keys, key=lambda k: (0 if "loss" in k else 1, keys.index(k)))[:MAX_CURVES_PER_STAGE]
+    keys = curve_keys(rows)[:MAX_CURVES_PER_STAGE]
     if not keys:
         return None
-    cols = min(4, len(keys))
-    nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.6 * nrows), dpi=100, squeeze=False)
-    for ax, key in zip(axes.flat, keys):
+    fig, axes = panel_grid(len(keys))
+    for ax, key in zip(axes, keys):
         pts = [(r.get("step", i), _num(r.get(key))) for i, r in enumerate(rows) if _num(r.get(key)) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.5)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.suptitle(f"{stage}: training curves", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        style_panel(ax, key)
+    save_figure(fig, f"{stage}: training curves", path)
     return path
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefalign.config import PairsConfig, require
+from prefalign.data import load_prompts, source_options
 from prefalign.errors import ConfigError, DataError
 
 
@@ -130,7 +131,7 @@ def run_pairs(cfg: PairsConfig) -> int:
         raise ConfigError(f"--n-per-prompt must be at least 2 (people compare pairs), got {cfg.n_per_prompt}.")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise ConfigError("--batch-size and --max-new-tokens must be at least 1.")
-    prompts = read_prompts(cfg.prompts)
+    prompts = [ex.prompt for ex in load_prompts(cfg.prompts, text_only=True, **source_options(cfg))]
     completions = sample_completions(cfg, prompts)
     write_jsonl_atomic(cfg.output, ({"prompt": p, "completions": c} for p, c in zip(prompts, completions)))
     print(f"wrote {len(prompts)} prompts x {cfg.n_per_prompt} completions to {cfg.output}")

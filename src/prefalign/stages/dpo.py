@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from prefalign.data import load_preferences
+from prefalign.data import load_preferences, source_options
 from prefalign.losses import dpo_loss
 from prefalign.models import apply_lora, load_causal_lm
 from prefalign.models.attention import uses_packed_attention
@@ -80,8 +80,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def read_pairs(cfg, path: str, tokenizer) -> list[TokenizedPair]:
-    return tokenize_pairs(load_preferences(path, cfg.data_format), tokenizer, cfg.max_length, cfg.max_prompt_length)
+def read_pairs(cfg, path: str, tokenizer, eval: bool = False) -> list[TokenizedPair]:
+    examples = load_preferences(path, cfg.data_format, **source_options(cfg, eval=eval))
+    return tokenize_pairs(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
 
 
 def run_dpo(cfg) -> int:
@@ -94,7 +95,7 @@ def run_dpo(cfg) -> int:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model.to(dist.device)
     pairs = read_pairs(cfg, cfg.data, tokenizer)
-    eval_pairs = read_pairs(cfg, cfg.eval_data, tokenizer) if cfg.eval_data else None
+    eval_pairs = read_pairs(cfg, cfg.eval_data, tokenizer, eval=True) if cfg.eval_data else None
     # --packing: pairs in rows of about --max-length tokens. Each pair's prompt once (prompt, chosen,
     # rejected) where every model that reads the rows follows the layout; a live --ref-model of
     # its own may not.

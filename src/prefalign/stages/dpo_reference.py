@@ -22,10 +22,11 @@ from typing import Iterator, Protocol
 
 import torch
 
+from prefalign.data import source_digest
 from prefalign.models import check_same_vocab, disabled_adapter, load_causal_lm, resolve_dtype
 from prefalign.stages.dpo_batch import pair_logps
 from prefalign.stages.pair_batch import ChosenRejected, TokenizedPair, collate_pairs
-from prefalign.stages.ref_cache import (Scorer, default_cache_dir, file_digest, fill_reference_logps,
+from prefalign.stages.ref_cache import (Scorer, default_cache_dir, fill_reference_logps,
                                         model_fingerprint, sequences_digest)
 
 
@@ -146,6 +147,6 @@ def reference_settings(cfg, data_path: str, pairs: list[TokenizedPair], device) 
     """What the cached reference log-probs depend on (ref_cache.py hashes these into the key)."""
     return {"reference": model_fingerprint(cfg.ref_model or cfg.model),
             "dtype": str(resolve_dtype(cfg.dtype, device, trainable=not cfg.ref_model)),
-            "data": file_digest(data_path), "data_format": cfg.data_format, "max_length": cfg.max_length,
+            "data": source_digest(data_path), "data_format": cfg.data_format, "max_length": cfg.max_length,
             "max_prompt_length": cfg.max_prompt_length, "attn": cfg.attn_implementation,
             "sequences": sequences_digest(pairs)}

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from prefalign.data import encode_prompt, load_prompts
+from prefalign.data import encode_prompt, load_prompts, source_options
 from prefalign.errors import ConfigError
 from prefalign.losses import gae, global_moments, kl_estimate, ppo_policy_loss, ppo_value_loss, whiten
 from prefalign.models import disabled_adapter
@@ -275,7 +275,7 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     dist, out, t0 = start(cfg, "model", "prompts", "output", *(() if reward_fn else ("reward_model",)))
     check_options(cfg)
     kl_ctl, stats = make_kl_controller(cfg, cfg.rollout_batch_size * dist.world_size), RunningMoments()
-    examples = load_prompts(cfg.prompts, cfg.data_format)
+    examples = load_prompts(cfg.prompts, cfg.data_format, **source_options(cfg))
     m = load_models(cfg, dist.device, reward_fn)
     query_ids = [encode_prompt(m.tokenizer, ex.prompt, cfg.max_prompt_length) for ex in examples]
     per_epoch, total = plan_iterations(cfg, len(examples), dist.world_size)

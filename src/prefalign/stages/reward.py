@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from prefalign.data import load_preferences, load_sft
+from prefalign.data import load_preferences, load_sft, source_options
 from prefalign.losses import bradley_terry_loss
 from prefalign.models import ScalarModel, apply_lora, load_scalar_model
 from prefalign.models.attention import uses_packed_attention
@@ -86,8 +86,9 @@ def normalization_sequences(cfg, tokenizer, train_pairs: list[TokenizedPair]):
 
 def run_reward(cfg) -> int:
     dist, out, t0 = start(cfg, "model", "data", "output")
-    examples = load_preferences(cfg.data, cfg.data_format)
-    eval_examples = load_preferences(cfg.eval_data, cfg.data_format) if cfg.eval_data else None
+    examples = load_preferences(cfg.data, cfg.data_format, **source_options(cfg))
+    eval_examples = (load_preferences(cfg.eval_data, cfg.data_format, **source_options(cfg, eval=True))
+                     if cfg.eval_data else None)
     model, tokenizer = load_scalar_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed,
                                                   attn_implementation=cfg.attn_implementation)
     if cfg.lora:  # adapters on the backbone; the scalar head trains in full

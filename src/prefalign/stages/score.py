@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from prefalign.config import require
-from prefalign.data import FORMATS, encode_prompt_completion, encode_text, load_preferences, load_sft
+from prefalign.data import FORMATS, encode_prompt_completion, encode_text, load_preferences, load_sft, source_options
 from prefalign.data.records import parse_file
 from prefalign.models import load_scalar_model
 from prefalign.stages.pair_batch import pair_sequences, split_pairs, tokenize_pairs
@@ -49,11 +49,11 @@ def score_completions(model, tokenizer, examples, cfg, device) -> tuple[list[dic
     return rows, {"rows": len(rows), "score_mean": float(r.mean()), "score_std": float(r.std()) if len(r) > 1 else 0.0}
 
 
-def file_kind(path: str, data_format=None) -> str:
+def file_kind(path: str, data_format=None, **source) -> str:
     """"preference" when the file holds pairs, else "sft" (scored row by row)."""
     if data_format:
         return FORMATS[data_format].kind if data_format in FORMATS else "sft"
-    parsed = parse_file(path)
+    parsed = parse_file(path, **source)
     kinds = {FORMATS[name].kind for name in parsed.formats}
     return "preference" if kinds == {"preference"} else "sft"
 
@@ -61,12 +61,14 @@ def file_kind(path: str, data_format=None) -> str:
 def run_score(cfg) -> int:
     require(cfg, "reward_model", "data")
     device = resolve_device(cfg.device)
-    kind = file_kind(cfg.data, cfg.data_format)
+    kind = file_kind(cfg.data, cfg.data_format, **source_options(cfg))
     model, tokenizer = load_scalar_model(cfg.reward_model, device=device, trainable=False)
     if kind == "preference":
-        rows, summary = score_pairs(model, tokenizer, load_preferences(cfg.data, cfg.data_format), cfg, device)
+        rows, summary = score_pairs(model, tokenizer, load_preferences(cfg.data, cfg.data_format, **source_options(cfg)),
+                                    cfg, device)
     else:
-        rows, summary = score_completions(model, tokenizer, load_sft(cfg.data, cfg.data_format), cfg, device)
+        rows, summary = score_completions(model, tokenizer, load_sft(cfg.data, cfg.data_format, **source_options(cfg)),
+                                          cfg, device)
     if cfg.output:
         _write_jsonl(cfg.output, rows)
     print(json.dumps(summary, indent=2))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prefalign.data import encode_prompt_completion, encode_text, load_sft, pack_groups
+from prefalign.data import encode_prompt_completion, encode_text, load_sft, pack_groups, source_options
 from prefalign.logits import head_logps
 from prefalign.models import load_causal_lm
 from prefalign.models.attention import packed_kwargs
@@ -65,8 +65,9 @@ def tokenize_sft(examples, tokenizer, max_length: int, max_prompt_length=None):
 
 def run_sft(cfg) -> int:
     dist, out, t0 = start(cfg, "model", "data", "output")
-    train_ex = load_sft(cfg.data, cfg.data_format)
-    eval_ex = load_sft(cfg.eval_data, cfg.data_format) if cfg.eval_data else None
+    train_ex = load_sft(cfg.data, cfg.data_format, **source_options(cfg))
+    eval_ex = (load_sft(cfg.eval_data, cfg.data_format, **source_options(cfg, eval=True))
+               if cfg.eval_data else None)
     model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device="cpu",
                                       attn_implementation=cfg.attn_implementation)
     if cfg.lora:

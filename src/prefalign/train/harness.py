@@ -25,7 +25,7 @@ What the harness owns:
 - bad-step accounting: more than --max-bad-steps skipped steps saves the last good state and stops
   (exit 3);
 - metrics.jsonl (and other JSONL logs, e.g. samples.jsonl), truncated on resume to the checkpoint,
-  and the progress bar with ETA.
+  every row also sent to the trackers of --report-to, and the progress bar with ETA.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from prefalign.errors import ConfigError, PrefalignError
 from prefalign.train import checkpoint as ckpt
 from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier
 from prefalign.train.logger import MetricsLogger, progress
+from prefalign.train.trackers import open_trackers
 
 
 class TrainingStopped(PrefalignError):
@@ -186,7 +187,10 @@ class Run:
         self.meter = Meter()
         self.last: dict[str, float] = {}   # the newest logged metrics (summary.json's final_metrics)
         self.eval: dict[str, float] = {}   # the newest eval/ metrics
-        self.logs = {name: MetricsLogger(self.out, dist.is_main, name) for name in ("metrics.jsonl", *logs)}
+        # Every metrics.jsonl row also goes to the trackers of --report-to (rank 0 only).
+        self.logs = {"metrics.jsonl": MetricsLogger(self.out, dist.is_main,
+                                                    trackers=open_trackers(cfg, self.out, dist.is_main)),
+                     **{name: MetricsLogger(self.out, dist.is_main, name) for name in logs}}
         self.resumed_from: Optional[int] = None
         self.bad_this_step = 0
         self.signals = SignalFlag()

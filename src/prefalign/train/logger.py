@@ -1,5 +1,8 @@
 """metrics.jsonl (one JSON object per logged step, with `step`), summary.json, progress bars.
 
+A MetricsLogger given ``trackers`` (train/trackers.py, --report-to) forwards every row it writes;
+write_summary hands the summary to the run's open trackers and closes them.
+
 Keys under `perf/` (wall-clock rates) are the only ones that differ between two identical
 runs; everything else is deterministic on CPU and compared by the resume tests.
 """
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from tqdm.auto import tqdm
+
+from prefalign.train.trackers import Trackers, finish_run
 
 
 def _jsonable(v: Any) -> Any:
@@ -36,12 +41,16 @@ def _step_of(line: str) -> Optional[int]:
 class MetricsLogger:
     """Appends rows to OUTPUT/metrics.jsonl; only the main process writes."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True, filename: str = "metrics.jsonl"):
+    def __init__(self, out_dir: Path, enabled: bool = True, filename: str = "metrics.jsonl",
+                 trackers: Optional[Trackers] = None):
         self.path = Path(out_dir) / filename
         self.enabled = enabled
+        self.trackers = trackers  # every row written here goes to them too
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint (they are produced again)."""
+        if self.enabled and self.trackers is not None:
+            self.trackers.rewind(step)
         if not self.enabled or not self.path.exists():
             return
         keep = [l for l in self.path.read_text().splitlines() if (_step_of(l) or step + 1) <= step]
@@ -62,6 +71,8 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
             f.flush()
+        if self.trackers is not None:
+            self.trackers.log(row)
 
 
 def read_metrics(path) -> list[dict]:
@@ -81,13 +92,15 @@ def versions() -> dict[str, str]:
 
 
 def write_summary(out_dir, summary: dict[str, Any]) -> Path:
-    """OUTPUT/summary.json, written atomically, with versions added."""
+    """OUTPUT/summary.json, written atomically, with versions added; then the run's trackers
+    (--report-to) get it and are closed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = {**summary, "versions": versions()}
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
     os.replace(tmp, out / "summary.json")
+    finish_run(out, json.loads(json.dumps(data, default=_jsonable)))
     return out / "summary.json"
 
 
