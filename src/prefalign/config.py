@@ -32,7 +32,8 @@ def opt(default: Any, help: str, **kw) -> Any:
     """A dataclass field with help text (and optionally ``choices``, ``metavar``).
 
     ``positional=True``: the command also takes the value as a bare argument
-    (``prefalign models convert FILE.gguf`` as well as ``--file FILE.gguf``).
+    (``prefalign models convert FILE.gguf`` as well as ``--file FILE.gguf``); a list field takes only
+    bare arguments (``prefalign plot OUTPUT [OUTPUT ...]``).
     """
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
@@ -431,7 +432,7 @@ def build_parser(cls, prog: Optional[str] = None, parser: Optional[argparse.Argu
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {default})")
             continue
-        if f.metadata.get("positional"):  # e.g. `prefalign plot OUTPUT [OUTPUT ...]`
+        if f.metadata.get("positional") and typing.get_origin(base) is list:  # `prefalign plot OUTPUT [OUTPUT ...]`
             parser.add_argument(name, nargs="*", default=argparse.SUPPRESS, help=help_text,
                                 metavar=f.metadata.get("metavar", name.upper()))
             continue
@@ -455,7 +456,7 @@ def _positional_dest(name: str) -> str:
 def _merge_positionals(cls, cli_values: dict[str, Any]) -> None:
     """Move a value given as a bare argument onto its option; given both ways, they must agree."""
     for name, f in fields_of(cls).items():
-        if not f.metadata.get("positional") or _positional_dest(name) not in cli_values:
+        if not f.metadata.get("positional") or _positional_dest(name) not in cli_values:  # scalars only
             continue
         value = cli_values.pop(_positional_dest(name))
         if name in cli_values and cli_values[name] != value:
