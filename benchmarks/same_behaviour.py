@@ -122,7 +122,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ref", default=BASELINE, help="git revision to compare the working tree against")
     ap.add_argument("--work", help="work folder (default: a temporary one, removed afterwards)")
+    ap.add_argument("--only", help="comma-separated run names (default: all of them)")
     args = ap.parse_args()
+    if args.only:
+        unknown = set(args.only.split(",")) - set(RUNS)
+        if unknown:
+            ap.error(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
+        for name in set(RUNS) - set(args.only.split(",")):
+            del RUNS[name]
     work = Path(args.work or tempfile.mkdtemp(prefix="same-behaviour-"))
     ref_root, ws = work / "ref", work / "workspace"
     for p in (ref_root, ws):
