@@ -346,8 +346,7 @@ def fit(cfg, model: torch.nn.Module, objective: Objective, train_set: Sequence, 
                                       extra_state, dist, B * A * W)
         if dist.is_main:
             state.update(plan=plan, logged={"last": last_metrics, "eval": eval_metrics})
-            ckpt.save_checkpoint(out_dir, step, state, keep=cfg.keep_checkpoints)
-        barrier()
+        ckpt.save_checkpoint_collective(out_dir, step, state, cfg.keep_checkpoints, dist)  # a refused write stops all
 
     if cfg.gradient_checkpointing and hasattr(trainable, "gradient_checkpointing_enable"):
         trainable.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
