@@ -2,12 +2,15 @@
 
 Keys under `perf/` (wall-clock rates) are the only ones that differ between two identical
 runs; everything else is deterministic on CPU and compared by the resume tests.
+
+Every write goes through train/diskio.py: a full disk or an OUTPUT that became read-only or
+disappeared stops the run with one DiskError, and a row the disk refused halfway is cut off again.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -15,6 +18,9 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from tqdm.auto import tqdm
+
+from prefalign.train import diskio
+from prefalign.train.checkpoint import resume_hint
 
 
 def _jsonable(v: Any) -> Any:
@@ -39,29 +45,24 @@ class MetricsLogger:
     def __init__(self, out_dir: Path, enabled: bool = True, filename: str = "metrics.jsonl"):
         self.path = Path(out_dir) / filename
         self.enabled = enabled
+        diskio.start_run(out_dir)  # a logger is made when a run starts: OUTPUT may be created anew
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint (they are produced again)."""
         if not self.enabled or not self.path.exists():
             return
         keep = [l for l in self.path.read_text().splitlines() if (_step_of(l) or step + 1) <= step]
-        self._atomic_write("".join(l + "\n" for l in keep))
+        diskio.write_atomic(self.path, "".join(l + "\n" for l in keep).encode(), then=self._then)
 
-    def _atomic_write(self, text: str) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+    def _then(self) -> str:
+        return resume_hint(self.path.parent)
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
-            f.flush()
+        diskio.output_dir(self.path.parent, then=self._then)
+        line = json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n"
+        diskio.append(self.path, line.encode(), then=self._then)
 
 
 def read_metrics(path) -> list[dict]:
@@ -82,12 +83,11 @@ def versions() -> dict[str, str]:
 
 def write_summary(out_dir, summary: dict[str, Any]) -> Path:
     """OUTPUT/summary.json, written atomically, with versions added."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    then = functools.partial(resume_hint, out_dir)
+    out = diskio.output_dir(out_dir, then=then)
     data = {**summary, "versions": versions()}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, out / "summary.json")
+    diskio.write_atomic(out / "summary.json", (json.dumps(data, indent=2, default=_jsonable) + "\n").encode(),
+                        then=then)
     return out / "summary.json"
 
 
