@@ -27,7 +27,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -42,10 +41,12 @@ from prefalign.ops import masked_mean
 from prefalign.models.attention import uses_packed_attention
 from prefalign.rollout import PackedSequences, Rollout, pack_sequences, sample
 from prefalign.stages.common import finish, save_final, start
+from prefalign.stages.value_head_file import load_value_head, save_value_head
 from prefalign.stages.ppo_parts import (AdaptiveKLController, FixedKLController, RunningMoments, average_gradients,
                                         check_replicas, global_moments, global_whiten, new_value_head,
                                         policy_forward, reward_inputs, same_tokenizer, token_values)
 from prefalign.train import checkpoint as ckpt
+from prefalign.train import diskio
 from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, param_digest
 from prefalign.train.logger import MetricsLogger, progress
 from prefalign.train.loop import (LoopResult, TrainingStopped, _apply_new_lr, _Meter, _SignalFlag, agree, autocast_for,
@@ -123,29 +124,6 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
     trainable = nn.ModuleDict({"policy": policy, "value": value_model if value_model is not None else value_head})
     trainable.eval()  # no dropout: the recorded log-probs must equal the recomputed ones
     return Models(policy, tok, ref, rm, rm_tok, retokenize, value_model, value_head, trainable)
-
-
-def load_value_head(path: str, hidden_size: int) -> dict:
-    """The state dict of a shared value head saved by an earlier `prefalign ppo --shared-value-head`
-    (its OUTPUT/value_model folder, or the value_head.pt in it), checked against the policy's width."""
-    file = Path(path) / "value_head.pt" if Path(path).is_dir() else Path(path)
-    if not file.is_file() or file.suffix != ".pt":
-        raise ConfigError(f"--value-model {path} with --shared-value-head must be the value_model folder of an "
-                          f"earlier `prefalign ppo --shared-value-head` run (it holds value_head.pt), or that file.")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, a pickle that is not plain tensors, ...
-        raise ModelError(f"{file} cannot be read as a value head ({type(e).__name__}: {e}). Pass the value_model "
-                         f"folder of an earlier `prefalign ppo --shared-value-head` run.") from None
-    if (not isinstance(state, dict) or set(state) != {"weight", "bias"}
-            or not all(torch.is_tensor(v) for v in state.values()) or tuple(state["bias"].shape) != (1,)):
-        raise ModelError(f"{file} is not a value head saved by `prefalign ppo --shared-value-head` (expected a "
-                         f"state dict with weight and bias). Pass the value_model folder of such a run.")
-    shape = tuple(state["weight"].shape)
-    if shape != (1, hidden_size):
-        raise ModelError(f"{file} holds a value head of shape {shape}; this policy (hidden size {hidden_size}) "
-                         f"needs (1, {hidden_size}). Pass the value_model folder of a run with this policy.")
-    return state
 
 
 def plan_iterations(cfg, n_prompts: int, world_size: int) -> tuple[int, int]:
@@ -506,10 +484,13 @@ def check_stop(cfg, out, pos: dict, signum: Optional[int]) -> None:
 
 
 def save_models(m: Models, out_dir) -> None:
-    """The policy in HF format in OUTPUT, the value model (or the shared head) in OUTPUT/value_model."""
-    save_pretrained(m.policy, m.tokenizer, out_dir)
-    if m.value_model is not None:
-        save_pretrained(m.value_model, m.tokenizer, out_dir / "value_model")
-    else:
-        (out_dir / "value_model").mkdir()
-        torch.save(m.value_head.state_dict(), out_dir / "value_model" / "value_head.pt")
+    """The policy in HF format in OUTPUT, the value model (or the shared head, with its checksum) in
+    OUTPUT/value_model. save_final removes the folder when a write fails; the guard here gives the
+    message the space the models need."""
+    with diskio.guarded(out_dir, ckpt.nbytes(m.trainable.state_dict()), ckpt.resume_hint(out_dir.parent),
+                        what=f"the final models into {out_dir.parent}"):
+        save_pretrained(m.policy, m.tokenizer, out_dir)
+        if m.value_model is not None:
+            save_pretrained(m.value_model, m.tokenizer, out_dir / "value_model")
+        else:
+            save_value_head(m.value_head, out_dir / "value_model")
