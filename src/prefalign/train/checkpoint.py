@@ -128,6 +128,8 @@ def nbytes(obj) -> int:
 
 def resume_hint(out_dir) -> str:
     """What --resume will do now: the end of the message of a write that failed under a run."""
+    if not Path(out_dir).is_dir():  # gone: what it held is unknown here
+        return f"rerun with --resume: it continues from the last complete checkpoint in {out_dir}"
     root = Path(out_dir) / CKPT_DIR
     done = sorted(p for p in root.glob("step-*") if is_complete(p)) if root.is_dir() else []
     if done:

@@ -9,8 +9,10 @@ write needed, the space free there and what to do, after the write's temporary f
 Files written before (the last complete checkpoint above all) are never touched by a failed write.
 
 Libraries word these failures their own way: torch.save says "unexpected pos N vs M" (the OSError
-is lost inside its C++ writer), safetensors "I/O error: ... (os error 28)". ``write_stream``
-keeps the OSError behind torch's words and ``os_error_of`` reads safetensors'.
+is lost inside its C++ writer) or, writing to a path, "basic_ios::clear: iostream error";
+safetensors says "I/O error: ... (os error 28)". ``write_stream`` keeps the OSError behind torch's
+words, ``os_error_of`` reads safetensors', and where no errno is left ``probe`` asks the folder
+with a small write of its own.
 
 OUTPUT is created by the first write of a run and must then stay where it is: a later write that
 finds it gone, or replaced by another folder (a mount point left behind by an unmount), stops the
@@ -59,13 +61,19 @@ def free_bytes(path: Path) -> Optional[int]:
         return None
 
 
-def _fsize_limit() -> str:
+def _fsize_soft_limit() -> Optional[int]:
+    """This process's file-size limit in bytes (ulimit -f), None when unlimited."""
     try:
         import resource
         soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     except (ImportError, OSError, ValueError):
-        return ""
-    return "" if soft == resource.RLIM_INFINITY else f" of {human(soft)}"
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _fsize_limit() -> str:
+    soft = _fsize_soft_limit()
+    return "" if soft is None else f" of {human(soft)}"
 
 
 def os_error_of(exc: BaseException) -> Optional[OSError]:
@@ -113,8 +121,9 @@ def disk_error(err: OSError, target: Path, needed: Optional[int] = None, then: T
     elif code in _GONE:
         gone = next((p for p in reversed([target, *target.absolute().parents]) if not p.exists()), target)
         cause = f"{gone} disappeared while the run was writing {what} (deleted, moved or unmounted)"
-        fix = (f"put {gone} back (move it back or remount it); if it is lost, its checkpoints are lost too: "
-               f"start again without --resume")
+        fix = f"put {gone} back (move it back or remount it)"
+        if "--resume" in todo:
+            todo += "; if it is lost, so are the checkpoints in it: start again without --resume"
     elif code == errno.EIO:
         cause = f"I/O error writing {what} (a failing disk or a lost network file system)"
         fix = "check the disk (dmesg, the file server)"
@@ -145,10 +154,34 @@ def guarded(target, needed: Needed = None, then: Then = "rerun", cleanup: Iterab
     except BaseException as e:
         for p in cleanup:
             remove_quietly(p)
-        err = None if isinstance(e, PrefalignError) else os_error_of(e)
+        if isinstance(e, PrefalignError):
+            raise
+        size = needed() if callable(needed) else needed
+        err = os_error_of(e)
+        if err is None and isinstance(e, Exception):
+            err = probe(Path(target), size)  # a writer that hid the cause ("basic_ios::clear: iostream error")
         if err is None:
             raise
-        raise disk_error(err, Path(target), needed() if callable(needed) else needed, then, what) from None
+        raise disk_error(err, Path(target), size, then, what) from None
+
+
+def probe(target: Path, needed: Optional[int] = None) -> Optional[OSError]:
+    """The OSError a write of ``needed`` bytes next to ``target`` meets now: beyond the file-size
+    limit, or in a full or read-only folder (a small write of its own tells). None when writing there
+    works. How a failure is explained when the writer's words do not say (torch.save to a path
+    reports a full disk as "basic_ios::clear: iostream error")."""
+    limit = _fsize_soft_limit()
+    if limit is not None and needed is not None and needed > limit:
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    folder = existing_ancestor(Path(target).parent)
+    test = folder / f".probe-{os.getpid()}.tmp"
+    try:
+        write_stream(test, lambda f: f.write(b"\0" * (1 << 16)))
+    except OSError as e:
+        return e
+    finally:
+        remove_quietly(test)
+    return None
 
 
 class _CountingFile:
@@ -254,7 +287,8 @@ def start_run(out) -> None:
 
 def output_dir(out, then: Then = "rerun with --resume") -> Path:
     """``out``, created by the first write of a run; later writes find it where it was, or raise a
-    DiskError (it was deleted, moved, or unmounted and its mount point left behind)."""
+    DiskError (it was deleted, moved, or unmounted and its mount point left behind). ``then``
+    ends the message when creating it fails."""
     path = Path(out).absolute()
     key = str(path)
     try:
@@ -266,8 +300,9 @@ def output_dir(out, then: Then = "rerun with --resume") -> Path:
     if seen is not None and now != seen:
         how = "is gone" if now is None else "was replaced by another folder (deleted and recreated, or unmounted)"
         raise DiskError(f"{path} {how} while the run was writing into it. Put the original back (move it back or "
-                        f"remount it), then {then() if callable(then) else then}; if it is lost, its checkpoints "
-                        f"are lost too: start again without --resume.", path=key, errno=errno.ENOENT)
+                        f"remount it), then rerun with --resume: it continues from the last complete checkpoint in "
+                        f"it; if it is lost, so are the checkpoints in it: start again without --resume.",
+                        path=key, errno=errno.ENOENT)
     if now is None:
         with guarded(path, then=then):
             path.mkdir(parents=True, exist_ok=True)
