@@ -38,8 +38,8 @@ from prefalign.train import diskio
 from prefalign.train.logger import MetricsLogger, read_metrics, write_summary
 from conftest import run_cli
 from test_loop import CPU
-from test_resume import (ENV, KILL_AFTER, STAGES, assert_same_run, checkpoint_done, sft_args, stage_or_skip,
-                         uninterrupted, wait_until, work)  # noqa: F401 (work: the shared workspace fixture)
+from test_resume import (ENV, KILL_AFTER, STAGES, assert_same_run, checkpoint_done, reward_model, sft_args,
+                         stage_or_skip, uninterrupted, wait_until, work)  # noqa: F401 (work: the shared workspace fixture)
 
 RUN_ENV = {**ENV, "PREFALIGN_CACHE": ""}  # set per workspace: DPO's reference cache stays in the test's folder
 FSIZE_LIMIT = 64 * 1024  # the file-size limit that stands in for a full disk where no tmpfs can be mounted
@@ -545,6 +545,22 @@ def test_reference_cache_on_a_full_disk_stops_before_training(work, small_disk, 
     line = stop_message(text, "dpo")
     assert f"writing {disk.path / 'cache'}" in line and "--ref-cache-dir" in line and disk.full_words in line
     assert not temporaries(disk.path)
+
+
+@pytest.mark.slow
+def test_a_write_no_helper_guards_is_still_one_clear_error(work, small_disk, capsys):
+    """`prefalign score --output` writes its file itself: the CLI still reports the full disk plainly."""
+    disk = small_disk()
+    if not disk.tmpfs:
+        pytest.skip("the scores file is smaller than a file-size limit this process could live with")
+    disk.fill()
+    args = ["score", "--reward-model", reward_model(work), "--data", work / "prefs.jsonl", "--output",
+            disk.path / "scores.jsonl"]
+    assert cli_main([str(a) for a in args]) == 3
+    err = capsys.readouterr().err
+    # Python's own file writes do not say which file failed: the message says so instead of guessing.
+    assert "prefalign score: stopped: no space left on the device: writing a file failed. Free space there" in err
+    assert "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------- torchrun: one worker SIGKILLed

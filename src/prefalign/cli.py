@@ -145,8 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         err = diskio.os_error_of(e)
         if err is None or err.errno not in diskio.WRITE_ERRNOS:
             raise
-        where = Path(err.filename) if err.filename else Path.cwd()
-        error = diskio.disk_error(err, where, then="rerun", what=None if err.filename else "a file")
+        error = diskio.disk_error(err, Path(err.filename) if err.filename else None, then="rerun")
         if not quiet:
             print(f"prefalign {' '.join(words)}: {error.label}: {error}", file=sys.stderr)
         code = error.exit_code

@@ -92,17 +92,18 @@ def os_error_of(exc: BaseException) -> Optional[OSError]:
     return None
 
 
-def disk_error(err: OSError, target: Path, needed: Optional[int] = None, then: Then = "rerun",
+def disk_error(err: OSError, target: Optional[Path], needed: Optional[int] = None, then: Then = "rerun",
                what: Optional[str] = None) -> DiskError:
     """The DiskError a person reads for ``err``, met while writing ``target`` (a file or a folder;
-    ``what`` names it for people when its path does not)."""
-    target = Path(target)
+    None when unknown; ``what`` names it for people when its path does not)."""
+    target = Path(target) if target is not None else None
     code = err.errno
-    what = (what or f"{target}") + (f" ({human(needed)})" if needed else "")
-    place = existing_ancestor(target.parent)
+    what = (what or (f"{target}" if target else "a file")) + (f" ({human(needed)})" if needed else "")
+    place = existing_ancestor(target.parent) if target else "the folder it goes to"
     todo = then() if callable(then) else then
     if code == errno.ENOSPC:
-        cause = f"no space left on the device: writing {what} failed with {human(free_bytes(target))} free in {place}"
+        free = f" with {human(free_bytes(target))} free in {place}" if target else ""
+        cause = f"no space left on the device: writing {what} failed{free}"
         fix = (f"free at least {human(needed)} there" if needed else "free space there") + \
             " (or move --output to a disk with room)"
     elif code == errno.EDQUOT:
@@ -119,7 +120,8 @@ def disk_error(err: OSError, target: Path, needed: Optional[int] = None, then: T
         cause = f"permission denied: writing {what} failed because {place} is no longer writable"
         fix = f"give write permission on {place} back"
     elif code in _GONE:
-        gone = next((p for p in reversed([target, *target.absolute().parents]) if not p.exists()), target)
+        gone = next((p for p in reversed([target, *target.absolute().parents]) if not p.exists()), target) \
+            if target else "a folder it writes to"
         cause = f"{gone} disappeared while the run was writing {what} (deleted, moved or unmounted)"
         fix = f"put {gone} back (move it back or remount it)"
         if "--resume" in todo:
@@ -130,7 +132,8 @@ def disk_error(err: OSError, target: Path, needed: Optional[int] = None, then: T
     else:
         cause = f"writing {what} failed: {err.strerror or err}"
         fix = "fix that"
-    return DiskError(f"{cause}. {fix[0].upper()}{fix[1:]}, then {todo}.", path=str(target), errno=code)
+    return DiskError(f"{cause}. {fix[0].upper()}{fix[1:]}, then {todo}.", path=str(target) if target else None,
+                     errno=code)
 
 
 def remove_quietly(path: Path) -> None:
