@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prefalign import config as C
 from prefalign.errors import PrefalignError
+from prefalign.train import diskio
 
 
 def _sft(cfg):
@@ -145,6 +147,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not quiet:
             print(f"prefalign {' '.join(words)}: interrupted.", file=sys.stderr)
         code = 130
+    except Exception as e:  # a full or read-only disk under a write that no guard of diskio covers
+        err = diskio.os_error_of(e)
+        if err is None or err.errno not in diskio.WRITE_ERRNOS:
+            raise
+        error = diskio.disk_error(err, Path(err.filename) if err.filename else None, then="rerun")
+        if not quiet:
+            print(f"prefalign {' '.join(words)}: {error.label}: {error}", file=sys.stderr)
+        code = error.exit_code
     # Any other exception propagates with its traceback and torchrun stops the other ranks.
     if "prefalign.train.trackers" in sys.modules:  # runs that ended without a summary (an error, a signal)
         from prefalign.train.trackers import close_open

@@ -1,4 +1,7 @@
 """Errors meant for people. The CLI prints their message (no traceback) and exits non-zero."""
+from __future__ import annotations
+
+from typing import Optional
 
 
 class PrefalignError(Exception):
@@ -30,6 +33,23 @@ class DataError(PrefalignError):
 
 class ModelError(PrefalignError):
     """A model path that is not a model, a missing tokenizer, mismatched vocabularies."""
+
+
+class DiskError(PrefalignError):
+    """A write that failed under a run: a full disk, an exceeded quota or file-size limit, an output
+    folder that became read-only or disappeared, an I/O error (train/diskio.py builds the message:
+    which file, the space it needed and the space free, what to do). The files written before are
+    intact, so this is a stop, not a usage error: exit 3, and --resume continues once it is fixed."""
+
+    exit_code = 3
+    label = "stopped"
+
+    def __init__(self, message: str, path: Optional[str] = None, errno: Optional[int] = None):
+        super().__init__(message)
+        self.path, self.errno = path, errno
+
+    def __reduce__(self):  # sent from rank 0 to the other ranks, so that every rank stops alike
+        return type(self), (str(self), self.path, self.errno)
 
 
 class InternalError(PrefalignError):

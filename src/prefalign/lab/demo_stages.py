@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from prefalign.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
-from prefalign.errors import ConfigError, PrefalignError
+from prefalign.errors import ConfigError, DiskError, PrefalignError
 from prefalign.lab.demo_plan import DemoPlan
+from prefalign.train import diskio
 from prefalign.train.checkpoint import CKPT_DIR, MARKER
+
+# What to do after a write the disk refused: finished stages are reused, a stopped one resumes.
+RERUN = ("rerun the same `prefalign demo` command: finished stages are reused and a stopped one continues "
+         "from its checkpoint")
 
 
 def is_done(d: Path) -> bool:
@@ -37,8 +42,9 @@ def claim_output(out: Path, settings: dict) -> None:
         changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed[:6])} differ; "
                           f"see {path}). Choose another --output, or delete {out} to start over.")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    with diskio.guarded(out, then=RERUN):
+        out.mkdir(parents=True, exist_ok=True)
+    diskio.write_atomic(path, text.encode(), then=RERUN)
 
 
 class Pipeline:
@@ -61,17 +67,20 @@ class Pipeline:
             shutil.rmtree(d)   # half-written and nothing to resume from: start clean
         print(f"{tag}: {header}{'  (resuming from its checkpoint)' if resume else ''}", flush=True)
         t0 = time.perf_counter()
-        d.mkdir(parents=True, exist_ok=True)
-        fn(d, resume)
+        with diskio.guarded(d, then=RERUN):
+            d.mkdir(parents=True, exist_ok=True)
+        diskio.start_run(d)
+        try:
+            fn(d, resume)
+        except DiskError as e:  # the stage says "--resume"; in the demo, rerunning the demo does that
+            raise DiskError(f"demo stage {name}: {e} (For the demo: {RERUN}.)", e.path, e.errno) from None
         if not is_done(d):
             raise PrefalignError(f"demo stage {name} finished without writing {d / 'summary.json'}.")
         self.times[name] = time.perf_counter() - t0
         # The demo's own clock for the stage (training stages also time themselves, without loading).
         summary = json.loads((d / "summary.json").read_text())
         summary["demo_wall_time_s"] = self.times[name]
-        tmp = d / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(d / "summary.json")
+        diskio.write_atomic(d / "summary.json", (json.dumps(summary, indent=2) + "\n").encode(), then=RERUN)
         print(f"{tag}: finished in {self.times[name] / 60:.1f} min", flush=True)
         return d
 

@@ -2,6 +2,7 @@
 seeding, held-out split, the final save and summary.json."""
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -13,9 +14,10 @@ import numpy as np
 import torch
 
 from prefalign.config import require, to_dict
-from prefalign.errors import ConfigError
+from prefalign.errors import ConfigError, PrefalignError
 from prefalign.train import checkpoint as ckpt
-from prefalign.train.dist import DistInfo, barrier, init_distributed, is_fsdp
+from prefalign.train import diskio
+from prefalign.train.dist import DistInfo, broadcast_object, init_distributed, is_fsdp
 from prefalign.train.logger import write_summary
 
 
@@ -38,6 +40,7 @@ def check_output(cfg) -> Path:
     parent = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
     if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--output {out}: {parent} is not writable; choose a directory you can write to.")
+    diskio.start_run(out)
     return out
 
 
@@ -61,13 +64,29 @@ def split_eval(examples: list, eval_examples: Optional[list], fraction: float, s
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def save_final(out: Path, dist: DistInfo, save_fn: Callable[[Path], None]) -> None:
+def save_final(out: Path, dist: DistInfo, save_fn: Callable[[Path], None], needed: diskio.Needed = None) -> None:
     """Write the final model into a temporary folder, fsync it, then move its files into OUTPUT
     with config.json last: a folder with config.json holds a whole model, and summary.json
     (written after this) marks a finished run. A kill before that leaves the last checkpoint
-    to --resume from; a stale temporary folder is removed by the next save."""
+    to --resume from; a stale temporary folder is removed by the next save. A write the disk
+    refuses removes the temporary folder and raises a DiskError (``needed``: the bytes the model
+    takes, for its message) on every rank, so all ranks stop together."""
+    error = None
     if dist.is_main:
-        tmp = out / ".final-tmp"
+        try:
+            _write_final(out, save_fn, needed)
+        except PrefalignError as e:
+            error = e
+    error = broadcast_object(error)  # also the barrier: nobody leaves before the model is on disk
+    if error is not None:
+        raise error
+
+
+def _write_final(out: Path, save_fn: Callable[[Path], None], needed: diskio.Needed) -> None:
+    then = functools.partial(ckpt.resume_hint, out)
+    diskio.output_dir(out, then=then)
+    tmp = out / ".final-tmp"
+    with diskio.guarded(tmp, needed, then, cleanup=[tmp], what=f"the final model into {out}"):
         if tmp.exists():
             shutil.rmtree(tmp)
         save_fn(tmp)
@@ -80,7 +99,6 @@ def save_final(out: Path, dist: DistInfo, save_fn: Callable[[Path], None]) -> No
             os.replace(f, dest)
         shutil.rmtree(tmp)
         _fsync_file(out)
-    barrier()
 
 
 def _fsync_file(path: Path) -> None:
@@ -97,7 +115,8 @@ def save_model_final(out: Path, dist: DistInfo, model, tokenizer) -> None:
     ``model`` is the unwrapped module (not the DDP wrapper)."""
     from prefalign.models import save_pretrained
     state = ckpt.full_model_state(model, dist) if is_fsdp(model) else None
-    save_final(out, dist, lambda d: save_pretrained(model, tokenizer, d, state_dict=state))
+    save_final(out, dist, lambda d: save_pretrained(model, tokenizer, d, state_dict=state),
+               needed=lambda: ckpt.nbytes(state if state is not None else model.state_dict()))
 
 
 def finish(cfg, out: Path, dist: DistInfo, stage: str, t0: float, result=None, **extra: Any) -> dict:

@@ -16,6 +16,8 @@ from prefalign.models.attention import uses_packed_attention
 from prefalign.rl.reward_scoring import same_tokenizer
 from prefalign.rl.value_head import load_value_head, new_value_head, save_value_head
 from prefalign.rollout import PackedSequences, Rollout, pack_sequences
+from prefalign.train import checkpoint as ckpt
+from prefalign.train import diskio
 
 # reward_fn(prompts, completions, rollout) -> scores (B,): replaces --reward-model (tests, the lab).
 RewardFn = Callable[[list, list[str], Rollout], torch.Tensor]
@@ -81,9 +83,13 @@ def pack_rows(m: Models, seq: tuple) -> PackedSequences:
 
 
 def save_models(m: Models, out_dir) -> None:
-    """The policy in HF format in OUTPUT, the value model (or the shared head) in OUTPUT/value_model."""
-    save_pretrained(m.policy, m.tokenizer, out_dir)
-    if m.value_model is not None:
-        save_pretrained(m.value_model, m.tokenizer, out_dir / "value_model")
-    else:
-        save_value_head(m.value_head, out_dir / "value_model")
+    """The policy in HF format in OUTPUT, the value model (or the shared head, with its checksum) in
+    OUTPUT/value_model. save_final removes the folder when a write fails; the guard here gives the
+    message the space the models need."""
+    with diskio.guarded(out_dir, ckpt.nbytes(m.trainable.state_dict()), ckpt.resume_hint(out_dir.parent),
+                        what=f"the final models into {out_dir.parent}"):
+        save_pretrained(m.policy, m.tokenizer, out_dir)
+        if m.value_model is not None:
+            save_pretrained(m.value_model, m.tokenizer, out_dir / "value_model")
+        else:
+            save_value_head(m.value_head, out_dir / "value_model")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import sys
 import time
 from array import array
 from pathlib import Path
@@ -28,6 +28,7 @@ import torch
 
 from prefalign.models.paths import resolve_model_path
 from prefalign.stages.pair_batch import TokenizedPair
+from prefalign.train import diskio
 from prefalign.train.dist import DistInfo, all_reduce_sum, barrier, broadcast_object
 from prefalign.train.logger import iter_progress
 from prefalign.train.loop import autocast_for, to_device
@@ -74,24 +75,43 @@ def cache_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps({"version": CACHE_VERSION, **settings}, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def values_digest(values: torch.Tensor) -> str:
+    """sha256 of (N, 2) float64 values, recorded in the cache entry: a flipped digit still parses."""
+    return hashlib.sha256(values.to(torch.float64).contiguous().numpy().tobytes()).hexdigest()
+
+
 def read_cache(path: Path, n_pairs: int) -> Optional[torch.Tensor]:
-    """(N, 2) float64 [chosen, rejected], or None when absent or not for these N pairs."""
+    """(N, 2) float64 [chosen, rejected], or None when absent. An entry that is truncated, does not
+    match its checksum or is not for these N pairs is reported and None (recomputed, overwritten)."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
-        values = torch.tensor([data["chosen"], data["rejected"]], dtype=torch.float64).T
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # unreadable: recompute and overwrite
-    return values if values.shape == (n_pairs, 2) else None
+        values = torch.tensor([data["chosen"], data["rejected"]], dtype=torch.float64).T.contiguous()
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        problem = f"cannot be read ({type(e).__name__}: truncated or damaged)"
+    else:
+        if "sha256" not in data:
+            problem = "has no checksum (written by an older prefalign)"
+        elif data["sha256"] != values_digest(values):
+            problem = "does not match the sha256 recorded in it (damaged on disk)"
+        elif values.shape != (n_pairs, 2):
+            problem = f"holds {values.shape[0]} pairs, not {n_pairs}"
+        else:
+            return values
+    print(f"prefalign: reference cache entry {path} {problem}; computing it again.", file=sys.stderr)
+    return None
 
 
 def write_cache(path: Path, values: torch.Tensor, meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    body = {"meta": meta, "chosen": values[:, 0].tolist(), "rejected": values[:, 1].tolist()}
-    tmp.write_text(json.dumps(body))
-    os.replace(tmp, path)
+    """Write an entry atomically with its checksum; a write the disk refuses raises a DiskError."""
+    body = {"meta": meta, "chosen": values[:, 0].tolist(), "rejected": values[:, 1].tolist(),
+            "sha256": values_digest(values)}
+    then = ("rerun (with --resume if the run has a checkpoint); or pass --ref-cache-dir on a disk with room "
+            "(the cache is only reused by later runs)")
+    with diskio.guarded(path, then=then):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    diskio.write_atomic(path, json.dumps(body).encode(), then=then)
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint is a directory OUTPUT/checkpoints/step-000123 holding `state.pt` (model,
-optimizer, scheduler, RNG states, data position, stage extras) and `COMPLETE` (the step and
-the byte size of state.pt). It is written under a temporary name, fsynced, then renamed, so a
-kill during a save leaves the previous checkpoint intact. Old checkpoints are pruned only
-after the new one is complete. `--resume` takes the newest directory that is complete and
-loads; a corrupt or partial one is reported and skipped, never loaded half.
+optimizer, scheduler, RNG states, data position, stage extras) and `COMPLETE` (the step, the
+byte size and the sha256 of state.pt). It is written under a temporary name, fsynced, then
+renamed, so a kill during a save leaves the previous checkpoint intact. Old checkpoints are
+pruned only after the new one is complete. `--resume` takes the newest directory that is
+complete and loads; a partial, truncated or bit-flipped one is reported and skipped, never
+loaded half. A save the disk refuses (full, read-only, gone) removes its temporary folder and
+raises a DiskError that says which checkpoint --resume will continue from (train/diskio.py).
 
 Model and optimizer state are always FULL (unsharded) and keyed by parameter name, whatever
 wrote them (one process, DDP, FSDP2), so a checkpoint written by N processes loads in M. Under
@@ -24,7 +26,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from prefalign.errors import ConfigError
+from prefalign.errors import ConfigError, PrefalignError
+from prefalign.train import diskio
 from prefalign.train.dist import all_gather_object, broadcast_object, is_fsdp
 
 CKPT_DIR = "checkpoints"
@@ -104,24 +107,6 @@ def load_train_state(model: torch.nn.Module, optimizer, model_sd: Optional[dict]
         set_optimizer_state_dict(model, optimizer, optim_sd or {}, options=opts)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, write) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _remove(path: Path) -> None:
     """Rename away first (atomic), then delete: a kill mid-delete never leaves a half
     checkpoint under a step-* name that looks complete."""
@@ -130,25 +115,64 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(out_dir, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write OUTPUT/checkpoints/step-N atomically, then prune to the newest ``keep`` (0: keep all)."""
+def nbytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state: about what torch.save of it writes."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def resume_hint(out_dir) -> str:
+    """What --resume will do now: the end of the message of a write that failed under a run."""
+    if not Path(out_dir).is_dir():  # gone: what it held is unknown here
+        return f"rerun with --resume: it continues from the last complete checkpoint in {out_dir}"
     root = Path(out_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
+    done = sorted(p for p in root.glob("step-*") if is_complete(p)) if root.is_dir() else []
+    if done:
+        return f"rerun with --resume: it continues from the last complete checkpoint, {done[-1]}, which is intact"
+    return ("rerun with --resume (no checkpoint is complete yet, so the run starts again from step 0; "
+            "--save-steps N keeps one every N steps)")
+
+
+def save_checkpoint(out_dir, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write OUTPUT/checkpoints/step-N atomically, then prune to the newest ``keep`` (0: keep all).
+    A failed write leaves no temporary folder and raises a DiskError; the older checkpoints stay."""
+    root = diskio.output_dir(out_dir, then=lambda: resume_hint(out_dir)) / CKPT_DIR
     final = root / f"step-{step:09d}"
     tmp = root / f".tmp-step-{step:09d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _write_synced(tmp / STATE, lambda f: torch.save(state, f))
-    size = (tmp / STATE).stat().st_size
-    _write_synced(tmp / MARKER, lambda f: f.write(f"{step} {size}\n".encode()))
-    _fsync_dir(tmp)
-    if final.exists():
-        _remove(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    prune(root, keep)
+    with diskio.guarded(final, needed=lambda: nbytes(state), then=lambda: resume_hint(out_dir), cleanup=[tmp]):
+        root.mkdir(exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        size, digest = diskio.write_stream(tmp / STATE, lambda f: torch.save(state, f))
+        diskio.write_stream(tmp / MARKER, lambda f: f.write(f"{step} {size} {digest}\n".encode()))
+        diskio.fsync_dir(tmp)
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+        diskio.fsync_dir(root)
+        prune(root, keep)
     return final
+
+
+def save_checkpoint_collective(out_dir, step: int, state: Optional[dict[str, Any]], keep: int, dist) -> None:
+    """save_checkpoint under torchrun: every rank calls it, rank 0 writes ``state`` (None elsewhere).
+    Every rank returns once the checkpoint is on disk, or raises the error rank 0 met, so a save the
+    disk refuses stops all ranks together with one message."""
+    error = None
+    if dist.is_main:
+        try:
+            save_checkpoint(out_dir, step, state, keep)
+        except PrefalignError as e:
+            error = e
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
 
 
 def is_complete(path: Path) -> bool:
@@ -165,15 +189,19 @@ def prune(root: Path, keep: int) -> None:
 
 
 def _check(path: Path) -> Optional[str]:
-    """Why the checkpoint at ``path`` cannot be used, judged from its files; None if it looks whole."""
+    """Why the checkpoint at ``path`` cannot be used, judged from its files; None if it looks whole.
+    Markers of older versions hold no checksum: only their size is checked."""
     if not is_complete(path):
         return f"no {MARKER} marker (the save was interrupted)"
     if not (path / STATE).is_file():
         return f"{STATE} is missing"
-    fields = (path / MARKER).read_text().split()
+    fields = (path / MARKER).read_text(errors="replace").split()
     size = (path / STATE).stat().st_size
     if len(fields) >= 2 and fields[1].isdigit() and int(fields[1]) != size:
         return f"{STATE} has {size} bytes, {MARKER} says {fields[1]} (truncated or overwritten)"
+    if len(fields) >= 3 and diskio.file_sha256(path / STATE) != fields[2]:
+        return (f"{STATE} does not match the sha256 recorded in {MARKER} when it was written "
+                f"(damaged on disk: a flipped bit, a bad sector or a partial overwrite)")
     return None
 
 
@@ -194,7 +222,8 @@ def load_latest(out_dir, map_location="cpu") -> Optional[tuple[Path, dict[str, A
                 if not missing:
                     return path, state
                 problem = f"{STATE} lacks {', '.join(missing)}"
-        print(f"prefalign: skipping checkpoint {path}: {problem}.", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank may look: one report
+            print(f"prefalign: skipping checkpoint {path}: {problem}.", file=sys.stderr)
     return None
 
 

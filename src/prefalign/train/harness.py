@@ -40,7 +40,7 @@ import torch
 
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.train import checkpoint as ckpt
-from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum, barrier
+from prefalign.train.dist import DistInfo, all_gather_object, all_reduce_sum
 from prefalign.train.logger import MetricsLogger, progress
 from prefalign.train.trackers import open_trackers
 
@@ -283,8 +283,10 @@ class Run:
                      "world_size": dist.world_size}
             if self.global_batch is not None:
                 state["global_batch"] = self.global_batch[0] * self.global_batch[1] * dist.world_size
-            ckpt.save_checkpoint(self.out, self.step, state, keep=self.cfg.keep_checkpoints)
-        barrier()
+        else:
+            state = None
+        # rank 0 writes; a refused write (full disk, vanished output) stops every rank alike
+        ckpt.save_checkpoint_collective(self.out, self.step, state, self.cfg.keep_checkpoints, dist)
 
     def resume(self) -> None:
         """Load the newest complete checkpoint when --resume; drop log rows written after it."""

@@ -5,12 +5,15 @@ write_summary hands the summary to the run's open trackers and closes them.
 
 Keys under `perf/` (wall-clock rates) are the only ones that differ between two identical
 runs; everything else is deterministic on CPU and compared by the resume tests.
+
+Every write goes through train/diskio.py: a full disk or an OUTPUT that became read-only or
+disappeared stops the run with one DiskError, and a row the disk refused halfway is cut off again.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -20,6 +23,8 @@ from typing import Any, Iterable, Optional
 from tqdm.auto import tqdm
 
 from prefalign.train.trackers import Trackers, finish_run
+from prefalign.train import diskio
+from prefalign.train.checkpoint import resume_hint
 
 
 def _jsonable(v: Any) -> Any:
@@ -46,6 +51,7 @@ class MetricsLogger:
         self.path = Path(out_dir) / filename
         self.enabled = enabled
         self.trackers = trackers  # every row written here goes to them too
+        diskio.start_run(out_dir)  # a logger is made when a run starts: OUTPUT may be created anew
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint (they are produced again)."""
@@ -54,23 +60,17 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         keep = [l for l in self.path.read_text().splitlines() if (_step_of(l) or step + 1) <= step]
-        self._atomic_write("".join(l + "\n" for l in keep))
+        diskio.write_atomic(self.path, "".join(l + "\n" for l in keep).encode(), then=self._then)
 
-    def _atomic_write(self, text: str) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+    def _then(self) -> str:
+        return resume_hint(self.path.parent)
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
-            f.flush()
+        diskio.output_dir(self.path.parent, then=self._then)
+        line = json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n"
+        diskio.append(self.path, line.encode(), then=self._then)
         if self.trackers is not None:
             self.trackers.log(row)
 
@@ -94,12 +94,11 @@ def versions() -> dict[str, str]:
 def write_summary(out_dir, summary: dict[str, Any]) -> Path:
     """OUTPUT/summary.json, written atomically, with versions added; then the run's trackers
     (--report-to) get it and are closed."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    then = functools.partial(resume_hint, out_dir)
+    out = diskio.output_dir(out_dir, then=then)
     data = {**summary, "versions": versions()}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, out / "summary.json")
+    diskio.write_atomic(out / "summary.json", (json.dumps(data, indent=2, default=_jsonable) + "\n").encode(),
+                        then=then)
     finish_run(out, json.loads(json.dumps(data, default=_jsonable)))
     return out / "summary.json"
 
