@@ -146,9 +146,11 @@ def head_logps(model: nn.Module, inputs: dict, select: torch.Tensor, targets: to
     the ``select``-ed positions, with the head applied chunk by chunk (``chunked_token_logps``).
 
     inputs: kwargs of ``model(**inputs)`` (input_ids (B, T), position ids, attention kwargs...);
-    select (B, T) bool: the positions whose state predicts a target, N of them; targets (N,) long,
-    in the row-major order of ``select``. Returns TokenLogps of (N,) tensors, or None when the model
-    needs its full logits (``plain_linear_head``): the caller then computes them as before.
+    select: the N positions whose state predicts a target, either (B, T) bool (targets in its
+    row-major order) or (N,) long flat indices b * T + t into the (B, T) positions, in the order of
+    the targets and possibly repeated (one state predicting two targets, as a shared prompt's last
+    token does in DPO); targets (N,) long. Returns TokenLogps of (N,) tensors, or None when the
+    model needs its full logits (``plain_linear_head``): the caller then computes them as before.
     """
     head = plain_linear_head(model)
     if head is None:
@@ -156,8 +158,15 @@ def head_logps(model: nn.Module, inputs: dict, select: torch.Tensor, targets: to
     hidden = final_hidden_states(model, head, inputs)
     if hidden is None:
         return None
-    if hidden.shape[:-1] != select.shape:
-        raise ValueError(f"head_logps: select {tuple(select.shape)} does not match the model's final hidden "
-                         f"states {tuple(hidden.shape)}.")
-    return chunked_token_logps(hidden[select], head.weight, head.bias, targets, temperature=temperature,
+    if select.dtype == torch.bool:
+        if hidden.shape[:-1] != select.shape:
+            raise ValueError(f"head_logps: select {tuple(select.shape)} does not match the model's final hidden "
+                             f"states {tuple(hidden.shape)}.")
+        rows = hidden[select]  # (N, H)
+    elif select.dim() == 1 and not select.is_floating_point():
+        rows = hidden.flatten(0, -2)[select]  # (N, H)
+    else:
+        raise ValueError(f"head_logps: select must be (B, T) bool or (N,) long flat indices, got "
+                         f"{tuple(select.shape)} {select.dtype}.")
+    return chunked_token_logps(rows, head.weight, head.bias, targets, temperature=temperature,
                                chunk_tokens=chunk_tokens, with_entropy=with_entropy, with_argmax=with_argmax)

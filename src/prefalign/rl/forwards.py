@@ -14,7 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from prefalign.logits import plain_linear_head
 from prefalign.ops import entropy_from_logits, token_logps
+from prefalign.ops_chunked import chunked_token_logps
 from prefalign.rollout import PackedSequences, forward_logps, forward_logps_packed, position_ids_from_mask
 
 
@@ -61,7 +63,8 @@ def policy_forward(policy, value_head: Optional[nn.Module], query_ids, query_mas
 
     Without a shared value head this is rollout.forward_logps (forward_logps_packed with ``packed``).
     With one, the backbone runs once and both the LM head and the value head read its final hidden
-    states.
+    states; a plain linear LM head (``logits.plain_linear_head``) runs chunk by chunk on the states
+    before real response tokens (``ops_chunked.chunked_token_logps``), so no (B, R, V) logits exist.
     """
     if value_head is None:
         if packed is not None:
@@ -71,9 +74,24 @@ def policy_forward(policy, value_head: Optional[nn.Module], query_ids, query_mas
         return logprobs, entropy, None
     hidden = response_hidden(backbone_of(policy), query_ids, query_mask, response_ids, response_mask,
                               packed)  # (B, R, H)
-    logits = policy.get_output_embeddings()(hidden).float() / temperature  # (B, R, V)
+    zero = torch.zeros((), device=hidden.device)
+    values = torch.where(response_mask, value_head(hidden.float()).squeeze(-1), zero)
+    head = plain_linear_head(policy)
+    if head is None:
+        logprobs, entropy = _full_logits(policy.get_output_embeddings(), hidden, response_ids, response_mask,
+                                         temperature)
+        return logprobs, entropy, values
+    chunked = chunked_token_logps(hidden[response_mask], head.weight, head.bias, response_ids[response_mask],
+                                  temperature=temperature, with_entropy=True)  # (N,) each
+    zeros = chunked.logps.new_zeros(response_ids.shape)  # (B, R)
+    logprobs = zeros.masked_scatter(response_mask, chunked.logps)
+    return logprobs, zeros.masked_scatter(response_mask, chunked.entropy), values
+
+
+def _full_logits(head: nn.Module, hidden: torch.Tensor, response_ids, response_mask,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs (B, R), entropy (B, R)) from the head's full logits on hidden (B, R, H), 0 where masked."""
+    logits = head(hidden).float() / temperature  # (B, R, V)
     zero = torch.zeros((), device=logits.device)
     logprobs = torch.where(response_mask, token_logps(logits, response_ids), zero)
-    entropy = torch.where(response_mask, entropy_from_logits(logits), zero)
-    values = torch.where(response_mask, value_head(hidden.float()).squeeze(-1), zero)
-    return logprobs, entropy, values
+    return logprobs, torch.where(response_mask, entropy_from_logits(logits), zero)
