@@ -140,6 +140,39 @@ def test_preference_truncation_cuts_the_prompt_once_for_both(tok):
     assert c.completion_ids == full_c.completion_ids and c.input_ids[-1] == tok.eos_token_id
 
 
+def scored_targets(seqs, tok) -> list[int]:
+    """How many next-token targets count per sequence, as the DPO, reward and SFT losses mask them."""
+    from prefalign.data import pad_batch
+    from prefalign.stages.batching import label_mask
+    return label_mask(pad_batch(seqs, tok.pad_token_id)).sum(1).tolist()
+
+
+def test_empty_prompt_scores_every_completion_token(tok, tmp_path):
+    """Issue 15 A.3: an implicit pair with nothing in common splits into an empty prompt. Without an
+    added BOS its first completion token (where chosen and rejected differ) used to predict nothing;
+    the prompt is now the BOS token (EOS when there is none), counted as prompt."""
+    from prefalign.data import load_preferences
+    (tmp_path / "p.jsonl").write_text('{"chosen": "Honestly great.", "rejected": "Numbers boring."}\n')
+    ex, = load_preferences(tmp_path / "p.jsonl")
+    assert ex.prompt == ""
+    chosen, rejected = encode_preference(tok, ex, max_length=64)
+    completions = [plain(tok, ex.chosen) + [tok.eos_token_id], plain(tok, ex.rejected) + [tok.eos_token_id]]
+    assert scored_targets([chosen, rejected], tok) == [len(c) for c in completions]  # every token, EOS included
+    for t, completion in zip((chosen, rejected), completions):
+        assert (t.input_ids, t.prompt_len) == ([tok.bos_token_id] + completion, 1)  # with add_bos: as before
+    assert encode_prompt(tok, "") == [tok.bos_token_id]  # what PPO samples from: the same prefix
+    t = encode_prompt_completion(tok, "", ex.chosen, max_length=3, max_prompt_length=1)  # truncation keeps it
+    assert (t.input_ids, t.prompt_len, t.prompt_cut) == ([tok.bos_token_id] + completions[0][:2], 1, 0)
+
+
+def test_empty_prompt_without_a_bos_token_is_conditioned_on_eos():
+    tok = tiny_tokenizer(SAMPLE_TEXTS)  # GPT-2 / Qwen style: no BOS added; here no BOS token at all
+    tok.bos_token = None
+    c, r = encode_preference(tok, PreferenceExample("", " great", " boring"), max_length=16)
+    assert scored_targets([c, r], tok) == [len(plain(tok, " great")) + 1, len(plain(tok, " boring")) + 1]
+    assert c.input_ids[:c.prompt_len] == r.input_ids[:r.prompt_len] == [tok.eos_token_id]
+
+
 def test_encode_text_truncates_the_end(tok):
     t = encode_text(tok, "The movie was great and the acting was wonderful.", max_length=5)
     assert len(t.input_ids) == 5 and t.completion_cut > 0 and tok.eos_token_id not in t.input_ids

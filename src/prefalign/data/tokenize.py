@@ -146,9 +146,20 @@ def _prompt_parts(tokenizer, prompt) -> _Prompt:
         text = _render_chat(tokenizer, prompt, generation_prompt=True)
         text_ids = _ids(tokenizer, text)
         ids = _dedupe_bos(tokenizer, text_ids)  # chat templates own their specials
-        return _Prompt(text, text_ids, ids, _n_lead(tokenizer, ids, []))
-    lead, text_ids = _leading_specials(tokenizer), _ids(tokenizer, prompt)
-    return _Prompt(prompt, text_ids, lead + text_ids, len(lead))
+        p = _Prompt(text, text_ids, ids, _n_lead(tokenizer, ids, []))
+    else:
+        lead, text_ids = _leading_specials(tokenizer), _ids(tokenizer, prompt)
+        p = _Prompt(prompt, text_ids, lead + text_ids, len(lead))
+    if not p.ids:  # an empty prompt and no BOS added: the first completion token would predict nothing
+        p.ids, p.lead = [_conditioning_id(tokenizer)], 1
+    return p
+
+
+def _conditioning_id(tokenizer) -> int:
+    """What an empty prompt is encoded as when the tokenizer adds no BOS (GPT-2, Qwen): its BOS token
+    if it has one, else EOS (GPT-2's BOS and EOS are both <|endoftext|>, which starts its documents).
+    Every completion token then has a token before it that predicts it, and is scored."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else _eos_id(tokenizer)
 
 
 def encode_prompt(tokenizer, prompt, max_prompt_length: Optional[int] = None) -> list[int]:

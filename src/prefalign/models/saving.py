@@ -45,11 +45,23 @@ def save_pretrained(model, tokenizer, out_dir: str, save_adapter: bool = False, 
 
 def save_scalar_model(model: ScalarModel, out_dir: str, state_dict: Optional[dict] = None) -> None:
     """A standard HF sequence-classification checkpoint whose config.json keeps shift and scale.
-    ``state_dict`` (keyed like ``model.state_dict()``) replaces the weights, e.g. gathered from FSDP."""
-    setattr(model.config, SHIFT_KEY, model.shift)
-    setattr(model.config, SCALE_KEY, model.scale)
+    ``state_dict`` (keyed like ``model.state_dict()``) replaces the weights, e.g. gathered from FSDP.
+
+    A head bias (where ``ScalarModel.fold_normalization`` put a value model's reward normalisation;
+    transformers' ``score`` layers have none) is saved as the shift: ``(w.h + b - s) / k = (w.h - (s - b)) / k``,
+    so plain transformers, ``normalized`` and a later fold all read the same values."""
     if state_dict is not None:  # drop ScalarModel's "model." prefix: keys of the wrapped HF model
         state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-        model.model.save_pretrained(out_dir, state_dict=state_dict)
-        return
-    merged_copy(model.model).save_pretrained(out_dir)
+    elif getattr(model.head, "bias", None) is not None:
+        state_dict = model.model.state_dict()
+    bias = state_dict.pop("score.bias", None) if state_dict is not None else None
+    live_shift = model.shift
+    setattr(model.config, SHIFT_KEY, live_shift - (float(bias) if bias is not None else 0.0))
+    setattr(model.config, SCALE_KEY, model.scale)
+    try:
+        if state_dict is not None:
+            model.model.save_pretrained(out_dir, state_dict=state_dict)
+        else:
+            merged_copy(model.model).save_pretrained(out_dir)
+    finally:
+        setattr(model.config, SHIFT_KEY, live_shift)

@@ -154,6 +154,31 @@ class ScalarModel(nn.Module):
     def normalized(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.shift) / self.scale
 
+    def fold_normalization(self) -> None:
+        """Make the head itself output ``normalized`` scores and store the identity normalisation.
+
+        A value model initialised from a reward model must predict on the scale of the rewards PPO
+        gives, ``(w.h + b - shift) / scale``: the head becomes ``w' = w / scale``, ``b' = (b - shift) / scale``.
+        transformers' ``score`` layers have no bias, so one is added (trainable, like the weight);
+        ``saving.save_scalar_model`` writes it back as the shift, so the saved folder's normalised score
+        is the same value and folding that folder again gives the same head.
+        """
+        shift, scale = self.shift, self.scale
+        if (shift, scale) == (0.0, 1.0):
+            return
+        old = self.head
+        if type(old) is not nn.Linear:
+            raise ModelError(f"cannot fold the reward normalisation into a {type(old).__name__} head "
+                             f"(a LoRA-wrapped reward model?); load the merged model.")
+        new = nn.Linear(old.in_features, old.out_features, bias=True, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            bias = old.bias.float() if old.bias is not None else torch.zeros(old.out_features, device=old.weight.device)
+            new.weight.copy_(old.weight.float() / scale)
+            new.bias.copy_((bias - shift) / scale)
+        new.requires_grad_(old.weight.requires_grad)
+        self._hf.score = new
+        self.set_normalization(0.0, 1.0)
+
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_causal_lm(cls, path: str, dtype="auto", device="cpu", attn_implementation: Optional[str] = None,

@@ -64,6 +64,9 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
         if not same_tokenizer(tok, value_tok):
             raise ModelError(f"--value-model {path} has a different tokenizer from the policy ({cfg.model}); "
                              f"values are per policy token. Leave --value-model out, or use --shared-value-head.")
+        # Values estimate returns of PPO's rewards, the reward model's *normalised* scores: a value model
+        # read from a normalised reward model (or an earlier run's value_model) predicts on that scale.
+        value_model.fold_normalization()
     trainable = nn.ModuleDict({"policy": policy, "value": value_model if value_model is not None else value_head})
     trainable.eval()  # no dropout: the recorded log-probs must equal the recomputed ones
     return Models(policy, tok, ref, rm, rm_tok, retokenize, value_model, value_head, trainable)
