@@ -170,3 +170,19 @@ def test_rng_states_round_trip():
     ckpt.set_rng_state(saved, torch.device("cpu"))
     again = (random.random(), float(np.random.rand()), torch.rand(3))
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
+
+
+def test_a_checkpoint_of_an_earlier_prefalign_is_refused_clearly(lm, tmp_path):
+    """Checkpoints from before the run harness (no "format" key, other plan and stream keys) are
+    refused with a message, never a KeyError or a misleading plan mismatch."""
+    tok, data = lm
+    fit(make_cfg(tmp_path, max_steps=2, save_steps=1), tiny_llama(tok), TokenLM(), data, collate,
+        out_dir=tmp_path, dist=CPU)
+    path, state = ckpt.load_latest(tmp_path)
+    state.pop("format")
+    state.pop("generators")
+    state["plan"] = {"examples": 24, "global_batch": 8}
+    ckpt.save_checkpoint(tmp_path, 2, state)
+    with pytest.raises(ConfigError, match="written by an earlier prefalign"):
+        fit(make_cfg(tmp_path, max_steps=3, resume=True), tiny_llama(tok), TokenLM(), data, collate,
+            out_dir=tmp_path, dist=CPU)

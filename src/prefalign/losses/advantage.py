@@ -43,7 +43,8 @@ def global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     all-reduce of float64 sums when torch.distributed is initialised; in one process they are
     differentiable, under torchrun constants.
     """
-    x64 = x.double()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    x64 = x.detach().double() if distributed else x.double()  # no gradient through an all-reduce
     stats = torch.stack([masked_sum(x64, mask), mask.sum().double()])
     _all_reduce_sum(stats)
     n = stats[1]

@@ -346,13 +346,14 @@ class ReplicaCheck:
     def digests(self) -> dict[str, str]:
         return {name: param_digest(module) for name, module in self.m.trainable.items()}
 
-    def check(self, when: str = "before a checkpoint") -> Optional[dict[str, str]]:
+    def check(self, step: Optional[int] = None) -> Optional[dict[str, str]]:
+        """Compare the ranks' digests (before the checkpoint of iteration ``step``, or at the end)."""
         if not self.dist.distributed:
             return None
         mine = self.digests()
-        check_replicas(all_gather_object(mine), when)
+        check_replicas(all_gather_object(mine), f"at iteration {step}" if step is not None else "at the end")
         self.checks += 1
         return mine
 
     def check_at_end(self) -> Optional[dict[str, str]]:
-        return self.check("at the end")
+        return self.check()

@@ -26,9 +26,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from prefalign.errors import ConfigError, PrefalignError
+from prefalign.errors import ConfigError, InternalError, PrefalignError
 from prefalign.train import diskio
-from prefalign.train.dist import all_gather_object, broadcast_object, is_fsdp
+from prefalign.train.dist import broadcast_object, is_fsdp
 
 CKPT_DIR = "checkpoints"
 MARKER = "COMPLETE"
@@ -170,6 +170,10 @@ def save_checkpoint_collective(out_dir, step: int, state: Optional[dict[str, Any
             save_checkpoint(out_dir, step, state, keep)
         except PrefalignError as e:
             error = e
+        except Exception as e:  # any other failure must not leave the other ranks waiting
+            error = InternalError(f"writing checkpoint step {step} in {out_dir} failed ({type(e).__name__}: {e}). "
+                                  f"The last complete checkpoint is untouched; this is a bug in prefalign, please "
+                                  f"report it with the command line.")
     error = broadcast_object(error)
     if error is not None:
         raise error
@@ -225,20 +229,6 @@ def load_latest(out_dir, map_location="cpu") -> Optional[tuple[Path, dict[str, A
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank may look: one report
             print(f"prefalign: skipping checkpoint {path}: {problem}.", file=sys.stderr)
     return None
-
-
-def checkpoint_state(trainable, optimizer, scheduler, pos: dict, meter: dict, extra_state: dict,
-                     dist, global_batch: int) -> Optional[dict]:
-    """Everything a resume needs, full (unsharded) model and optimizer state included, on rank 0
-    (None elsewhere). Every rank must call it: gathering shards and RNG states are collectives."""
-    model_sd, optim_sd = full_train_state(trainable, optimizer, dist)
-    rngs = all_gather_object(rng_state())
-    extra = {k: extra_state_of(v, dist) for k, v in extra_state.items()}
-    if not dist.is_main:
-        return None
-    return {"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "rng": rngs[0],
-            "rng_ranks": rngs, "position": dict(pos), "meter": meter, "extra": extra,
-            "world_size": dist.world_size, "global_batch": global_batch}
 
 
 def extra_state_of(obj, dist):

@@ -3,7 +3,7 @@ critic-free methods), so that a guarantee proven once holds for all of them.
 
 A loop is a recipe over one ``Run``:
 
-    run = Run(cfg, out_dir, dist, desc="ppo", unit="iter", total=T, plan={...},
+    run = Run(cfg, out_dir, dist, desc="ppo", unit="iteration", total=T, plan={...},
               model=trainable, optimizer=optimizer, scheduler=scheduler,
               extra={"kl_ctl": kl_ctl}, generators={"sample": g})
     with run:                                  # resume (--resume), progress bar, SIGTERM/SIGINT
@@ -151,13 +151,18 @@ def apply_new_lr(requested: Sequence[float], optimizer, scheduler) -> bool:
     if saved == list(requested):
         return False
     show = lambda lrs: f"{lrs[0]:g}" if len(set(lrs)) == 1 else "/".join(f"{lr:g}" for lr in lrs)
-    print(f"prefalign: --lr {show(list(requested))} replaces the checkpoint's {show(saved)}; "
+    print(f"prefalign: learning rate {show(list(requested))} (--lr, --value-lr; per parameter group) replaces "
+          f"the checkpoint's {show(saved)}; "
           f"the count of skipped steps starts again.", file=sys.stderr)
     scheduler.base_lrs = list(requested)
     for group, fn, lr in zip(optimizer.param_groups, scheduler.lr_lambdas, requested):
         group["initial_lr"], group["lr"] = lr, lr * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # torch's own cache of get_last_lr()
     return True
+
+
+# Checkpoints written by the run harness; earlier ones (before it) are refused with a clear message.
+CHECKPOINT_FORMAT = 2
 
 
 class Run:
@@ -167,7 +172,7 @@ class Run:
     {"training examples": 24, "examples per global batch": 8}:
     a checkpoint written for another plan is refused, with ``plan_hint`` telling what to keep.
     ``global_batch`` = (batch size, grad accumulation) adds the clearer global-batch message of
-    checkpoint.check_global_batch. ``pre_save`` runs on every rank before each save (a collective
+    checkpoint.check_global_batch. ``pre_save(step)`` runs on every rank before each save (a collective
     check, e.g. that hand-made data-parallel replicas stayed identical). ``logs`` are the JSONL
     files besides metrics.jsonl that resume truncates to the checkpoint (e.g. samples.jsonl).
     """
@@ -176,7 +181,7 @@ class Run:
                  optimizer, scheduler, unit: str = "step", extra: Optional[dict] = None,
                  generators: Optional[dict[str, torch.Generator]] = None, position: Optional[dict] = None,
                  global_batch: Optional[tuple[int, int]] = None, plan_hint: str = "",
-                 pre_save: Optional[Callable[[], None]] = None, logs: Sequence[str] = ()):
+                 pre_save: Optional[Callable[[int], None]] = None, logs: Sequence[str] = ()):
         self.cfg, self.out, self.dist = cfg, Path(out_dir), dist
         self.desc, self.total, self.unit, self.plan, self.plan_hint = desc, total, unit, plan, plan_hint
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -268,7 +273,7 @@ class Run:
     def save(self) -> None:
         """All ranks gather the state; rank 0 writes it; nobody leaves before it is on disk."""
         if self.pre_save is not None:
-            self.pre_save()
+            self.pre_save(self.step)
         dist = self.dist
         model_sd, optim_sd = ckpt.full_train_state(self.model, self.optimizer, dist)
         streams = all_gather_object({"rng": ckpt.rng_state(dist.device),
@@ -276,7 +281,7 @@ class Run:
         extra = {k: ckpt.extra_state_of(v, dist) for k, v in self.extra.items()}
         meter = self.meter.global_state(dist.device)
         if dist.is_main:
-            state = {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+            state = {"format": CHECKPOINT_FORMAT, "model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
                      "rng": streams[0]["rng"], "rng_ranks": [s["rng"] for s in streams],
                      "generators": [s["generators"] for s in streams], "position": dict(self.pos), "meter": meter,
                      "extra": extra, "plan": self.plan, "logged": {"last": self.last, "eval": self.eval},
@@ -299,6 +304,10 @@ class Run:
             self.truncate_logs(0)  # rows a killed run logged without a checkpoint
         if state is None:
             return
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"cannot resume from {state['path']}: it was written by an earlier prefalign (before "
+                              f"the run harness), whose checkpoints this version does not read. Start a new --output, "
+                              f"or finish that run with the prefalign version that started it.")
         self.check_plan(state)
         self.load_states(state)
         mine = dist.rank if len(state["rng_ranks"]) == dist.world_size else 0
