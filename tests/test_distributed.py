@@ -85,7 +85,7 @@ def test_world_of_one_helpers_are_the_local_computations():
     x = torch.randn(3, 7, generator=g)
     mask = torch.rand(3, 7, generator=g) > 0.3
     mean, var, n = global_moments(x, mask)  # in one process: the local masked mean and variance
-    torch.testing.assert_close(mean, masked_mean(x, mask), rtol=1e-7, atol=0)
+    torch.testing.assert_close(mean, masked_mean(x, mask), rtol=1e-6, atol=0)  # float64 sums, rounded once
     torch.testing.assert_close(var, masked_var(x, mask), rtol=1e-6, atol=0)
     assert n.item() == mask.sum().item()
     assert sharded_map(lambda c: [v * 10 for v in c], list(range(7)), CPU, 3) == [v * 10 for v in range(7)]

@@ -284,3 +284,15 @@ def test_resume_continues_the_same_wandb_and_mlflow_runs(tmp_path, monkeypatch):
     history = [wandb_run_history(log) for log in logs]
     assert history == [{(1, "loss"): 2.0}, {(2, "loss"): 1.0}]
 
+
+
+def test_starting_a_tracker_leaves_prefalign_warnings_on(tmp_path):
+    """MLflow's SQLite store runs alembic's fileConfig, which disables every existing logger:
+    after it, `data check`-style warnings of prefalign.data.records must still reach the log."""
+    import logging
+    import logging.config
+    from prefalign.train.trackers import loggers_kept_enabled
+    records = logging.getLogger("prefalign.data.records")
+    with loggers_kept_enabled():
+        logging.config.dictConfig({"version": 1, "disable_existing_loggers": True})
+    assert not records.disabled

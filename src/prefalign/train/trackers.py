@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import logging
 import math
 import os
 import sys
@@ -239,7 +240,8 @@ class Trackers:
             if only is not None and name != only:
                 continue
             try:
-                getattr(tracker, method)(*args)
+                with loggers_kept_enabled():
+                    getattr(tracker, method)(*args)
             except Exception as e:  # a tracker outage must not end a training run
                 print(f"prefalign: --report-to {name}: {method} failed ({type(e).__name__}: {e}); it gets no more "
                       f"rows (metrics.jsonl has them all).", file=sys.stderr)
@@ -250,6 +252,19 @@ class Trackers:
 # without a summary (an error, a stop signal) is closed as failed when the process exits.
 _OPEN: dict[Path, Trackers] = {}
 _AT_EXIT = False
+
+
+@contextlib.contextmanager
+def loggers_kept_enabled():
+    """Trackers may configure logging as they start (MLflow's SQLite store runs alembic, whose
+    fileConfig disables every existing logger): prefalign's warnings must survive that."""
+    enabled = [lg for lg in logging.Logger.manager.loggerDict.values()
+               if isinstance(lg, logging.Logger) and not lg.disabled]
+    try:
+        yield
+    finally:
+        for lg in enabled:
+            lg.disabled = False
 
 
 def open_trackers(cfg, out_dir, is_main: bool) -> Optional[Trackers]:
@@ -269,7 +284,8 @@ def open_trackers(cfg, out_dir, is_main: bool) -> Optional[Trackers]:
     for name in names:
         run = RunInfo(cfg.run_name or out.name, cfg.project or "prefalign", out, previous.get(name))
         try:
-            opened[name] = TRACKERS[name](run, config)
+            with loggers_kept_enabled():
+                opened[name] = TRACKERS[name](run, config)
         except ImportError as e:
             Trackers(out, opened).close(ok=False)
             raise ConfigError(f"--report-to {name} needs the {name} extra: pip install 'prefalign[{name}]' "
