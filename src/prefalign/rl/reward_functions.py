@@ -7,7 +7,8 @@ float per completion. ``prompts`` and ``completions`` are aligned lists (a promp
 completion); for chat prompts (lists of {role, content}) each completion is
 ``[{"role": "assistant", "content": text}]``, otherwise a string. ``columns`` are the prompt file's
 other fields, aligned the same way (an ``answer`` column reaches the function as ``answer=[...]``),
-so a math answer key works. The user names the callable explicitly; it is imported, not built from
+so a math answer key works; ``completion_ids`` holds each completion's sampled token ids (its EOS
+included), as TRL passes them. The user names the callable explicitly; it is imported, not built from
 a registry.
 
 A function that raises, returns the wrong number of values or a non-finite value stops the run
@@ -31,7 +32,7 @@ from prefalign.rl.reward_scoring import reward_inputs, same_tokenizer
 from prefalign.rollout import Rollout
 
 # Fields of a prompt record that are not passed as columns (TRL drops the same).
-NOT_COLUMNS = ("prompt", "completion")
+NOT_COLUMNS = ("prompt", "completion", "completion_ids")
 
 
 class RewardFunctionError(PrefalignError):
@@ -104,7 +105,7 @@ class RewardFunction:
             values = self.fn(prompts, completions, **columns)
         except Exception as e:
             raise RewardFunctionError(f"--reward-fn {self.name} raised {type(e).__name__}: {e} (called on "
-                                      f"{len(prompts)} completions; the first prompt was {short(prompts[0])}).") from e
+                                      f"{len(prompts)} completions; first prompt {short(prompts[0])}).") from e
         try:
             values = [float(v) for v in values]
         except (TypeError, ValueError) as e:

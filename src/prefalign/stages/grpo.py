@@ -323,6 +323,7 @@ def run_group(cfg) -> int:
             texts = [m.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
                      for ids, mask in zip(r.response_ids, r.response_mask)]
             cols = {c: [columns[i].get(c) for i in mine for _ in range(K)] for c in column_names}
+            cols["completion_ids"] = [ids[mask].tolist() for ids, mask in zip(r.response_ids, r.response_mask)]
             # 2. rewards; a failing reward function stops every rank after a checkpoint
             error = None
             try:
@@ -333,7 +334,7 @@ def run_group(cfg) -> int:
             message = agreed_error(error)
             if message is not None:
                 run.save()
-                raise RewardFunctionError(f"{message} A checkpoint of {cfg.estimator} iteration {run.step} is in "
+                raise RewardFunctionError(f"{message} A checkpoint at iteration {run.step} is in "
                                           f"{out / 'checkpoints'}; fix the function, then rerun with --resume.")
             reward = combine(per_source.float(), weights)  # (N,)
             batch = {"query_ids": r.query_ids, "query_mask": r.query_mask, "response_ids": r.response_ids,
