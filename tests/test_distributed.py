@@ -341,3 +341,59 @@ def test_ppo_resume_under_torchrun_is_exact(ppo_runs):
     full, resumed = (json.loads((d / r / "summary.json").read_text()) for r in ("two", "cut"))
     assert resumed["resumed_from_step"] == 2 and resumed["replica_checks"] == 2  # checkpoint 4, end
     assert resumed["parameter_sha256"] == full["parameter_sha256"]
+
+
+# ----------------------------------------------------------------------------- RLOO / GRPO under torchrun
+
+GROUP_ITERATIONS = 3
+GROUP_REWARD = '''
+def low_half(prompts, completions, completion_ids, **columns):
+    return [sum(i < 150 for i in ids) / len(ids) for ids in completion_ids]
+'''
+
+
+@pytest.fixture(scope="module")
+def group_runs(tmp_path_factory):
+    """`prefalign grpo` (k3 in the loss, batch-scaled rewards) and `prefalign rloo` (KL in the reward):
+    2 processes with 2 prompts each in one torchrun launch, and 1 process with 4 prompts. Draws are
+    seeded by each prompt's place in the global batch and the minibatches are slices of one global
+    permutation, so both must end at the same metrics and weights."""
+    d = tmp_path_factory.mktemp("dist-grpo")
+    save_tiny_model(d / "base", vocab_size=300)
+    prompts = [t[:12] for t in SAMPLE_TEXTS[:12]]  # 3 global batches of 4
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (d / "rewards.py").write_text(GROUP_REWARD)
+
+    def run(command, out, prompts_per_process, minibatch, *extra):
+        return [command, "--model", d / "base", "--reward-fn", f"{d / 'rewards.py'}:low_half",
+                "--prompts", d / "prompts.jsonl", "--output", out, "--iterations", GROUP_ITERATIONS,
+                "--rollout-batch-size", prompts_per_process, "--num-generations", 3, "--minibatch-size", minibatch,
+                "--ppo-epochs", 2, "--max-new-tokens", 6, "--lr", "3e-3", "--lr-schedule", "constant", "--seed", 3,
+                "--sample-every", 0, "--no-progress", *ADAM, *extra]
+
+    grpo = ("--beta", "0.05", "--scale-rewards", "batch", "--epsilon-high", "0.28")
+    batch = [run("grpo", d / "grpo-two", 2, 3, *grpo), run("rloo", d / "rloo-two", 2, 3)]
+    (d / "runs.json").write_text(json.dumps([[str(a) for a in args] for args in batch]))
+    check(torchrun([TESTS / "dist_worker.py", d / "runs.json"], timeout=300))
+    single([str(a) for a in run("grpo", d / "grpo-one", 4, 6, *grpo)])
+    single([str(a) for a in run("rloo", d / "rloo-one", 4, 6)])
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_group_two_processes_equal_one_with_twice_the_prompts(group_runs, command):
+    d = group_runs
+    one, two = metrics(d / f"{command}-one"), metrics(d / f"{command}-two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, GROUP_ITERATIONS + 1))
+    for ra, rb in zip(one, two):
+        assert ra.keys() == rb.keys() and rb["sequences"] == 12
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+    wa, wb = load_file(d / f"{command}-one" / "model.safetensors"), load_file(d / f"{command}-two" / "model.safetensors")
+    base = load_file(d / "base" / "model.safetensors")
+    assert any((wa[k] - base[k]).abs().max() > 1e-3 for k in wa)  # it trained
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    s = json.loads((d / f"{command}-two" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["replica_checks"] == 1 and s["completions_per_iteration"] == 12

@@ -82,10 +82,21 @@ def ppo_args(w):
             "--seed", 5, "--no-progress"]
 
 
+def group_args(command):
+    def args(w):  # K = 2 completions of 2 prompts per iteration, two minibatches, two passes, a reference
+        return [command, "--model", w / "base", "--reward-model", reward_model(w), "--prompts", w / "prompts.jsonl",
+                "--lr", "3e-3", "--iterations", STEPS, "--rollout-batch-size", 2, "--num-generations", 2,
+                "--minibatch-size", 2, "--ppo-epochs", 2, "--beta", "0.05", "--max-new-tokens", 6, "--save-steps", 1,
+                "--keep-checkpoints", 2, "--logging-steps", 1, "--seed", 5, "--no-progress"]
+    return args
+
+
 STAGES = {"sft": Stage("prefalign.stages.sft", sft_args),
           "reward": Stage("prefalign.stages.reward", reward_args),
           "dpo": Stage("prefalign.stages.dpo", dpo_args),
-          "ppo": Stage("prefalign.stages.ppo", ppo_args, has_eval=False)}
+          "ppo": Stage("prefalign.stages.ppo", ppo_args, has_eval=False),
+          "grpo": Stage("prefalign.stages.grpo", group_args("grpo"), has_eval=False),
+          "rloo": Stage("prefalign.stages.grpo", group_args("rloo"), has_eval=False)}
 
 
 def reward_model(w):

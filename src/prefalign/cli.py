@@ -41,6 +41,11 @@ def _ppo(cfg):
     return run_ppo(cfg)
 
 
+def _group(cfg):
+    from prefalign.stages.grpo import run_group
+    return run_group(cfg)
+
+
 def _data_check(cfg):
     from prefalign.stages.data_check import run_data_check
     return run_data_check(cfg)
@@ -89,6 +94,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("score",): Command(C.ScoreConfig, _score, "Score completions or pairs with a reward model."),
     ("dpo",): Command(C.DPOConfig, _dpo, "Direct Preference Optimization (and variants)."),
     ("ppo",): Command(C.PPOConfig, _ppo, "RLHF with PPO against a reward model."),
+    ("rloo",): Command(C.RLOOConfig, _group, "RLOO: K completions per prompt, leave-one-out baseline, no critic."),
+    ("grpo",): Command(C.GRPOConfig, _group, "GRPO (and Dr. GRPO, DAPO options): group-normalised advantages."),
     ("data", "check"): Command(C.DataCheckConfig, _data_check, "Audit a data file before training."),
     ("pairs",): Command(C.PairsConfig, _pairs, "Sample completions per prompt for human labelling."),
     ("label",): Command(C.LabelConfig, _label, "Serve the labelling web app."),

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
@@ -290,6 +290,109 @@ class PPOConfig(ModelArgs, SourceArgs, TrainArgs):
                                 "the first and the last; 0: never).")
     packing: bool = opt(False, "Run the scoring and training forwards on packed rows of real tokens (no "
                                 "prompt padding, nothing after EOS): same results, less compute when lengths vary.")
+
+
+@dataclass
+class GRPOConfig(ModelArgs, SourceArgs, TrainArgs):
+    """prefalign grpo: Group Relative Policy Optimization (critic-free; K completions per prompt,
+    group-normalised advantages). `prefalign rloo` is the same loop with leave-one-out advantages."""
+    estimator: ClassVar[str] = "grpo"  # the advantage estimator of the command (losses/group.py)
+    lr: float = opt(1e-6, "Peak learning rate (AdamW).")
+    batch_size: int = opt(8, "Not used (refused): TRL's per_device_train_batch_size x gradient_accumulation_steps is "
+                             "--minibatch-size here, and a rollout's size is --rollout-batch-size x --num-generations.")
+    prompts: Optional[str] = opt(None, "Prompts file (any format with a prompt); its other fields reach --reward-fn "
+                                       "as keyword arguments.")
+    data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
+    ref_model: Optional[str] = opt(None, "Frozen reference for the KL term (default: --model; with --lora the "
+                                         "policy with adapters off). Loaded only when --beta > 0.")
+    reward_model: Optional[str] = opt(None, "Frozen reward model directory(ies), comma-separated: any HF "
+                                            "sequence-classification model (num_labels 1); prefalign's "
+                                            "normalisation from config.json is applied.")
+    reward_fn: Optional[str] = opt(None, "Reward function(s), comma-separated: module:function or "
+                                         "path/to/file.py:function, called as fn(prompts, completions, **columns) "
+                                         "-> list[float].")
+    reward_weights: Optional[str] = opt(None, "Comma-separated weights of the reward sources, reward models first "
+                                              "then functions, in the order given (default: 1 each).")
+    num_generations: int = opt(4, "Completions sampled per prompt, K (at least 2; the group of each advantage).")
+    rollout_batch_size: int = opt(8, "Prompts per iteration per process; each is sampled --num-generations times "
+                                     "(TRL's generation_batch_size = this x K x processes).")
+    minibatch_size: int = opt(16, "Completions per optimizer step per process (TRL: per_device_train_batch_size x "
+                                  "gradient_accumulation_steps); must divide --rollout-batch-size x K.")
+    ppo_epochs: int = opt(1, "Passes over each rollout's minibatches (TRL: num_iterations, GRPO's mu).")
+    iterations: int = opt(-1, "Iterations (rollout + updates); -1: --epochs passes over the prompts.")
+    epsilon: float = opt(0.2, "Lower clip of the ratio: 1 - epsilon (TRL: epsilon).")
+    epsilon_high: Optional[float] = opt(None, "Upper clip of the ratio: 1 + epsilon_high (DAPO's clip-higher, 0.28 "
+                                              "there; TRL: epsilon_high). Default: --epsilon.")
+    beta: float = opt(0.0, "KL coefficient to the frozen reference (0: no reference is loaded; TRL: beta).")
+    kl_mode: Literal["loss", "reward"] = opt(
+        "loss", "Where the KL goes: loss = beta x k3 per token in the loss (GRPO); reward = beta x the sequence's "
+                "summed log-ratio subtracted from its reward (RLOO).")
+    scale_rewards: Literal["group", "batch", "none"] = opt(
+        "group", "Divide advantages by the group's reward std, the whole batch's, or not at all (Dr. GRPO) "
+                 "(TRL: scale_rewards).")
+    loss_aggregation: Literal["token", "sequence", "constant"] = opt(
+        "token", "Loss normaliser: token = mean over all tokens (DAPO; TRL loss_type dapo), sequence = mean per "
+                 "completion then over completions (GRPO; TRL grpo), constant = sum / (completions x "
+                 "--max-new-tokens) (Dr. GRPO; TRL dr_grpo).")
+    max_prompt_length: int = opt(128, "Maximum prompt tokens (left-truncated).")
+    max_new_tokens: int = opt(64, "Maximum sampled tokens per completion (TRL: max_completion_length).")
+    temperature: float = opt(1.0, "Sampling temperature (log-probs are those of the tempered distribution).")
+    top_k: int = opt(0, "Top-k sampling (0: off).")
+    top_p: float = opt(1.0, "Nucleus sampling p (1: off).")
+    sample_every: int = opt(10, "Write sample completions to samples.jsonl every N iterations (and at the first and "
+                                "the last; 0: never).")
+    packing: bool = opt(False, "Run the reference and training forwards on packed rows of real tokens (no padding): "
+                                "same results, less compute when lengths vary.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_group(self)
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """prefalign rloo: REINFORCE Leave-One-Out (Ahmadian et al. 2024): K completions per prompt, each
+    one's baseline the mean reward of the other K - 1; KL to the reference in the reward."""
+    estimator: ClassVar[str] = "rloo"
+    beta: float = opt(0.05, "KL coefficient to the frozen reference (0: no reference is loaded; TRL: beta).")
+    kl_mode: Literal["loss", "reward"] = opt(
+        "reward", "Where the KL goes: reward = beta x the sequence's summed log-ratio subtracted from its reward "
+                  "(RLOO, as TRL); loss = beta x k3 per token in the loss.")
+    scale_rewards: Literal["group", "batch", "none"] = opt(
+        "none", "Divide advantages by the group's reward std, the whole batch's, or not at all (plain RLOO).")
+
+
+def validate_group(cfg: GRPOConfig) -> None:
+    """The rloo/grpo options, checked before any model or data loads."""
+    k = cfg.num_generations
+    if k < 2:
+        raise ConfigError(f"--num-generations must be at least 2 (each advantage compares a completion with the "
+                          f"other completions of its prompt), got {k}.")
+    if cfg.rollout_batch_size < 1 or cfg.minibatch_size < 1:
+        raise ConfigError("--rollout-batch-size and --minibatch-size must be at least 1.")
+    per_rollout = cfg.rollout_batch_size * k
+    if per_rollout % cfg.minibatch_size:
+        raise ConfigError(f"--minibatch-size {cfg.minibatch_size} must divide the completions of a rollout, "
+                          f"--rollout-batch-size {cfg.rollout_batch_size} x --num-generations {k} = {per_rollout}.")
+    if cfg.ppo_epochs < 1 or cfg.max_new_tokens < 1 or cfg.max_prompt_length < 1:
+        raise ConfigError("--ppo-epochs, --max-new-tokens and --max-prompt-length must be at least 1.")
+    if not 0 < cfg.temperature < float("inf") or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"need --temperature > 0, --top-k >= 0 and 0 < --top-p <= 1; got {cfg.temperature}, "
+                          f"{cfg.top_k}, {cfg.top_p}.")
+    high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    if not (0 < cfg.epsilon < 1 and 0 < high < float("inf")):
+        raise ConfigError(f"--epsilon must lie in (0, 1) and --epsilon-high be positive; got {cfg.epsilon} and {high}.")
+    if not 0 <= cfg.beta < float("inf"):
+        raise ConfigError(f"--beta must be a finite number >= 0 (0 turns the KL term off), got {cfg.beta}.")
+    unused = {"max_steps": (-1, "--iterations"), "batch_size": (8, "--rollout-batch-size and --minibatch-size"),
+              "grad_accum": (1, "--minibatch-size"), "eval_steps": (0, "samples.jsonl (--sample-every)")}
+    for name, (default, instead) in unused.items():
+        if getattr(cfg, name) != default:
+            raise ConfigError(f"`prefalign {cfg.estimator}` does not use --{name.replace('_', '-')}; use {instead} "
+                              f"instead.")
+    if cfg.gradient_checkpointing or cfg.distributed == "fsdp":
+        raise ConfigError(f"`prefalign {cfg.estimator}` supports neither --gradient-checkpointing nor --distributed "
+                          f"fsdp; drop the option (torchrun runs it data-parallel with gradients averaged over ranks).")
 
 
 @dataclass

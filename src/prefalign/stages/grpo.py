@@ -1,0 +1,383 @@
+"""prefalign rloo / prefalign grpo: critic-free RL over groups of K completions per prompt, one
+iteration read top to bottom (RLOO: Ahmadian et al. 2024; GRPO: Shao et al. 2024; with the
+Dr. GRPO and DAPO variants as options; see docs/online.md).
+
+Every iteration:
+  1. rollout   each rank takes its slice of the global batch of prompts (prompts are sharded, never
+               a prompt's completions, so each group lives on one rank) and samples K completions of
+               each (rollout.sample: KV cache), with a generator seeded by (--seed, iteration, the
+               prompt's place in the global batch): the draws do not depend on the number of
+               processes, so N processes sample what one process with N times the prompts samples.
+               The log-probs recorded while sampling are the old log-probs of the ratio.
+  2. rewards   every reward source (reward models, reward functions) scores every completion; the
+               reward is their weighted sum. A failing reward function saves a checkpoint, then stops.
+  3. reference the frozen reference's log-probs when --beta > 0; with --kl-mode reward the sequence's
+               summed log-ratio times beta is subtracted from its reward (RLOO).
+  4. advantage one per completion from its group: leave-one-out (rloo) or minus the group mean
+               (grpo), scaled by the group's, the batch's or no std (losses/group.py).
+  5. update    --ppo-epochs passes of shuffled minibatches of the clipped surrogate (+ beta * k3 per
+               token with --kl-mode loss), aggregated per token, per sequence or by a constant. The
+               shuffle is one permutation of the global rollout; each rank computes its share of each
+               global minibatch's loss (normalised by the global counts), gradients are averaged over
+               ranks, one AdamW step (a non-finite step is skipped).
+  6. log       metrics.jsonl row in TRL's names, samples.jsonl, checkpoint.
+
+The models run in eval mode (no dropout), so sampled and recomputed log-probs agree.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from prefalign.data import encode_prompt, load_prompts, source_options
+from prefalign.errors import PrefalignError
+from prefalign.losses import global_moments
+from prefalign.losses.group import clipped_policy_loss, group_advantages, group_std
+from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, save_pretrained
+from prefalign.models.attention import uses_packed_attention
+from prefalign.rl.forwards import policy_forward
+from prefalign.rl.reward_functions import (RewardFunction, RewardFunctionError, as_completions, check_sources, combine,
+                                           load_function, load_reward_models, prompt_columns, split_list)
+from prefalign.rollout import Rollout, left_pad, pack_sequences, sample
+from prefalign.stages.common import finish, save_final, start
+from prefalign.stages.ppo import ReplicaCheck, plan_iterations, prompt_shard
+from prefalign.stages.ppo_models import PACK_ROW_TOKENS
+from prefalign.train.dist import DistInfo, all_gather_object, average_gradients
+from prefalign.train.harness import Meter, Run, agree
+from prefalign.train.loop import autocast_for, scheduler_step
+from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
+
+N_SAMPLES = 4  # completions written to samples.jsonl every --sample-every iterations, the first and the last
+SEQ_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask")
+
+
+# --------------------------------------------------------------------------- set-up
+
+@dataclass
+class PolicyModels:
+    policy: nn.Module
+    tokenizer: object
+    ref: Optional[nn.Module]  # None: no KL term (--beta 0), or the policy with adapters off (--lora)
+    use_ref: bool             # reference log-probs are needed (--beta > 0)
+    trainable: nn.ModuleDict  # what the optimizer updates and checkpoints hold
+
+
+def load_policy(cfg, device) -> PolicyModels:
+    """The trainable policy (from --model, LoRA-wrapped with --lora) and, when --beta > 0, its frozen
+    reference (--ref-model or --model; none with --lora: the adapters are switched off instead)."""
+    kw = {"dtype": cfg.dtype, "device": device, "attn_implementation": cfg.attn_implementation}
+    policy, tok = load_causal_lm(cfg.model, **kw)
+    if cfg.lora:
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    ref, use_ref = None, cfg.beta > 0
+    if use_ref and (cfg.ref_model or not cfg.lora):
+        ref, ref_tok = load_causal_lm(cfg.ref_model or cfg.model, trainable=False, **kw)
+        check_same_vocab(tok, ref_tok, cfg.model, cfg.ref_model or cfg.model, role="reference")
+    trainable = nn.ModuleDict({"policy": policy})
+    trainable.eval()  # no dropout: the recorded log-probs must equal the recomputed ones
+    return PolicyModels(policy, tok, ref, use_ref, trainable)
+
+
+def mixed_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, iteration, index, ...), distinct for distinct tuples in practice."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 0x9E3779B9) % (1 << 63)
+    return h
+
+
+def packed_rows(m: PolicyModels, seq: tuple):
+    """--packing: the rows for the reference and training forwards (long rows only when every
+    model that reads them runs per-example attention, as stages/ppo_models.pack_rows)."""
+    readers = [x for x in (m.policy, m.ref) if x is not None]
+    long_rows = all(uses_packed_attention(x) for x in readers)
+    return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
+
+
+def take(batch: dict, idx: torch.Tensor) -> dict:
+    """Rows ``idx`` of a batch, with the columns that are padding in every chosen row dropped."""
+    mb = {k: v[idx] for k, v in batch.items() if torch.is_tensor(v)}
+    p0 = int((~mb["query_mask"].any(0)).cumprod(0).sum())  # leading all-pad query columns
+    r1 = int(mb["response_mask"].any(0).sum())  # responses are right-padded
+    for k in ("query_ids", "query_mask"):
+        mb[k] = mb[k][:, p0:]
+    for k in ("response_ids", "response_mask", "logprobs", "ref_logprobs"):
+        if k in mb:
+            mb[k] = mb[k][:, :r1]
+    return mb
+
+
+# --------------------------------------------------------------------------- 1: rollout
+
+def merge(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of one group each -> one batch: queries left-padded, responses right-padded."""
+    P, R = max(r.query_ids.shape[1] for r in parts), max(r.response_ids.shape[1] for r in parts)
+
+    def pad(t, width, value, left):
+        extra = width - t.shape[1]
+        filler = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
+        return torch.cat([filler, t] if left else [t, filler], dim=1)
+
+    return Rollout(query_ids=torch.cat([pad(r.query_ids, P, pad_id, True) for r in parts]),
+                   query_mask=torch.cat([pad(r.query_mask, P, False, True) for r in parts]),
+                   response_ids=torch.cat([pad(r.response_ids, R, pad_id, False) for r in parts]),
+                   response_mask=torch.cat([pad(r.response_mask, R, False, False) for r in parts]),
+                   logprobs=torch.cat([pad(r.logprobs, R, 0.0, False) for r in parts]),
+                   ended_with_eos=torch.cat([r.ended_with_eos for r in parts]))
+
+
+@torch.no_grad()
+def rollout(cfg, m: PolicyModels, query_ids: list[list[int]], places: list[int], iteration: int, device) -> Rollout:
+    """K completions of each prompt, group by group: (P * K, ...) rows, prompt p's at p * K ... p * K + K - 1.
+    ``places`` are the prompts' places in the global batch, which seed their draws."""
+    parts = []
+    for q, place in zip(query_ids, places):
+        g = torch.Generator(device).manual_seed(mixed_seed(cfg.seed, iteration, place))
+        with autocast_for(device, cfg.dtype):
+            parts.append(sample(m.policy, [q] * cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
+                                eos_token_id=m.tokenizer.eos_token_id, pad_token_id=m.tokenizer.pad_token_id,
+                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g))
+    return merge(parts, m.tokenizer.pad_token_id)
+
+
+# --------------------------------------------------------------------------- 2: rewards
+
+def score(sources: list, prompts: list, completions: list, columns: dict, r: Rollout) -> torch.Tensor:
+    """(S, N) rewards of every source for the N completions."""
+    return torch.stack([source(prompts, completions, columns, r) for source in sources])
+
+
+def agreed_error(error: Optional[PrefalignError]) -> Optional[str]:
+    """The first rank's reward-function error, the same on every rank (None when no rank had one)."""
+    messages = [e for e in all_gather_object(None if error is None else str(error)) if e is not None]
+    return messages[0] if messages else None
+
+
+# --------------------------------------------------------------------------- 3: reference log-probs
+
+@torch.no_grad()
+def reference_logprobs(cfg, m: PolicyModels, batch: dict, device) -> torch.Tensor:
+    """(N, R) log-probs of the sampled tokens under the frozen reference, minibatch by minibatch."""
+    n, R = batch["response_ids"].shape
+    out = torch.zeros(n, R, device=device)
+    for first in range(0, n, cfg.minibatch_size):
+        idx = torch.arange(first, min(n, first + cfg.minibatch_size), device=device)
+        mb = take(batch, idx)
+        seq = tuple(mb[k] for k in SEQ_KEYS)
+        packed = packed_rows(m, seq) if cfg.packing else None
+        with autocast_for(device, cfg.dtype), (contextlib.nullcontext() if m.ref is not None
+                                               else disabled_adapter(m.policy)):
+            logps = policy_forward(m.ref if m.ref is not None else m.policy, None, *seq,
+                                   temperature=cfg.temperature, packed=packed)[0]
+        out[idx, :logps.shape[1]] = logps.float()
+    return out
+
+
+# --------------------------------------------------------------------------- 4: advantages
+
+def advantages_of(cfg, rewards: torch.Tensor) -> torch.Tensor:
+    """(N,) advantages; --scale-rewards batch divides by the std of the global batch's rewards."""
+    batch_std = None
+    if cfg.scale_rewards == "batch":
+        _, var, _ = global_moments(rewards[None].double(), torch.ones_like(rewards[None], dtype=torch.bool))
+        batch_std = var.sqrt().to(rewards.dtype)
+    return group_advantages(rewards, cfg.num_generations, cfg.estimator, cfg.scale_rewards, batch_std)
+
+
+# --------------------------------------------------------------------------- 5: the update
+
+def minibatch_loss(cfg, m: PolicyModels, mb: dict, n_sequences: int, n_tokens: int, world_size: int):
+    """This rank's share of a global minibatch's loss (times world_size, since gradients are averaged
+    over ranks) and its metrics as (sum, count)."""
+    seq = tuple(mb[k] for k in SEQ_KEYS)
+    mask = mb["response_mask"]
+    packed = packed_rows(m, seq) if cfg.packing else None
+    logprobs, entropy, _ = policy_forward(m.policy, None, *seq, temperature=cfg.temperature, packed=packed)
+    kl_in_loss = m.use_ref and cfg.kl_mode == "loss"
+    out = clipped_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cfg.epsilon,
+                              cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high, cfg.loss_aggregation,
+                              cfg.max_new_tokens, mb["ref_logprobs"] if kl_in_loss else None, cfg.beta,
+                              n_sequences=n_sequences, n_tokens=n_tokens)
+    tokens = int(mask.sum())
+    metrics = {"entropy": (float(torch.where(mask, entropy.detach(), 0.0).sum()), tokens),
+               "clip_ratio/low_mean": (int(out.low_clipped.sum()), tokens),
+               "clip_ratio/high_mean": (int(out.high_clipped.sum()), tokens),
+               "clip_ratio/region_mean": (int((out.low_clipped | out.high_clipped).sum()), tokens)}
+    if out.kl is not None:
+        metrics["kl"] = (float(out.kl.sum()), tokens)
+    return out.loss * world_size, out.loss.item(), metrics
+
+
+def update(cfg, m: PolicyModels, batch: dict, lengths: torch.Tensor, iteration: int, optimizer, scheduler,
+           dist: DistInfo, meter: Meter) -> int:
+    """--ppo-epochs passes over the global rollout in shuffled global minibatches of --minibatch-size
+    x processes completions; this rank computes the loss of the members it holds. ``lengths`` (N_global,)
+    are every rank's completion lengths (for the global token counts). Returns the skipped steps."""
+    bad, device, world = 0, dist.device, dist.world_size
+    n_local = batch["response_ids"].shape[0]
+    n_global, mb_global, offset = n_local * world, cfg.minibatch_size * world, n_local * dist.rank
+    params = [p for p in m.trainable.parameters() if p.requires_grad]
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(n_global, generator=torch.Generator().manual_seed(mixed_seed(cfg.seed, iteration, epoch)))
+        for first in range(0, n_global, mb_global):
+            members = order[first:first + mb_global]
+            mine = members[(members >= offset) & (members < offset + n_local)] - offset
+            n_tokens = int(lengths[members].sum())
+            loss_value, metrics, finite = 0.0, {}, True
+            if len(mine):
+                with autocast_for(device, cfg.dtype):
+                    loss, loss_value, metrics = minibatch_loss(cfg, m, take(batch, mine.to(device)), len(members),
+                                                               n_tokens, world)
+                loss.backward()
+                finite = math.isfinite(loss_value)
+            average_gradients(params, world)
+            grad_norm, grads_finite = clip_and_check(params, cfg.max_grad_norm)
+            finite, _ = agree(finite and grads_finite, None, dist)  # all ranks skip, or none
+            if finite:
+                optimizer.step()
+                once = 1 if dist.is_main else 0  # the loss is the sum of the ranks' shares; the norm is global
+                meter.add({**metrics, "loss": (loss_value, once), "grad_norm": (float(grad_norm) * once, once)})
+            else:
+                bad += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler_step(scheduler)
+    return bad
+
+
+# --------------------------------------------------------------------------- 6: metrics
+
+def rollout_metrics(cfg, per_source: torch.Tensor, names: list[str], rewards: torch.Tensor,
+                    seq_kl: Optional[torch.Tensor]) -> dict:
+    """Reward metrics as (sum, count) over this rank's rollout (TRL's names)."""
+    n, k = rewards.numel(), cfg.num_generations
+    std = group_std(rewards, k)  # (P,)
+    metrics = {"reward": (float(rewards.sum()), n), "reward_std": (float(std.sum()), std.numel()),
+               "frac_reward_zero_std": (int(torch.isclose(std, torch.zeros_like(std)).sum()), std.numel())}
+    for name, values in zip(names, per_source):
+        metrics[f"rewards/{name}/mean"] = (float(values.sum()), n)
+    if seq_kl is not None:
+        metrics["kl"] = (float(seq_kl.sum()), n)
+    return metrics
+
+
+def length_metrics(lengths: torch.Tensor, ended: torch.Tensor) -> dict:
+    """Completion lengths over the global rollout: (N_global,) long and bool."""
+    terminated = lengths[ended].float()
+    return {"completions/mean_length": float(lengths.float().mean()), "completions/min_length": int(lengths.min()),
+            "completions/max_length": int(lengths.max()),
+            "completions/clipped_ratio": float((~ended).float().mean()),
+            "completions/mean_terminated_length": float(terminated.mean()) if len(terminated) else 0.0,
+            "num_tokens": int(lengths.sum())}
+
+
+def sample_rows(prompts: list, completions: list[str], rewards: torch.Tensor, advantages: torch.Tensor) -> dict:
+    return {"samples": [{"prompt": p, "completion": c, "reward": float(r), "advantage": float(a)}
+                        for p, c, r, a in zip(prompts, completions, rewards, advantages)][:N_SAMPLES]}
+
+
+# --------------------------------------------------------------------------- the stage
+
+def run_group(cfg) -> int:
+    """Train the policy by RLOO or GRPO (cfg.estimator) against reward models and/or functions."""
+    dist, out, t0 = start(cfg, "model", "prompts", "output")
+    rm_paths, fn_specs = split_list(cfg.reward_model), split_list(cfg.reward_fn)
+    weights = check_sources(len(rm_paths), fn_specs, cfg.reward_weights)
+    functions = [RewardFunction(*load_function(spec)) for spec in fn_specs]
+    examples = load_prompts(cfg.prompts, cfg.data_format, **source_options(cfg))
+    columns = (prompt_columns(cfg.prompts, cfg.data_format, **source_options(cfg)) if functions
+               else [{} for _ in examples])
+    column_names = sorted(set().union(*columns))
+    per_epoch, total = plan_iterations(cfg, len(examples), dist.world_size)
+    m = load_policy(cfg, dist.device)
+    sources = load_reward_models(rm_paths, m.tokenizer, dtype=cfg.dtype, device=dist.device,
+                                 attn_implementation=cfg.attn_implementation, seed=cfg.seed) + functions
+    names = [s.metric_name for s in sources]
+    query_ids = [encode_prompt(m.tokenizer, ex.prompt, cfg.max_prompt_length) for ex in examples]
+    K, B = cfg.num_generations, cfg.rollout_batch_size
+    optimizer = make_optimizer(m.trainable, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
+    scheduler = make_scheduler(optimizer, total * cfg.ppo_epochs * (B * K // cfg.minibatch_size), cfg.warmup_steps,
+                               cfg.warmup_ratio, cfg.lr_schedule)
+    replicas = ReplicaCheck(m, dist)
+    run = Run(cfg, out, dist, desc=cfg.estimator, unit="iteration", total=total, model=m.trainable,
+              optimizer=optimizer, scheduler=scheduler,
+              plan={"prompts": len(examples), "prompts per rollout batch": B, "completions per prompt": K,
+                    "processes": dist.world_size},
+              plan_hint="Resume with the same --prompts, --rollout-batch-size, --num-generations and number of "
+                        "processes. ", pre_save=replicas.check, logs=("samples.jsonl",))
+    train_time = 0.0
+    with run:
+        while run.step < total:
+            t_iter = time.perf_counter()
+            # 1. rollout: this rank's prompts, K completions each
+            mine = prompt_shard(len(examples), run.step, per_epoch, cfg, dist)
+            first_place = (run.step % per_epoch) * B * dist.world_size + dist.rank * B
+            r = rollout(cfg, m, [query_ids[i] for i in mine], [first_place + j for j in range(len(mine))],
+                        run.step, dist.device)
+            t_rollout = time.perf_counter()
+            prompts = [examples[i].prompt for i in mine for _ in range(K)]
+            texts = [m.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+                     for ids, mask in zip(r.response_ids, r.response_mask)]
+            cols = {c: [columns[i].get(c) for i in mine for _ in range(K)] for c in column_names}
+            cols["completion_ids"] = [ids[mask].tolist() for ids, mask in zip(r.response_ids, r.response_mask)]
+            # 2. rewards; a failing reward function stops every rank after a checkpoint
+            error = None
+            try:
+                with autocast_for(dist.device, cfg.dtype):
+                    per_source = score(sources, prompts, as_completions(prompts, texts), cols, r)  # (S, N)
+            except RewardFunctionError as e:
+                error = e
+            message = agreed_error(error)
+            if message is not None:
+                run.save()
+                raise RewardFunctionError(f"{message} A checkpoint at iteration {run.step} is in "
+                                          f"{out / 'checkpoints'}; fix the function, then rerun with --resume.")
+            reward = combine(per_source.float(), weights)  # (N,)
+            batch = {"query_ids": r.query_ids, "query_mask": r.query_mask, "response_ids": r.response_ids,
+                     "response_mask": r.response_mask, "logprobs": r.logprobs}
+            # 3. reference log-probs; with --kl-mode reward, the KL leaves the reward
+            seq_kl = None
+            if m.use_ref:
+                batch["ref_logprobs"] = reference_logprobs(cfg, m, batch, dist.device)
+                if cfg.kl_mode == "reward":
+                    seq_kl = torch.where(r.response_mask, r.logprobs - batch["ref_logprobs"], 0.0).sum(1)  # (N,)
+            shaped = reward if seq_kl is None else reward - cfg.beta * seq_kl  # Ziegler et al. 2019 eq. 2
+            # 4. group advantages
+            batch["advantages"] = advantages_of(cfg, shaped)
+            # 5. --ppo-epochs passes of minibatch updates
+            gathered = all_gather_object((r.response_mask.sum(1).cpu(), r.ended_with_eos.cpu()))
+            lengths = torch.cat([g[0] for g in gathered])
+            ended = torch.cat([g[1] for g in gathered])
+            t_update = time.perf_counter()
+            bad = update(cfg, m, batch, lengths, run.step, optimizer, scheduler, dist, run.meter)
+            # 6. log and checkpoint
+            run.meter.add(rollout_metrics(cfg, per_source.float(), names, reward, seq_kl))
+            run.count_step(bad)
+            now = time.perf_counter()
+            train_time += now - t_iter
+            run.last = {**run.reduce_metrics(), **length_metrics(lengths, ended), "lr": scheduler.get_last_lr()[0],
+                        "bad_steps": run.pos["bad_steps"], "sequences": int(len(lengths)),
+                        "perf/time_rollout_s": t_rollout - t_iter, "perf/time_update_s": now - t_update,
+                        "perf/tokens_per_s": float(lengths.sum()) / max(now - t_iter, 1e-9)}
+            run.log(run.last)
+            if cfg.sample_every and (run.step % cfg.sample_every == 0 or run.step in (1, total)):
+                run.log(sample_rows(prompts, texts, reward, batch["advantages"]), to="samples.jsonl")
+            run.bar.set_postfix(reward=f"{run.last['reward']:.3f}")
+            run.end_step(run.agree()[1])  # every rank stops at the same iteration
+    digests = replicas.check_at_end()
+    save_final(out, dist, lambda d: save_pretrained(m.policy, m.tokenizer, d))
+    summary = finish(cfg, out, dist, cfg.estimator, t0, run.result(), global_batch_size=cfg.minibatch_size *
+                     dist.world_size, prompts=len(examples), completions_per_iteration=B * K * dist.world_size,
+                     iterations_time_s=train_time, reward_sources=[s.name for s in sources], reward_weights=weights,
+                     reference="none" if not m.use_ref else "adapters off" if m.ref is None else
+                     (cfg.ref_model or cfg.model), replica_checks=replicas.checks, parameter_sha256=digests)
+    if dist.is_main:
+        keys = ("reward", "reward_std", "kl", "completions/mean_length")
+        print(f"prefalign {cfg.estimator}: {summary['steps']} iterations in {summary['wall_time_s']:.1f}s; "
+              + " ".join(f"{k}={run.last[k]:.4g}" for k in keys if k in run.last))
+    return 0
