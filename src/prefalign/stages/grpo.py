@@ -44,7 +44,7 @@ from prefalign.models.attention import uses_packed_attention
 from prefalign.rl.forwards import policy_forward
 from prefalign.rl.reward_functions import (RewardFunction, RewardFunctionError, as_completions, check_sources, combine,
                                            load_function, load_reward_models, prompt_columns, split_list)
-from prefalign.rollout import Rollout, left_pad, pack_sequences, sample
+from prefalign.rollout import Rollout, pack_sequences, sample
 from prefalign.stages.common import finish, save_final, start
 from prefalign.stages.ppo import ReplicaCheck, plan_iterations, prompt_shard
 from prefalign.stages.ppo_models import PACK_ROW_TOKENS
