@@ -284,7 +284,10 @@ def sample_rows(prompts: list, completions: list[str], rewards: torch.Tensor, ad
 # --------------------------------------------------------------------------- the stage
 
 def run_group(cfg) -> int:
-    """Train the policy by RLOO or GRPO (cfg.estimator) against reward models and/or functions."""
+    """Train the policy by RLOO or GRPO (cfg.estimator) against reward models and/or functions.
+
+    Longer than our ~60-line habit on purpose: like CleanRL's ppo.py, one iteration (rollout ->
+    rewards -> reference -> advantages -> updates -> log) reads top to bottom in one place."""
     dist, out, t0 = start(cfg, "model", "prompts", "output")
     rm_paths, fn_specs = split_list(cfg.reward_model), split_list(cfg.reward_fn)
     weights = check_sources(len(rm_paths), fn_specs, cfg.reward_weights)

@@ -271,7 +271,8 @@ def sample_rows(prompts: list, batch: dict) -> dict:
 
 def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     """Train the policy by PPO. ``reward_fn(prompts, completions, rollout) -> (B,)`` replaces
-    --reward-model when given (tests and the demo lab use it)."""
+    --reward-model when given (tests and the demo lab use it). A little over our ~60-line habit so that
+    one iteration (rollout -> rewards -> advantages -> updates -> log) reads top to bottom."""
     dist, out, t0 = start(cfg, "model", "prompts", "output", *(() if reward_fn else ("reward_model",)))
     check_options(cfg)
     kl_ctl, stats = make_kl_controller(cfg, cfg.rollout_batch_size * dist.world_size), RunningMoments()
