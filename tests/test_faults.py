@@ -597,7 +597,8 @@ def torchrun_cli(args, log_path: Path):
 # Per stage: options for 2 processes, and for the resume (None: resumed by 2 processes again, since a PPO
 # checkpoint holds per-rank sampling streams and resumes only in as many processes).
 TORCHRUN = {"sft": ([], ["--batch-size", 4]),  # a global batch of 8 either way (--grad-accum 2)
-            "ppo": (["--rollout-batch-size", 2, "--minibatch-size", 1], None)}
+            "ppo": (["--rollout-batch-size", 2, "--minibatch-size", 1], None),
+            "grpo": (["--rollout-batch-size", 1, "--minibatch-size", 1], None)}  # the online methods too
 
 
 @pytest.mark.slow
@@ -605,7 +606,7 @@ TORCHRUN = {"sft": ([], ["--batch-size", 4]),  # a global batch of 8 either way 
 def test_sigkill_of_one_torchrun_worker_ends_the_run_and_resume_continues(work, tmp_path, monkeypatch, name):
     """One of 2 workers SIGKILLed once the checkpoint at step 2 is complete: torchrun ends the run within
     seconds (measured ~1 s on an idle machine), the checkpoints are whole, and --resume (1 process for
-    sft, 2 for PPO) continues from the newest one, logging every step exactly once."""
+    sft, 2 for PPO and GRPO) continues from the newest one, logging every step exactly once."""
     monkeypatch.setenv("PREFALIGN_CACHE", str(work / "cache"))
     stage = stage_or_skip(name)
     two, one = TORCHRUN[name]
