@@ -107,7 +107,7 @@ def mixture_frontier(rewards, ref_logps, proposal_logps, counts, betas: Sequence
         est = tilted_estimates(rewards, ref_logps, proposal_logps, counts, beta)
         hmean = float(1.0 / np.mean(1.0 / est.ess))
         points.append(FrontierPoint(float(beta), float(est.mean_reward.mean()), float(est.kl.mean()),
-                                    float(est.ess.mean()), float(est.ess.min()), hmean, hmean >= min_ess))
+                                    float(est.ess.mean()), float(est.ess.min()), hmean, bool(hmean >= min_ess)))
     return points
 
 
