@@ -28,8 +28,13 @@ def fake_inputs():
         r, kl = best_of_n(gold, n)
         methods.append({"method": "best-of-n", "beta": None, "n": n, "gold_reward": r, "kl": kl,
                         "win_rate_vs_sft": None, "gain_share": gain_share(r, kl, frontier, sft)})
+    # N = 64 SFT samples per prompt: the points at beta <= 0.1 have a harmonic-mean ESS under 10 (untrusted).
     results = {"methods": methods, "reward_model": {"heldout_accuracy": 0.71, "bayes_optimal_accuracy": 0.78},
-               "frontier": [p._asdict() for p in frontier], "settings": {"frontier_samples": 64, "tau": 0.1}}
+               "frontier": [p._asdict() for p in frontier], "settings": {"frontier_samples": 64, "tau": 0.1},
+               "frontier_pool": {"proposals": {"sft": 64}, "samples_per_prompt": 64, "min_ess": 10.0},
+               "dpo_targets": [{"dpo_beta": 0.5, "frontier_beta": 0.05, "tau": 0.1, "target_reward": 0.937,
+                                "target_kl": 2.6, "target_ess_hmean": 2.8, "target_trusted": False,
+                                "dpo_gold_reward": 0.62, "dpo_kl": 0.4}]}
     curves = {"sft": [{"step": s, "loss": 5 * math.exp(-s / 80) + 1, "lr": 1e-3} for s in range(0, 400, 10)],
               "reward": [{"step": s, "loss": 0.69 - 0.1 * s / 100, "accuracy": 0.5 + s / 500} for s in range(0, 100, 5)],
               "dpo beta=0.1": [{"step": s, "loss": 0.69 - 0.002 * s, "rewards/margins": 0.01 * s} for s in range(50)],
@@ -65,11 +70,34 @@ def test_results_json_is_strict_json_with_schema(tmp_path):
     text = (tmp_path / "results.json").read_text()
     assert "NaN" not in text
     data = json.loads(text)
-    assert set(data) == {"methods", "reward_model", "frontier", "settings"}
+    assert set(data) == {"methods", "reward_model", "frontier", "settings", "frontier_pool", "dpo_targets"}
     for m in data["methods"]:
         assert {"method", "beta", "gold_reward", "kl", "win_rate_vs_sft", "gain_share"} <= set(m)
     assert data["methods"][0]["gain_share"] is None
-    assert set(data["frontier"][0]) == {"beta", "mean_reward", "mean_kl"}
+    assert set(data["frontier"][0]) == {"beta", "mean_reward", "mean_kl", "ess_mean", "ess_min", "ess_hmean", "trusted"}
+    assert [p["trusted"] for p in data["frontier"]] == [True] * 5 + [False] * 3
+    assert data["dpo_targets"][0]["frontier_beta"] == 0.05
+
+
+def test_untrusted_frontier_points_are_drawn_hollow(tmp_path, monkeypatch):
+    """The plot marks the frontier's points with ESS below the threshold by hollow markers, the
+    trusted ones filled, and says so in the legend; the HTML shows DPO's target on the frontier."""
+    from prefalign.lab import report
+    results, curves, samples = fake_inputs()
+    figures = []
+    monkeypatch.setattr(report.plt, "close", figures.append)              # keep the figure to inspect it
+    report.plot_reward_vs_kl(results, tmp_path / "reward_vs_kl.png")
+    (ax,) = figures[0].axes
+    hollow = [line for line in ax.lines if line.get_markerfacecolor() == "white"]
+    assert len(hollow) == 1
+    untrusted = [(p["mean_kl"], p["mean_reward"]) for p in results["frontier"] if not p["trusted"]]
+    assert sorted(zip(*hollow[0].get_data())) == sorted(untrusted)
+    assert "ESS < 10" in hollow[0].get_label()
+    filled = [line for line in ax.lines if line.get_marker() == "o" and line.get_markerfacecolor() == "gray"]
+    assert len(filled) == 1 and len(filled[0].get_xdata()) == 5
+    monkeypatch.undo()
+    page = write_report(tmp_path, results, curves, samples).read_text(encoding="utf-8")
+    assert "frontier β = τ β" in page and "(ESS too small)" in page
 
 
 @pytest.mark.parametrize("curves", [{}, {"sft": []}, {"sft": [{"step": 1, "note": "x"}]}])

@@ -36,6 +36,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def ids_array(token_lists: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    """Token-id lists -> (n, width) int32, right-padded with -1 (no token id is negative)."""
+    out = np.full((len(token_lists), width), -1, dtype=np.int32)
+    for row, ids in enumerate(token_lists):
+        out[row, :len(ids)] = ids
+    return out
+
+
+def ids_lists(array: np.ndarray) -> list[list[int]]:
+    """The inverse of ids_array: (n, width) with -1 padding -> n token-id lists."""
+    return [row[row >= 0].tolist() for row in np.asarray(array)]
+
+
 # Where `make real-model` writes SmolLM2-135M-Instruct, relative to the repository root.
 REAL_MODEL = Path("models") / "smollm2-135m-instruct"
 

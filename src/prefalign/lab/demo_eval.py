@@ -1,5 +1,6 @@
-"""The demo's measurements on held-out prompts: SFT samples (the optimum frontier, best-of-n and the
-reward model's held-out accuracy all come from them) and one evaluation per trained policy.
+"""The demo's measurements on held-out prompts: SFT samples (best-of-n and the reward model's held-out
+accuracy come from them, and the optimum frontier's pool starts with them) and one evaluation per trained
+policy (whose samples join that pool: lab.demo_frontier).
 
 SFT gets no separate evaluation: with N samples per prompt its mean gold reward is measured more
 precisely by the frontier samples than by a policy-sized sample, its KL to itself is 0, and its win
@@ -15,10 +16,10 @@ import numpy as np
 import torch
 
 from prefalign.data import encode_prompt_completion
-from prefalign.lab.demo_data import read_jsonl
+from prefalign.lab.demo_data import ids_array, read_jsonl
 from prefalign.lab.demo_plan import DemoPlan
 from prefalign.lab.evaluate import evaluate_policy, sample_completions
-from prefalign.lab.frontier import best_of_n, optimum_frontier
+from prefalign.lab.frontier import best_of_n
 from prefalign.lab.gold import gold_rewards
 from prefalign.lab.labeler import bayes_optimal_accuracy, label_pairs
 from prefalign.models import load_causal_lm, load_scalar_model
@@ -55,8 +56,12 @@ def sft_samples(d: Path, sft_dir: Path, reward_dir: Path, data_dir: Path, plan: 
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in ids]
     gold = gold_rewards([p + c for p, c in zip(flat_prompts, texts)]).reshape(len(prompts), n)   # (P, N)
     proxy = reward_model_scores(reward_dir, flat_prompts, texts, plan.max_length).reshape(len(prompts), n)
-    np.savez(d / "samples.npz", gold=gold, proxy=proxy,
-             ended_with_eos=np.array([bool(c) and c[-1] == tokenizer.eos_token_id for c in ids]).reshape(gold.shape))
+    # completion_ids: the sampled tokens themselves, which the frontier's pool scores under every policy
+    # (decoded text does not give them back: it drops the EOS and may re-tokenise differently).
+    np.savez_compressed(d / "samples.npz", gold=gold, proxy=proxy,
+                        ended_with_eos=np.array([bool(c) and c[-1] == tokenizer.eos_token_id for c in ids]
+                                                ).reshape(gold.shape),
+                        completion_ids=ids_array(ids, plan.max_new_tokens).reshape(*gold.shape, -1))   # (P, N, T)
     (d / "samples.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
                                              for p, c in zip(flat_prompts, texts)), encoding="utf-8")
     write_summary(d, {"stage": "sft-samples", "prompts": len(prompts), "samples_per_prompt": n,
@@ -84,8 +89,10 @@ def reward_model_accuracy(flat_prompts, texts, gold: np.ndarray, proxy: np.ndarr
 
 def evaluate(d: Path, policy_dir: Path, sft_dir: Path, data_dir: Path, plan: DemoPlan, seed: int,
              sft_gold: np.ndarray) -> None:
-    """Gold reward, KL(pi || pi_SFT) and win rate of one policy on the held-out prompts: summary.json
-    plus samples.jsonl. sft_gold: (P, N) gold rewards of the SFT samples, the win-rate baseline."""
+    """Gold reward, KL(pi || pi_SFT) and win rate of one policy on the held-out prompts: summary.json,
+    samples.jsonl, and samples.npz (sample-major, (K * P,): completion_ids (K * P, T) padded with -1,
+    gold, policy_logps, sft_logps; the frontier's pool reuses them). sft_gold: (P, N) gold rewards
+    of the SFT samples, the win-rate baseline."""
     policy, tokenizer = load_causal_lm(str(policy_dir))
     sft_model, _ = load_causal_lm(str(sft_dir))
     policy.eval(), sft_model.eval()
@@ -97,21 +104,22 @@ def evaluate(d: Path, policy_dir: Path, sft_dir: Path, data_dir: Path, plan: Dem
     wins = (rewards[:, :, None] > sft_gold[None]) + 0.5 * (rewards[:, :, None] == sft_gold[None])   # (K, P, N)
     (d / "samples.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c, "gold": float(r)}) + "\n"
                                              for p, c, r in zip(flat, ev.completions, ev.rewards)), encoding="utf-8")
+    np.savez_compressed(d / "samples.npz", completion_ids=ids_array(ev.completion_ids, plan.max_new_tokens),
+                        gold=ev.rewards, policy_logps=ev.policy_logps, sft_logps=ev.ref_logps)
     write_summary(d, {"stage": "evaluate", "policy": str(policy_dir), "gold_reward": ev.gold_reward, "kl": ev.kl,
                       "win_rate_vs_sft": float(wins.mean()), "samples": len(flat),
                       "gold_reward_se": float(ev.rewards.std(ddof=1) / np.sqrt(len(flat)))})
 
 
-def yardsticks(sft_summary: dict, samples: dict, plan: DemoPlan) -> tuple[list, list[dict]]:
-    """The optimum frontier over plan.frontier_betas and best-of-n rows (reward model as picker)."""
+def best_of_n_rows(samples: dict, plan: DemoPlan) -> list[dict]:
+    """Best-of-n rows for plan.best_of_n, the reward model as picker, from the N SFT samples per prompt."""
     gold, proxy = samples["gold"], samples["proxy"]
-    frontier = optimum_frontier(gold, plan.frontier_betas)
     rows = []
     for n in plan.best_of_n:
         reward, kl = best_of_n(gold, n, proxy=proxy)
         rows.append({"method": "best-of-n", "n": n, "beta": None, "gold_reward": reward, "kl": kl,
                      "win_rate_vs_sft": best_of_n_win_rate(gold, proxy, n), "picker": "reward model"})
-    return frontier, rows
+    return rows
 
 
 def best_of_n_win_rate(gold: np.ndarray, proxy: np.ndarray, n: int) -> float:

@@ -53,6 +53,9 @@ class DemoPlan:
     # --- evaluation
     eval_samples_per_prompt: int = 4     # samples per held-out prompt per policy (for KL and gold)
     frontier_samples: int = 256          # SFT samples per held-out prompt for the optimum and best-of-n
+    # The first frontier_pool_sft of them join the frontier's pool with every policy's evaluation samples,
+    # each scored under pi_SFT and every policy (lab.demo_frontier): its forwards grow with this number.
+    frontier_pool_sft: int = 64
     best_of_n: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)
     frontier_betas: tuple[float, ...] = field(default=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
                                                        0.2, 0.3, 0.5, 1.0, 3.0))
@@ -67,6 +70,11 @@ class DemoPlan:
     packing: bool = False                # padding-free rows in SFT, reward, DPO and PPO
     shared_value_head: bool = False      # PPO's value head on the policy backbone, not a second model
 
+    def __post_init__(self):
+        if not 1 <= self.frontier_pool_sft <= self.frontier_samples:
+            raise ValueError(f"plan {self.name}: frontier_pool_sft = {self.frontier_pool_sft} must be in "
+                             f"[1, frontier_samples = {self.frontier_samples}]")
+
     @property
     def base_params_hint(self) -> str:
         if self.base == "smollm2":
@@ -75,9 +83,10 @@ class DemoPlan:
 
 
 def recorded(plan: DemoPlan) -> dict:
-    """The plan as OUTPUT/plan.json records it: every field, except those added for --base smollm2
-    while they hold their defaults, so output folders of tiny runs made before them still match."""
-    later = {"base", "lora", "lora_r", "packing", "shared_value_head"}
+    """The plan as OUTPUT/plan.json records it: every field, except those added later (for --base
+    smollm2, and the frontier's pool) while they hold their defaults, so output folders of runs made
+    before them still match (a stage that lacks what a later one needs says to delete it)."""
+    later = {"base", "lora", "lora_r", "packing", "shared_value_head", "frontier_pool_sft"}
     defaults = {f.name: f.default for f in dataclasses.fields(DemoPlan)}
     return {k: v for k, v in dataclasses.asdict(plan).items() if k not in later or v != defaults[k]}
 
@@ -89,7 +98,7 @@ QUICK = dataclasses.replace(
     hidden=64, layers=2, heads=2, pretrain_steps=400, pretrain_lr=2e-3, sft_steps=80, sft_lr=5e-4,
     max_new_tokens=32, reward_epochs=2.0, reward_lr=1e-3, dpo_betas=(1.0,), dpo_lr=5e-4,
     ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=2e-4, eval_samples_per_prompt=8, frontier_samples=32,
-    best_of_n=(4, 16), shown_prompts=4, save_steps=100)
+    frontier_pool_sft=32, best_of_n=(4, 16), shown_prompts=4, save_steps=100)
 
 # SmolLM2-135M-Instruct as the base: no pretraining (the pretraining fields are 0), a short LoRA SFT,
 # then every stage with LoRA. Sized from per-step timings on the 2-core build machine (docs/demo.md).
@@ -101,14 +110,15 @@ SMOLLM2 = dataclasses.replace(
     pairs_per_prompt=2, reward_epochs=1.0, reward_batch=8, reward_lr=5e-4,
     dpo_betas=(0.1, 0.5), dpo_epochs=1.0, dpo_batch=8, dpo_lr=5e-4,
     ppo_segments=3, ppo_iterations=8, ppo_rollout_batch=32, ppo_minibatch=8, ppo_epochs=2, ppo_kl_coef=0.1,
-    ppo_lr=2e-4, eval_samples_per_prompt=8, frontier_samples=64, best_of_n=(2, 4, 8, 16, 32),
+    ppo_lr=2e-4, eval_samples_per_prompt=8, frontier_samples=64, frontier_pool_sft=16, best_of_n=(2, 4, 8, 16, 32),
     shown_prompts=6, save_steps=20)
 
 # The same recipe in a few minutes; the tests run it with a tiny stand-in for SmolLM2 (--base-model).
 SMOLLM2_QUICK = dataclasses.replace(
     SMOLLM2, name="smollm2-quick", train_prompts=32, heldout_prompts=8, sft_steps=4, pairs_per_prompt=1,
     dpo_betas=(0.5,), ppo_segments=2, ppo_iterations=2, ppo_rollout_batch=8, ppo_minibatch=4, max_new_tokens=16,
-    eval_samples_per_prompt=2, frontier_samples=8, best_of_n=(2, 4), shown_prompts=2, save_steps=10)
+    eval_samples_per_prompt=2, frontier_samples=8, frontier_pool_sft=8, best_of_n=(2, 4), shown_prompts=2,
+    save_steps=10)
 
 PLANS = {("tiny", False): DEFAULT, ("tiny", True): QUICK, ("smollm2", False): SMOLLM2, ("smollm2", True): SMOLLM2_QUICK}
 

@@ -43,13 +43,15 @@ def policy_row(method: str, eval_dir: Path, **knobs) -> dict:
 def add_gain_shares(methods: list[dict], frontier, sft_reward: float) -> dict:
     """Write gain_share into every row; return each method family's headline share.
 
-    Past the frontier's largest estimated KL (about log N) the optimum is held at its last value,
-    which understates it, so a share there is an upper bound: such rows get
-    ``beyond_frontier: true``, and a headline comes from them only when a method has no row
-    inside the frontier's range (it then carries ``upper_bound: true``).
+    The optimum at a method's KL is interpolated through every frontier point. Past the KL of the
+    last *trusted* point (lab.frontier: enough effective samples) the estimate of the optimum is
+    likely low (SNIS misses mass its proposals rarely reach) and past the last point it is held flat,
+    so a share there is an upper bound: such rows get ``beyond_frontier: true``, and a headline comes
+    from them only when a method has no row inside the trusted range (it then carries
+    ``upper_bound: true``).
     """
     top_gain = max(p.mean_reward for p in frontier) - sft_reward
-    max_kl = max(p.mean_kl for p in frontier)
+    max_kl = max((p.mean_kl for p in frontier if p.trusted), default=0.0)
     by_method: dict[str, dict] = {}
     for m in methods:
         if m["method"] == "sft":

@@ -6,7 +6,7 @@ unbiased, individual terms may be negative, the mean is >= 0 in expectation).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -83,6 +83,9 @@ class Evaluation:
     win_rate_vs_sft: float | None   # None when no baseline rewards were given
     rewards: np.ndarray             # (N,) per-sample gold rewards, aligned with prompts
     completions: list[str]          # (N,) decoded completions
+    completion_ids: list[list[int]] = field(default_factory=list)   # (N,) the sampled token ids (EOS kept)
+    policy_logps: np.ndarray = field(default_factory=lambda: np.zeros(0))   # (N,) log pi(completion | prompt)
+    ref_logps: np.ndarray = field(default_factory=lambda: np.zeros(0))      # (N,) log pi_SFT(completion | prompt)
 
 
 def evaluate_policy(policy, sft_model, tokenizer, prompts: Sequence[str], baseline_rewards: np.ndarray | None = None,
@@ -98,9 +101,10 @@ def evaluate_policy(policy, sft_model, tokenizer, prompts: Sequence[str], baseli
                                         batch_size=64, progress=progress)
     p_ids = [prompt_ids(tokenizer, p) for p in prompts]
     pad = tokenizer.pad_token_id
-    kl = sequence_logprobs(policy, p_ids, completion_ids, pad_id=pad) - \
-        sequence_logprobs(sft_model, p_ids, completion_ids, pad_id=pad)                        # (N,)
+    policy_logps = sequence_logprobs(policy, p_ids, completion_ids, pad_id=pad).numpy()          # (N,)
+    ref_logps = sequence_logprobs(sft_model, p_ids, completion_ids, pad_id=pad).numpy()          # (N,)
     completions = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
     rewards = score([p + c for p, c in zip(prompts, completions)])
     wins = None if baseline_rewards is None else win_rate(rewards, baseline_rewards)
-    return Evaluation(float(rewards.mean()), float(kl.mean()), wins, rewards, completions)
+    return Evaluation(float(rewards.mean()), float((policy_logps - ref_logps).mean()), wins, rewards, completions,
+                      completion_ids, policy_logps, ref_logps)

@@ -4,14 +4,31 @@ The optimum of  max_pi E_pi[r*] - beta KL(pi || pi_SFT)  is (DPO paper eq. 4)
 
     pi*_beta(y | x) = pi_SFT(y | x) exp(r*(x, y) / beta) / Z(x).
 
-We estimate it per prompt by self-normalised importance sampling (SNIS) over N samples
-y_1..y_N ~ pi_SFT(. | x):  w_i = softmax_i(r_i / beta),  E*[r] ~ sum_i w_i r_i,
-KL(pi* || pi_SFT) ~ sum_i w_i log(N w_i).
+We estimate it per prompt by self-normalised importance sampling from a mixture of proposals
+q_1..q_J (pi_SFT and the trained policies), n_j samples from each, M = sum_j n_j, every sample
+scored under every proposal: the balance heuristic of multiple importance sampling (Veach & Guibas
+1995), which weighs a sample by the mixture that could have drawn it, whichever q_j did:
 
-Bias, stated plainly: SNIS is biased for finite N (consistent as N -> oo), and the KL estimate
-can never exceed log N (reached when one sample takes all the weight). So for small beta the
-estimated frontier runs out of KL and sits below the true one: treat it as a lower bound on
-the optimum that approaches it as N grows, and report N next to it.
+    w(y) = pi_SFT(y) exp(r(y) / beta) / q_mix(y),      q_mix(y) = sum_j (n_j / M) q_j(y)
+    E*[r] ~ sum_i w_i r_i / sum_i w_i,    Z ~ (1 / M) sum_i w_i,
+    KL(pi* || pi_SFT) = E*[log pi* - log pi_SFT] = E*[r] / beta - log Z.
+
+With pi_SFT as the only proposal this is plain SNIS (w_i = exp(r_i / beta)), whose KL can never
+exceed log M: one sample taking all the weight. A mixture's KL can reach about
+log(sum_j n_j q_j(y) / pi_SFT(y)) of its best samples, so proposals far from pi_SFT (the trained
+policies) carry the estimate to the KL the methods reach.
+
+Trust, stated plainly: SNIS is biased for finite M (consistent as M -> oo). Each point reports the
+effective sample size ESS = (sum w)^2 / sum w^2 per prompt (Kong 1992), between 1 and M, and is
+``trusted`` when the harmonic mean of the prompts' ESS is at least MIN_ESS. Why that rule: the
+leading bias of SNIS on a prompt is -E_q[w_bar^2 (r - E*[r])] / M (w_bar = w / E_q[w]), at most
+(spread of r under pi*) / ESS in size, and its standard error is about sd*(r) / sqrt(ESS). Averaged
+over prompts the standard errors shrink but the biases add up, as the mean of 1 / ESS does, so the
+mean over prompts of 1 / ESS (one over the harmonic mean) is what a point's error follows. At
+ESS >= 10 the bias is at most a tenth of the target's reward spread and the error of log Z (which
+enters KL) about 1 / (2 ESS) = 0.05 nats. ESS is a necessary check, not a sufficient one: it is
+computed from the weights of the samples drawn, so a region of pi*'s mass that no proposal ever
+visits goes unseen by it (the estimate is then low and the ESS can still look fine).
 """
 from __future__ import annotations
 
@@ -20,35 +37,91 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+MIN_ESS = 10.0   # a frontier point is trusted when the harmonic mean of its prompts' ESS reaches this
+
 
 class FrontierPoint(NamedTuple):
     beta: float
     mean_reward: float
     mean_kl: float
+    ess_mean: float = math.nan     # mean over prompts of the per-prompt effective sample size
+    ess_min: float = math.nan      # the smallest prompt's ESS
+    ess_hmean: float = math.nan    # harmonic mean over prompts: the number ``trusted`` is judged by
+    trusted: bool = True           # ess_hmean >= min_ess (see the module docstring)
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=-1, keepdims=True)
+class TiltedEstimate(NamedTuple):
+    """Per-prompt estimates for one beta, each (P,)."""
+    mean_reward: np.ndarray      # E*[r]
+    kl: np.ndarray               # KL(pi*_beta || pi_SFT), nats per completion
+    log_z: np.ndarray            # log Z(x), the normaliser of pi_SFT exp(r / beta)
+    ess: np.ndarray              # (sum w)^2 / sum w^2, in [1, M]
 
 
-def optimum_frontier(rewards: np.ndarray, betas: Sequence[float]) -> list[FrontierPoint]:
-    """Estimated (beta, E*[r], KL(pi*_beta || pi_SFT)) averaged over prompts.
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    top = np.max(x, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(top, axis) + np.log(np.exp(x - top).sum(axis=axis))
 
-    rewards: (P, N) gold rewards of N samples from pi_SFT for each of P prompts.
+
+def _check_pool(rewards: np.ndarray, ref_logps: np.ndarray, proposal_logps: np.ndarray, counts: np.ndarray) -> None:
+    if rewards.ndim != 2 or ref_logps.shape != rewards.shape:
+        raise ValueError(f"rewards {rewards.shape} and ref_logps {ref_logps.shape} must both be (prompts, samples)")
+    if proposal_logps.shape[:2] != rewards.shape or proposal_logps.ndim != 3:
+        raise ValueError(f"proposal_logps {proposal_logps.shape} must be (prompts, samples, proposals) "
+                         f"with (prompts, samples) = {rewards.shape}")
+    if counts.shape != proposal_logps.shape[2:] or (counts <= 0).any() or counts.sum() != rewards.shape[1]:
+        raise ValueError(f"counts {counts.tolist()} must give each of the {proposal_logps.shape[2]} proposals a "
+                         f"positive number of samples per prompt, summing to the pool's {rewards.shape[1]}")
+
+
+def tilted_estimates(rewards, ref_logps, proposal_logps, counts, beta: float) -> TiltedEstimate:
+    """Balance-heuristic SNIS of pi*_beta for every prompt (module docstring).
+
+    rewards: (P, M) gold rewards of the pooled samples; ref_logps: (P, M) log pi_SFT(y | x) of each;
+    proposal_logps: (P, M, J) log q_j(y | x) of each sample under each proposal (pi_SFT among them
+    when it was sampled from); counts: (J,) samples drawn per prompt from each proposal, summing
+    to M. Which proposal drew which sample does not matter: only the mixture does.
+    """
+    rewards, ref_logps = np.asarray(rewards, np.float64), np.asarray(ref_logps, np.float64)
+    proposal_logps, counts = np.asarray(proposal_logps, np.float64), np.asarray(counts, np.int64)
+    _check_pool(rewards, ref_logps, proposal_logps, counts)
+    m = counts.sum()
+    log_mix = _logsumexp(proposal_logps + np.log(counts / m), axis=2)           # (P, M) log q_mix(y)
+    log_w = ref_logps + rewards / beta - log_mix                                # (P, M) log w(y)
+    log_sum = _logsumexp(log_w, axis=1)                                         # (P,)
+    w_bar = np.exp(log_w - log_sum[:, None])                                    # (P, M), rows sum to 1
+    mean_reward = (w_bar * rewards).sum(axis=1)                                 # E*[r]
+    log_z = log_sum - math.log(m)                                               # log of (1/M) sum w
+    kl = mean_reward / beta - log_z                                             # E*[r] / beta - log Z
+    return TiltedEstimate(mean_reward, kl, log_z, 1.0 / (w_bar ** 2).sum(axis=1))
+
+
+def mixture_frontier(rewards, ref_logps, proposal_logps, counts, betas: Sequence[float],
+                     min_ess: float = MIN_ESS) -> list[FrontierPoint]:
+    """(beta, E*[r], KL, ESS) of pi*_beta for each beta, averaged over prompts; shapes as in
+    ``tilted_estimates``. A point is trusted when the harmonic mean of its prompts' ESS >= min_ess."""
+    points = []
+    for beta in betas:
+        est = tilted_estimates(rewards, ref_logps, proposal_logps, counts, beta)
+        hmean = float(1.0 / np.mean(1.0 / est.ess))
+        points.append(FrontierPoint(float(beta), float(est.mean_reward.mean()), float(est.kl.mean()),
+                                    float(est.ess.mean()), float(est.ess.min()), hmean, bool(hmean >= min_ess)))
+    return points
+
+
+def optimum_frontier(rewards: np.ndarray, betas: Sequence[float], min_ess: float = MIN_ESS) -> list[FrontierPoint]:
+    """The frontier from pi_SFT's samples alone: rewards (P, N) of N samples from pi_SFT per prompt.
+
+    ``mixture_frontier`` with one proposal, pi_SFT itself, where w_i = exp(r_i / beta) needs no
+    log-probs: E*[r] ~ sum_i w_bar_i r_i and KL ~ sum_i w_bar_i log(N w_bar_i) <= log N.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be (prompts, samples), got shape {rewards.shape}")
-    n = rewards.shape[1]
-    points = []
-    for beta in betas:
-        w = _softmax(rewards / beta)                                     # (P, N), rows sum to 1
-        mean_reward = (w * rewards).sum(axis=1)                          # (P,)
-        kl = (w * np.log(np.maximum(n * w, 1e-300))).sum(axis=1)         # (P,), 0 <= kl <= log N
-        points.append(FrontierPoint(float(beta), float(mean_reward.mean()), float(kl.mean())))
-    return points
+    zeros = np.zeros_like(rewards)
+    return mixture_frontier(rewards, zeros, zeros[:, :, None], [rewards.shape[1]], betas, min_ess)
 
 
 def best_of_n_kl(n: int) -> float:

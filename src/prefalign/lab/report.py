@@ -9,7 +9,10 @@ results.json schema::
                   "kl": float, "win_rate_vs_sft": float|null, "gain_share": float|null,
                   ... optional "step" (PPO checkpoints), "n" (best-of-n)}],
      "reward_model": {"heldout_accuracy": float, "bayes_optimal_accuracy": float},
-     "frontier": [{"beta": float, "mean_reward": float, "mean_kl": float}],
+     "frontier": [{"beta": float, "mean_reward": float, "mean_kl": float, "ess_mean": float, "ess_min": float,
+                   "ess_hmean": float, "trusted": bool}],
+     ... optional "frontier_pool": {"proposals": {name: samples per prompt}, "min_ess": float, ...},
+     "dpo_targets": [{"dpo_beta", "frontier_beta", "target_reward", "target_kl", "target_trusted", ...}],
      "settings": {...}}
 """
 from __future__ import annotations
@@ -35,20 +38,40 @@ STYLE = {"ppo": ("tab:blue", "o"), "dpo": ("tab:orange", "s"), "best-of-n": ("ta
          "sft": ("black", "*")}
 
 
-def _frontier_points(frontier: Sequence) -> list[tuple[float, float, float]]:
-    """(beta, mean_reward, mean_kl) from dicts or tuples (FrontierPoint), sorted by KL."""
-    pts = [(p["beta"], p["mean_reward"], p["mean_kl"]) if isinstance(p, dict) else tuple(p) for p in frontier]
-    return sorted(pts, key=lambda p: p[2])
+def _frontier_points(frontier: Sequence) -> list[dict]:
+    """Frontier points as dicts (from dicts or FrontierPoint tuples), sorted by KL; ``trusted``
+    defaults to True for points that do not say."""
+    pts = [dict(p) if isinstance(p, dict) else p._asdict() for p in frontier]
+    return sorted(({**p, "trusted": p.get("trusted", True) is not False} for p in pts), key=lambda p: p["mean_kl"])
+
+
+def _frontier_label(results: dict) -> str:
+    pool = results.get("frontier_pool")
+    if pool and len(pool.get("proposals", {})) > 1:
+        return (f"KL-regularised optimum (IS from SFT + {len(pool['proposals']) - 1} policies, "
+                f"{pool.get('samples_per_prompt')} samples/prompt)")
+    if pool:
+        return f"KL-regularised optimum (SNIS, N={pool.get('samples_per_prompt')})"
+    n = results.get("settings", {}).get("frontier_samples")
+    return "KL-regularised optimum (SNIS" + (f", N={n})" if n else ")")
 
 
 def plot_reward_vs_kl(results: dict, path: Path) -> Path:
-    """Gold reward vs KL(pi || pi_SFT): every method family as one series, plus the optimum."""
+    """Gold reward vs KL(pi || pi_SFT): every method family as one series, plus the optimum, whose
+    points with too few effective samples to trust (lab.frontier) are drawn hollow."""
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
     pts = _frontier_points(results.get("frontier", []))
     if pts:
-        n = results.get("settings", {}).get("frontier_samples")
-        label = "KL-regularised optimum (SNIS" + (f", N={n})" if n else ")")
-        ax.plot([p[2] for p in pts], [p[1] for p in pts], "--", color="gray", lw=2, label=label)
+        xs, ys = [p["mean_kl"] for p in pts], [p["mean_reward"] for p in pts]
+        ax.plot(xs, ys, "--", color="gray", lw=2, label=_frontier_label(results))
+        trusted = [p for p in pts if p["trusted"]]
+        untrusted = [p for p in pts if not p["trusted"]]
+        ax.plot([p["mean_kl"] for p in trusted], [p["mean_reward"] for p in trusted], "o", color="gray", ms=4)
+        if untrusted:
+            min_ess = results.get("frontier_pool", {}).get("min_ess")
+            ax.plot([p["mean_kl"] for p in untrusted], [p["mean_reward"] for p in untrusted], "o", ms=6, zorder=3,
+                    markerfacecolor="white", markeredgecolor="gray",
+                    label="optimum, too few effective samples" + (f" (ESS < {min_ess:g})" if min_ess else ""))
     families: dict[str, list[dict]] = {}
     for m in results.get("methods", []):
         families.setdefault(m["method"], []).append(m)
@@ -129,6 +152,20 @@ def _targets_table(results: dict) -> str:
     return f"<table><tr><th>target</th><th>measured</th><th></th></tr>{''.join(rows)}</table>" if rows else ""
 
 
+def _dpo_targets_table(targets: Sequence[dict]) -> str:
+    """Each DPO beta next to the optimum it aims at: labels ~ sigma((r1 - r2) / tau) make DPO's optimum pi*_{tau beta}."""
+    if not targets:
+        return ""
+    rows = "".join(f"<tr><td>β = {t['dpo_beta']:g}</td><td>{t['frontier_beta']:g}</td>"
+                   f"<td>{_fmt(t.get('target_reward'))}{'' if t.get('target_trusted', True) else ' (ESS too small)'}</td>"
+                   f"<td>{_fmt(t.get('target_kl'), 2)}</td><td>{_fmt(t.get('dpo_gold_reward'))}</td>"
+                   f"<td>{_fmt(t.get('dpo_kl'), 2)}</td></tr>" for t in targets)
+    return ("<p>What each DPO run aims at: the labeler prefers with probability σ((r<sub>1</sub> − r<sub>2</sub>)/τ), "
+            "so DPO with β targets the optimum at β<sub>frontier</sub> = τ β.</p>"
+            "<table><tr><th>DPO</th><th>frontier β = τ β</th><th>optimum's gold reward</th><th>optimum's KL</th>"
+            f"<th>DPO's gold reward</th><th>DPO's KL</th></tr>{rows}</table>")
+
+
 def _samples_table(samples: Sequence[dict]) -> str:
     """samples: [{"prompt": str, "completions": {method: text}, "rewards": {method: float} (optional)}]."""
     if not samples:
@@ -173,9 +210,12 @@ def write_report(out_dir, results: dict, curves: dict[str, list[dict]], samples:
     parts = ["<h2>Gold reward vs KL</h2>", _figure(plot_reward_vs_kl(results, out / "reward_vs_kl.png"), "reward vs KL"),
              "<h2>Methods</h2>", _methods_table(results.get("methods", [])),
              "<p>Share = (r<sub>method</sub> − r<sub>SFT</sub>) / (optimum at the method's KL − r<sub>SFT</sub>). "
-             "The optimum is estimated from N SFT samples per prompt by self-normalised importance sampling: biased "
-             "low for finite N, and its KL cannot exceed log N, so past its last point it is held flat and a share "
-             "there (marked ≤) is an upper bound.</p>", _targets_table(results)]
+             "The optimum π*<sub>β</sub> ∝ π<sub>SFT</sub> exp(r*/β) is estimated per prompt by self-normalised "
+             "importance sampling from the mixture of π<sub>SFT</sub> and the trained policies (every pooled sample "
+             "scored under every policy: the balance heuristic). It is biased for a finite pool; each point's "
+             "effective sample size (ESS) says how far to trust it, and points with too few are drawn hollow. Past "
+             "the last trusted point a share (marked ≤) is an upper bound.</p>",
+             _targets_table(results), _dpo_targets_table(results.get("dpo_targets", []))]
     rm = results.get("reward_model")
     if rm:
         parts += ["<h2>Reward model</h2>",
