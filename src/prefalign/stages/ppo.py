@@ -21,6 +21,7 @@ The models run in eval mode (no dropout), so sampled and recomputed log-probs ag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from typing import Optional
@@ -38,7 +39,8 @@ from prefalign.rl.reward_scoring import reward_inputs
 from prefalign.rl.scores import RunningMoments, final_scores
 from prefalign.rollout import PackedSequences, Rollout, sample
 from prefalign.stages.common import finish, save_final, start
-from prefalign.stages.ppo_models import Models, RewardFn, load_models, pack_rows, save_models
+from prefalign.stages.packing import announce, choose_layout
+from prefalign.stages.ppo_models import Models, RewardFn, load_models, pack_rows, row_readers, save_models
 from prefalign.train.dist import (DistInfo, all_gather_object, all_reduce_sum, average_gradients, check_replicas,
                                   param_digest)
 from prefalign.train.harness import Meter, Run, agree
@@ -277,6 +279,9 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     kl_ctl, stats = make_kl_controller(cfg, cfg.rollout_batch_size * dist.world_size), RunningMoments()
     examples = load_prompts(cfg.prompts, cfg.data_format)
     m = load_models(cfg, dist.device, reward_fn)
+    layout = choose_layout(cfg.packing, row_readers(m))
+    announce("ppo", layout, show=dist.is_main)
+    cfg = dataclasses.replace(cfg, packing=layout.packed)  # collect() and minibatch_loss() read cfg.packing
     query_ids = [encode_prompt(m.tokenizer, ex.prompt, cfg.max_prompt_length) for ex in examples]
     per_epoch, total = plan_iterations(cfg, len(examples), dist.world_size)
     value_lr = value_learning_rate(cfg, m)
@@ -327,7 +332,8 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     summary = finish(cfg, out, dist, "ppo", t0, run.result(), global_batch_size=cfg.rollout_batch_size * dist.world_size,
                      prompts=len(examples), iterations_time_s=train_time, final_kl_coef=kl_ctl.value,
                      value_model="shared head" if m.value_head is not None else "separate",
-                     reward_retokenized=m.retokenize, replica_checks=replicas.checks, parameter_sha256=digests)
+                     reward_retokenized=m.retokenize, replica_checks=replicas.checks, parameter_sha256=digests,
+                     layout=layout.info())
     if dist.is_main:
         keys = ("objective/scores", "objective/kl", "kl_coef", "eos_rate")
         print(f"prefalign ppo: {summary['steps']} iterations in {summary['wall_time_s']:.1f}s; "

@@ -72,11 +72,16 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
 PACK_ROW_TOKENS = 1024
 
 
+def row_readers(m: Models) -> dict[str, nn.Module]:
+    """The models that read packed rollout rows, by role (what decides packing: stages/packing.py)."""
+    readers = {"policy": m.policy, "reference": m.ref, "value model": m.value_model, "reward model": m.reward_model}
+    return {role: x for role, x in readers.items() if x is not None}
+
+
 def pack_rows(m: Models, seq: tuple) -> PackedSequences:
-    """The rollout's sequences packed for the scoring and training forwards (``--packing``): long
+    """The rollout's sequences packed for the scoring and training forwards (packed layout): long
     rows only when every model that reads them runs per-example attention."""
-    readers = [x for x in (m.policy, m.ref, m.value_model, m.reward_model) if x is not None]
-    long_rows = all(uses_packed_attention(x) for x in readers)
+    long_rows = all(uses_packed_attention(x) for x in row_readers(m).values())
     return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
 
 
