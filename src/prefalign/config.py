@@ -50,6 +50,16 @@ class ModelArgs:
     lora_dropout: float = opt(0.0, "LoRA dropout.")
     lora_target_modules: Optional[str] = opt(
         None, "Comma-separated module names for LoRA (default: all linear layers of attention and MLP).")
+    merge_lora: bool = opt(True, "With --lora: besides the adapter (OUTPUT/adapter, PEFT format), save the model with "
+                                 "the adapter merged in OUTPUT (--no-merge-lora: the adapter and tokenizer only).")
+
+    def __post_init__(self):
+        if not self.merge_lora and not self.lora:
+            raise ConfigError("--no-merge-lora applies to --lora runs (a full fine-tune has no adapter to keep "
+                              "apart); add --lora or drop --no-merge-lora.")
+        # Stage configs inherit several argument groups; let the next group check its own fields.
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
 
 
 @dataclass

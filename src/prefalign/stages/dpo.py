@@ -110,9 +110,9 @@ def run_dpo(cfg) -> int:
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, DPOObjective(cfg, reference), pairs, collate, out_dir=out, dist=dist,
                  eval_set=eval_pairs or None, desc="dpo", trainable=model)
-    save_model_final(out, dist, model, tokenizer)
+    saved = save_model_final(out, dist, model, tokenizer, base=cfg.model, merge=cfg.merge_lora)
     summary = finish(cfg, out, dist, "dpo", t0, result, train_pairs=len(pairs), eval_pairs=len(eval_pairs or []),
-                     reference=reference.info, layout=layout.info())
+                     reference=reference.info, layout=layout.info(), **saved)
     if dist.is_main:
         report(summary, ["loss", "rewards/margins", "rewards/accuracies", "eval/loss", "eval/rewards/accuracies"])
     return 0

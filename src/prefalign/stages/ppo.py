@@ -31,7 +31,7 @@ import torch
 from prefalign.data import encode_prompt, load_prompts
 from prefalign.errors import ConfigError
 from prefalign.losses import gae, global_moments, kl_estimate, ppo_policy_loss, ppo_value_loss, whiten
-from prefalign.models import disabled_adapter
+from prefalign.models import disabled_adapter, lora_summary
 from prefalign.ops import masked_mean
 from prefalign.rl.forwards import policy_forward, token_values
 from prefalign.rl.kl_control import make_kl_controller
@@ -328,12 +328,12 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
             run.bar.set_postfix(score=f"{run.last['objective/scores']:.3f}", kl=f"{run.last['objective/kl']:.3f}")
             run.end_step(run.agree()[1])  # every rank stops at the same iteration
     digests = replicas.check_at_end()
-    save_final(out, dist, lambda d: save_models(m, d))
+    save_final(out, dist, lambda d: save_models(m, d, base=cfg.model, merge=cfg.merge_lora))
     summary = finish(cfg, out, dist, "ppo", t0, run.result(), global_batch_size=cfg.rollout_batch_size * dist.world_size,
                      prompts=len(examples), iterations_time_s=train_time, final_kl_coef=kl_ctl.value,
                      value_model="shared head" if m.value_head is not None else "separate",
                      reward_retokenized=m.retokenize, replica_checks=replicas.checks, parameter_sha256=digests,
-                     layout=layout.info())
+                     layout=layout.info(), **lora_summary(m.policy, cfg.model, cfg.merge_lora))
     if dist.is_main:
         keys = ("objective/scores", "objective/kl", "kl_coef", "eos_rate")
         print(f"prefalign ppo: {summary['steps']} iterations in {summary['wall_time_s']:.1f}s; "

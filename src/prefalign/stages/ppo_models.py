@@ -85,9 +85,11 @@ def pack_rows(m: Models, seq: tuple) -> PackedSequences:
     return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
 
 
-def save_models(m: Models, out_dir) -> None:
-    """The policy in HF format in OUTPUT, the value model (or the shared head) in OUTPUT/value_model."""
-    save_pretrained(m.policy, m.tokenizer, out_dir)
+def save_models(m: Models, out_dir, base: Optional[str] = None, merge: bool = True) -> None:
+    """The policy in HF format in OUTPUT (with --lora also its adapter in OUTPUT/adapter, recording
+    ``base``; ``merge=False``: the adapter alone), the value model (or the shared head) in
+    OUTPUT/value_model."""
+    save_pretrained(m.policy, m.tokenizer, out_dir, merge=merge, adapter_base=base)
     if m.value_model is not None:
         save_pretrained(m.value_model, m.tokenizer, out_dir / "value_model")
     else:

@@ -123,9 +123,9 @@ def run_reward(cfg) -> int:
         norm["over"] = cfg.normalize_data or "training completions"
         norm["n_completions"] = int(scores.numel())
     model.set_normalization(norm["shift"], norm["scale"])
-    save_model_final(out, dist, model, tokenizer)
+    saved = save_model_final(out, dist, model, tokenizer, base=cfg.model, merge=cfg.merge_lora)
     summary = finish(cfg, out, dist, "reward", t0, result, normalization=norm, train_pairs=len(pairs),
-                     eval_pairs=len(eval_pairs or []), layout=layout.info())
+                     eval_pairs=len(eval_pairs or []), layout=layout.info(), **saved)
     if dist.is_main:
         report(summary, ["loss", "accuracy", "eval/loss", "eval/accuracy"])
         if cfg.normalize != "none":

@@ -102,9 +102,9 @@ def run_sft(cfg) -> int:
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, SFTObjective(), train_set, collate, out_dir=out, dist=dist,
                  eval_set=eval_tok or None, desc="sft", trainable=model, eval_collate=eval_collate)
-    save_model_final(out, dist, model, tokenizer)
+    saved = save_model_final(out, dist, model, tokenizer, base=cfg.model, merge=cfg.merge_lora)
     summary = finish(cfg, out, dist, "sft", t0, result, train_examples=len(train_tok),
-                     train_rows=len(train_set), eval_examples=len(eval_tok or []), layout=layout.info())
+                     train_rows=len(train_set), eval_examples=len(eval_tok or []), layout=layout.info(), **saved)
     if dist.is_main:
         report(summary, ["loss", "token_accuracy", "eval/loss", "eval/token_accuracy"])
     return 0
