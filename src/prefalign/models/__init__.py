@@ -17,8 +17,8 @@ from prefalign.models.saving import ADAPTER_DIR, lora_summary, save_adapter, sav
 from prefalign.models.scalar import ScalarModel, last_token_index, load_scalar_model, segment_last_index
 
 __all__ = [
-    "ADAPTER_DIR", "ScalarModel", "apply_lora", "cache_root", "check_same_vocab", "convert_gguf", "default_lora_targets",
-    "disabled_adapter", "ensure_pad_token", "find_smollm2_gguf", "gguf_key", "is_peft_model", "last_token_index",
-    "load_causal_lm", "load_scalar_model", "load_tokenizer", "lora_summary", "merged_copy", "resolve_device",
-    "resolve_dtype", "resolve_model_path", "save_adapter", "save_pretrained", "segment_last_index",
+    "ADAPTER_DIR", "ScalarModel", "apply_lora", "cache_root", "check_same_vocab", "convert_gguf",
+    "default_lora_targets", "disabled_adapter", "ensure_pad_token", "find_smollm2_gguf", "gguf_key", "is_peft_model",
+    "last_token_index", "load_causal_lm", "load_scalar_model", "load_tokenizer", "lora_summary", "merged_copy",
+    "resolve_device", "resolve_dtype", "resolve_model_path", "save_adapter", "save_pretrained", "segment_last_index",
 ]

@@ -20,8 +20,9 @@ What the harness owns:
   global batch, processes) or another model; a changed --lr takes effect;
 - atomic saves (train/checkpoint.py) of model and optimizer (full, name-keyed state whatever the
   sharding; frozen parameters, e.g. a LoRA run's base weights, are left out and reloaded from
-  --model on resume, checked by a sha256 of them), scheduler, stage extras (objects with state_dict/load_state_dict), every rank's RNG
-  streams and named torch.Generators, the data position, metric sums not yet logged;
+  --model on resume, checked by a sha256 of them), scheduler, stage extras (objects with
+  state_dict/load_state_dict), every rank's RNG streams and named torch.Generators, the data
+  position, metric sums not yet logged;
 - SIGTERM/SIGINT: a checkpoint after the current step, then ``TrainingStopped`` (exit 128 + signal);
 - bad-step accounting: more than --max-bad-steps skipped steps saves the last good state and stops
   (exit 3);
