@@ -33,24 +33,26 @@ PPO = ["--prompts", "{w}/prompts.jsonl", "--lr", "3e-3", "--iterations", "4", "-
        "--minibatch-size", "2", "--ppo-epochs", "2", "--max-new-tokens", "8", "--seed", "5", "--no-progress",
        "--sample-every", "1", "--logging-steps", "1"]
 
-# name -> command line ({w}: the workspace; {rm}: the reward model of the same revision)
+# name -> command line ({w}: the workspace; {rm}: the reward model of the same revision). Padded runs
+# say --no-packing: packing became the default after the baseline (which has the flag already).
 RUNS = {
     "sft": ["sft", "--model", "{w}/base", "--data", "{w}/sft.jsonl", "--max-steps", "6", "--eval-fraction", "0.25",
-            "--eval-steps", "3", *COMMON],
+            "--eval-steps", "3", "--no-packing", *COMMON],
     "sft-packing": ["sft", "--model", "{w}/base", "--data", "{w}/sft.jsonl", "--max-steps", "4", "--packing",
                     *COMMON],
     "reward": ["reward", "--model", "{w}/base", "--data", "{w}/prefs.jsonl", "--max-steps", "6",
-               "--eval-fraction", "0.25", "--eval-steps", "3", *COMMON],
+               "--eval-fraction", "0.25", "--eval-steps", "3", "--no-packing", *COMMON],
     "dpo": ["dpo", "--model", "{w}/base", "--data", "{w}/prefs.jsonl", "--max-steps", "6", "--beta", "0.1",
-            "--eval-fraction", "0.25", "--eval-steps", "3", "--ref-cache-dir", "{out}/refcache", *COMMON],
+            "--eval-fraction", "0.25", "--eval-steps", "3", "--ref-cache-dir", "{out}/refcache", "--no-packing", *COMMON],
     "dpo-live-packing": ["dpo", "--model", "{w}/base", "--data", "{w}/prefs.jsonl", "--max-steps", "4",
                          "--live-reference", "--packing", "--loss", "ipo", *COMMON],
     "dpo-lora": ["dpo", "--model", "{w}/base", "--data", "{w}/prefs.jsonl", "--max-steps", "4", "--lora",
-                 "--lora-r", "4", "--ref-cache-dir", "{out}/refcache", *COMMON],
-    "ppo": ["ppo", "--model", "{w}/base", "--reward-model", "{rm}", *PPO],
+                 "--lora-r", "4", "--ref-cache-dir", "{out}/refcache", "--no-packing", *COMMON],
+    "ppo": ["ppo", "--model", "{w}/base", "--reward-model", "{rm}", "--no-packing", *PPO],
     "ppo-shared-packing": ["ppo", "--model", "{w}/base", "--reward-model", "{rm}", "--shared-value-head",
                            "--packing", "--target-kl", "1.0", *PPO],
-    "ppo-lora": ["ppo", "--model", "{w}/base", "--reward-model", "{rm}", "--lora", "--lora-r", "4", *PPO],
+    "ppo-lora": ["ppo", "--model", "{w}/base", "--reward-model", "{rm}", "--lora", "--lora-r", "4", "--no-packing",
+                 *PPO],
 }
 
 
@@ -76,8 +78,8 @@ def run_all(src: Path, w: Path, out_root: Path) -> dict[str, str]:
            "TOKENIZERS_PARALLELISM": "false"}
     rm = out_root / "rm-for-ppo"
     errors = {}
-    setup = ["reward", "--model", str(w / "base"), "--data", str(w / "prefs.jsonl"), "--max-steps", "3", *COMMON,
-             "--output", str(rm)]
+    setup = ["reward", "--model", str(w / "base"), "--data", str(w / "prefs.jsonl"), "--max-steps", "3", "--no-packing",
+             *COMMON, "--output", str(rm)]
     subprocess.run([sys.executable, "-m", "prefalign", *setup], env=env, check=True, capture_output=True)
     for name, args in RUNS.items():
         out = out_root / name
@@ -94,8 +96,9 @@ def metrics_without_perf(path: Path) -> list[dict]:
 
 
 def weight_files(out: Path) -> list[Path]:
+    """The final weights; a LoRA run's adapter/ folder is newer than the baseline (its merged model is compared)."""
     return sorted(p.relative_to(out) for p in out.rglob("*") if p.suffix in (".safetensors", ".pt")
-                  and "checkpoints" not in p.parts and "refcache" not in p.parts)
+                  and not {"checkpoints", "refcache", "adapter"} & set(p.relative_to(out).parts))
 
 
 def compare(a: Path, b: Path) -> str:

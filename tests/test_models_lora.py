@@ -1,4 +1,5 @@
-"""LoRA: the disabled adapter is exactly the base model, before and after training; saving merges."""
+"""LoRA: the disabled adapter is exactly the base model, before and after training; saving merges
+(and writes the adapter: tests/test_lora_outputs.py)."""
 import json
 import sys
 
@@ -65,7 +66,7 @@ def test_save_merges_adapters_into_a_plain_checkpoint(tiny_dir, tmp_path):
     x = _batch(tok)
     model = apply_lora(model, r=4, alpha=8, target_modules="q_proj, v_proj")
     _train_step(model, x)
-    save_pretrained(model, tok, str(tmp_path), save_adapter=True)
+    save_pretrained(model, tok, str(tmp_path))  # merged, and the adapter in tmp_path/adapter
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert not any("lora" in k for k in json.loads((tmp_path / "config.json").read_text()))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)

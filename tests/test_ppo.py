@@ -208,7 +208,7 @@ def test_packed_ppo_run_equals_padded(fixture, tmp_path, monkeypatch, row_tokens
     # (tokens seen once), float rounding between the layouts becomes a step of ~lr/10. A larger
     # epsilon keeps the comparison about the gradients, not about Adam's amplification of rounding.
     kw = dict(reward_model=str(d / "sft"), iterations=2, max_new_tokens=6, temperature=0.8, adam_eps=1e-5)
-    run_ppo(config(d, tmp_path / "padded", **kw))
+    run_ppo(config(d, tmp_path / "padded", packing=False, **kw))
     run_ppo(config(d, tmp_path / "packed", packing=True, **kw))
     padded, packed = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("padded", "packed"))
     assert packed[1]["eos_rate"] > 0 or packed[1]["response_length"] < 6  # some rows were shorter than others
@@ -222,7 +222,9 @@ def test_packed_ppo_run_equals_padded(fixture, tmp_path, monkeypatch, row_tokens
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("kw", [{}, {"shared_value_head": True, "temperature": 0.7, "top_k": 50, "top_p": 0.9},
+@pytest.mark.parametrize("kw", [{"packing": False},
+                                {"shared_value_head": True, "temperature": 0.7, "top_k": 50, "top_p": 0.9,
+                                 "packing": False},
                                 {"packing": True}],
                          ids=["value-model", "shared-head-filtered", "packed"])
 def test_sampled_logprobs_equal_recomputed(fixture, tmp_path, kw):

@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,13 +91,18 @@ def group_args(command):
                 "--keep-checkpoints", 2, "--logging-steps", 1, "--seed", 5, "--no-progress"]
     return args
 
+LORA = ["--lora", "--lora-r", 4]
+LORA_WEIGHTS = ("model.safetensors", "adapter/adapter_model.safetensors")
 
 STAGES = {"sft": Stage("prefalign.stages.sft", sft_args),
           "reward": Stage("prefalign.stages.reward", reward_args),
           "dpo": Stage("prefalign.stages.dpo", dpo_args),
           "ppo": Stage("prefalign.stages.ppo", ppo_args, has_eval=False),
           "grpo": Stage("prefalign.stages.grpo", group_args("grpo"), has_eval=False),
-          "rloo": Stage("prefalign.stages.grpo", group_args("rloo"), has_eval=False)}
+          "rloo": Stage("prefalign.stages.grpo", group_args("rloo"), has_eval=False),
+          # checkpoints of LoRA runs hold the trainable weights only; the frozen base comes from --model
+          "sft-lora": Stage("prefalign.stages.sft", lambda w: [*sft_args(w), *LORA], weights=LORA_WEIGHTS),
+          "reward-lora": Stage("prefalign.stages.reward", lambda w: [*reward_args(w), *LORA], weights=LORA_WEIGHTS)}
 
 
 def reward_model(w):
@@ -262,3 +268,25 @@ def test_nonfinite_training_stops_with_checkpoint(work):
     state = torch.load(saved / "state.pt", weights_only=False)
     assert state["position"]["bad_steps"] == 3
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_lora_checkpoints_hold_only_trainable_weights(work):
+    """A LoRA checkpoint: adapters (and a reward model's head), their AdamW moments, no frozen base
+    weight; resuming onto another base model is refused instead of mixing the two."""
+    ref = uninterrupted(work, "sft-lora")
+    state = torch.load(next((ref / "checkpoints").glob("step-*")) / "state.pt", weights_only=False)
+    assert state["model"] and all("lora_" in k for k in state["model"])
+    assert state["frozen"]["parameters"] > 0 and len(state["frozen"]["sha256"]) == 64
+    assert len(state["optimizer"]["state"]) == len(state["model"])
+    other = work / "other-base"
+    if not other.exists():
+        save_tiny_model(other, hidden=32, layers=2, seed=9,
+                        texts=SAMPLE_TEXTS + [r["chosen"] + r["rejected"] for r in pairs(24)])
+    out = work / "sft-lora-other-base"
+    shutil.copytree(ref, out)
+    (out / "summary.json").unlink()
+    args = [*STAGES["sft-lora"].args(work), "--output", out, "--resume"]
+    args[args.index("--model") + 1] = other
+    proc = run_cli(*args, check=False, env=ENV)
+    assert proc.returncode == 2 and "frozen parameters" in proc.stderr and "same --model" in proc.stderr
+    assert "Traceback" not in proc.stderr

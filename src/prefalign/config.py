@@ -59,6 +59,16 @@ class ModelArgs:
     lora_dropout: float = opt(0.0, "LoRA dropout.")
     lora_target_modules: Optional[str] = opt(
         None, "Comma-separated module names for LoRA (default: all linear layers of attention and MLP).")
+    merge_lora: bool = opt(True, "With --lora: besides the adapter (OUTPUT/adapter, PEFT format), save the model with "
+                                 "the adapter merged in OUTPUT (--no-merge-lora: the adapter and tokenizer only).")
+
+    def __post_init__(self):
+        if not self.merge_lora and not self.lora:
+            raise ConfigError("--no-merge-lora applies to --lora runs (a full fine-tune has no adapter to keep "
+                              "apart); add --lora or drop --no-merge-lora.")
+        # Stage configs inherit several argument groups; let the next group check its own fields.
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
 
 
 @dataclass
@@ -94,7 +104,11 @@ class DataArgs:
     eval_fraction: float = opt(0.0, "Hold out this fraction of --data for evaluation when --eval-data is not given.")
     max_length: int = opt(512, "Maximum tokens of prompt + completion; longer examples are truncated (prompt start first).")
     max_prompt_length: Optional[int] = opt(None, "Maximum prompt tokens (default: max_length // 2).")
-    packing: bool = opt(False, "Pack short examples into full rows (padding-free, no attention across examples).")
+    packing: Optional[bool] = opt(
+        None, "Padding-free packed rows, no attention across examples. Unset (auto): packed when every model the "
+              "stage runs supports it (per-example prefalign_packed attention), else padded; the run says which. "
+              "--packing packs with any model; --no-packing pads. sft: auto packs each batch's examples "
+              "(--batch-size counts examples); --packing fills rows of --max-length tokens (--batch-size counts rows).")
 
     def __post_init__(self):
         if self.max_length < 2:
@@ -290,8 +304,10 @@ class PPOConfig(ModelArgs, SourceArgs, TrainArgs):
     score_clip: Optional[float] = opt(None, "Clip (normalised) scores to [-c, c].")
     sample_every: int = opt(10, "Write a few sample completions to samples.jsonl every N iterations (and always at "
                                 "the first and the last; 0: never).")
-    packing: bool = opt(False, "Run the scoring and training forwards on packed rows of real tokens (no "
-                                "prompt padding, nothing after EOS): same results, less compute when lengths vary.")
+    packing: Optional[bool] = opt(
+        None, "Run the scoring and training forwards on packed rows of real tokens (no prompt padding, nothing "
+              "after EOS): same results, less compute when lengths vary. Unset (auto): packed when every model "
+              "that reads the rows (policy, reference, value and reward models) supports it; --no-packing pads.")
 
 
 @dataclass
@@ -534,8 +550,9 @@ def build_parser(cls, prog: Optional[str] = None, parser: Optional[argparse.Argu
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         base, _ = _unwrap_optional(f.type)
         if base is bool:
+            shown = "auto" if default is None else default
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {default})")
+                                help=f"{help_text} (default: {shown})")
             continue
         if f.metadata.get("positional") and typing.get_origin(base) is list:  # `prefalign plot OUTPUT [OUTPUT ...]`
             parser.add_argument(name, nargs="*", default=argparse.SUPPRESS, help=help_text,
@@ -579,7 +596,10 @@ def _coerce(cls_name: str, f: dataclasses.Field, value: Any, source: str) -> Any
     if base is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{source}: `{f.name}` must be true or false, got {value!r}.")
+        if optional and value == "auto":  # packing: auto, the same as leaving it out
+            return None
+        raise ConfigError(f"{source}: `{f.name}` must be true or false{' (or auto)' if optional else ''}, "
+                          f"got {value!r}.")
     if typing.get_origin(base) is list:
         if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
             return [str(v) for v in value]

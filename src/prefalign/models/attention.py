@@ -164,17 +164,43 @@ def uses_packed_attention(model) -> bool:
 
 def plain_causal(config) -> bool:
     """Whether every attention layer the config describes is full causal attention."""
+    return not_plain_causal(config) is None
+
+
+def not_plain_causal(config) -> Optional[str]:
+    """What keeps the config's attention from being full causal attention in every layer, or None."""
     configs = [config] + [getattr(config, name) for name in getattr(config, "sub_configs", {}) or {}
                           if getattr(config, name, None) is not None]
     for c in configs:
         window = getattr(c, "sliding_window", None)
         if window is not None and getattr(c, "use_sliding_window", True) is not False:
-            return False
-        if getattr(c, "attention_chunk_size", None) or getattr(c, "is_causal", True) is False:
-            return False
-        if any(t != "full_attention" for t in getattr(c, "layer_types", None) or []):
-            return False
-    return True
+            return f"sliding-window attention (sliding_window={window})"
+        if getattr(c, "attention_chunk_size", None):
+            return f"chunked attention (attention_chunk_size={c.attention_chunk_size})"
+        if getattr(c, "is_causal", True) is False:
+            return "non-causal attention (is_causal=False)"
+        other = sorted({t for t in getattr(c, "layer_types", None) or [] if t != "full_attention"})
+        if other:
+            return f"layers that are not full attention ({', '.join(other)})"
+    return None
+
+
+def packing_blocker(model) -> Optional[str]:
+    """Why ``model`` does not run ``prefalign_packed`` (packed rows exact and at the examples' cost), or
+    None when it does: the stages pack by default only models for which this is None."""
+    hf = _hf_model(model)
+    if hf is None:
+        return f"{type(model).__name__} is not a transformers model"
+    implementation = hf.config._attn_implementation
+    if implementation == NAME:
+        return None
+    kind = type(hf).__name__
+    if implementation != "sdpa":
+        return f"{kind} runs {implementation} attention (only SDPA models switch to per-example attention)"
+    reason = not_plain_causal(hf.config)
+    if reason is not None:
+        return f"{kind} has {reason}"
+    return f"{kind} does not dispatch its attention through transformers' AttentionInterface"
 
 
 def use_packed_attention(model) -> bool:

@@ -13,34 +13,71 @@ from prefalign.models.lora import is_peft_model, merged_copy
 from prefalign.models.scalar import SCALE_KEY, SHIFT_KEY, ScalarModel
 
 
-def save_pretrained(model, tokenizer, out_dir: str, save_adapter: bool = False, state_dict=None) -> None:
-    """Write ``model`` and ``tokenizer`` to ``out_dir`` so plain transformers loads them back.
+ADAPTER_DIR = "adapter"  # OUTPUT/adapter: a LoRA run's adapter in PEFT format
 
-    A LoRA model is saved merged (a plain HF checkpoint); ``save_adapter=True`` also writes the
-    adapter alone to ``out_dir/adapter`` (peft format). A ScalarModel saves as a
-    ``*ForSequenceClassification`` checkpoint with its reward shift and scale. ``state_dict``
-    (the full weights keyed like ``model.state_dict()``) replaces the model's own tensors: an
-    FSDP-sharded model is saved from the state gathered on rank 0 (not with LoRA).
+
+def save_pretrained(model, tokenizer, out_dir: str, state_dict=None, merge: bool = True,
+                    adapter_base: Optional[str] = None) -> None:
+    """Write ``model`` and ``tokenizer`` to ``out_dir`` so plain transformers (and peft) load them back.
+
+    A LoRA model (``apply_lora``) writes its adapter to ``out_dir/adapter`` in PEFT format
+    (adapter_config.json, adapter_model.safetensors, and the tokenizer, so the folder can be
+    pushed as it is), loadable with ``PeftModel.from_pretrained(base, out_dir/adapter)``; a reward
+    model's trained scalar head goes with it (a PEFT module to save). ``adapter_base`` is the
+    base_model_name_or_path it records (default: the folder the base was loaded from). Unless
+    ``merge=False`` the model is also saved with its adapter merged in: a plain HF checkpoint in
+    ``out_dir``. A ScalarModel saves as a ``*ForSequenceClassification`` checkpoint with its reward
+    shift and scale. ``state_dict`` (the full weights keyed like ``model.state_dict()``) replaces
+    the model's own tensors: an FSDP-sharded model is saved from the state gathered on rank 0
+    (not with LoRA).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if state_dict is not None and is_peft_model(getattr(model, "model", model)):
+    inner = model.model if isinstance(model, ScalarModel) else model
+    if state_dict is not None and is_peft_model(inner):
         raise ModelError("saving a LoRA model from a gathered state_dict is not supported.")
-    if isinstance(model, ScalarModel):
+    if not merge and not is_peft_model(inner):
+        raise ModelError("merge=False keeps a LoRA adapter apart; this model has none (apply_lora).")
+    if is_peft_model(inner):
+        save_adapter(inner, tokenizer, out / ADAPTER_DIR, adapter_base)
+    if merge and isinstance(model, ScalarModel):
         save_scalar_model(model, str(out), state_dict=state_dict)
-        inner = model.model
-    elif state_dict is not None:
+    elif merge and state_dict is not None:
         model.save_pretrained(str(out), state_dict=state_dict)
-        inner = model
-    else:
+    elif merge:
         merged_copy(model).save_pretrained(str(out))
-        inner = model
-    if save_adapter:
-        if not is_peft_model(inner):
-            raise ModelError("save_adapter=True needs a model with LoRA adapters (apply_lora).")
-        inner.save_pretrained(str(out / "adapter"))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+
+
+def save_adapter(peft_model, tokenizer, out_dir: Path, base: Optional[str] = None) -> None:
+    """The adapter alone (PEFT format) and the tokenizer in ``out_dir``; ``base`` (e.g. the --model
+    path or hub name) becomes adapter_config.json's base_model_name_or_path."""
+    config = peft_model.peft_config[peft_model.active_adapter]
+    recorded = config.base_model_name_or_path
+    if base is not None:
+        config.base_model_name_or_path = str(base)
+    try:
+        peft_model.save_pretrained(str(out_dir))
+    finally:
+        config.base_model_name_or_path = recorded  # the training model stays as it was
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+
+
+def lora_summary(model, base: Optional[str], merge: bool) -> dict:
+    """summary.json's ``lora`` entry for a LoRA model (what OUTPUT holds), else {}."""
+    if not is_peft_model(model.model if isinstance(model, ScalarModel) else model):
+        return {}
+    entry = {"adapter": ADAPTER_DIR, "adapter_base": base, "merged_model": merge}
+    if not merge:
+        entry["note"] = (f"--no-merge-lora: OUTPUT holds the adapter ({ADAPTER_DIR}/, PEFT format, on the base "
+                         f"{base}) and the tokenizer, no merged model; load it with PeftModel.from_pretrained(base "
+                         f"model, OUTPUT/{ADAPTER_DIR}).")
+        if isinstance(model, ScalarModel):
+            entry["note"] += (f" The adapter holds the scalar head; the reward shift and scale ({SHIFT_KEY} = "
+                              f"{model.shift:g}, {SCALE_KEY} = {model.scale:g}) are not in it.")
+    return {"lora": entry}
 
 
 def save_scalar_model(model: ScalarModel, out_dir: str, state_dict: Optional[dict] = None) -> None:

@@ -109,14 +109,20 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def save_model_final(out: Path, dist: DistInfo, model, tokenizer) -> None:
+def save_model_final(out: Path, dist: DistInfo, model, tokenizer, base: Optional[str] = None,
+                     merge: bool = True) -> dict:
     """The trained model in HF format in OUTPUT (see save_final). Under FSDP every rank helps
     gather the full weights, which rank 0 then writes; otherwise rank 0 saves its replica.
-    ``model`` is the unwrapped module (not the DDP wrapper)."""
-    from prefalign.models import save_pretrained
+    ``model`` is the unwrapped module (not the DDP wrapper). A LoRA model also writes its adapter
+    (OUTPUT/adapter, PEFT format, recording ``base`` as its base model); ``merge=False``
+    (--no-merge-lora) writes the adapter and tokenizer only. Returns summary.json's entries about
+    it (``lora``; {} without LoRA)."""
+    from prefalign.models import lora_summary, save_pretrained
     state = ckpt.full_model_state(model, dist) if is_fsdp(model) else None
-    save_final(out, dist, lambda d: save_pretrained(model, tokenizer, d, state_dict=state),
+    save_final(out, dist, lambda d: save_pretrained(model, tokenizer, d, state_dict=state, merge=merge,
+                                                    adapter_base=base),
                needed=lambda: ckpt.nbytes(state if state is not None else model.state_dict()))
+    return lora_summary(model, base, merge)
 
 
 def finish(cfg, out: Path, dist: DistInfo, stage: str, t0: float, result=None, **extra: Any) -> dict:

@@ -1,8 +1,9 @@
 """prefalign dpo: Direct Preference Optimization and its variants.
 
 One step, top to bottom:
-  1. every pair's chosen and rejected go through the policy in ONE forward pass (padded rows, or
-     with --packing padding-free rows holding each chosen next to its rejected; pair_batch.py);
+  1. every pair's chosen and rejected go through the policy in ONE forward pass (padding-free
+     packed rows holding each chosen next to its rejected by default where the models support
+     them (stages/packing.py), else padded rows; pair_batch.py);
   2. summed completion log-probs per sequence (dpo_batch.py; means with --length-normalize);
   3. the reference's log-probs, ``reference.logps(batch)`` (dpo_reference.py): computed once
      before training and cached on disk (ref_cache.py), riding along with each pair; with
@@ -28,6 +29,7 @@ from prefalign.models.attention import uses_packed_attention
 from prefalign.stages.common import finish, report, save_model_final, split_eval, start
 from prefalign.stages.dpo_batch import pair_logps
 from prefalign.stages.dpo_reference import Reference, make_reference
+from prefalign.stages.packing import announce, choose_layout
 from prefalign.stages.pair_batch import TokenizedPair, collate_pairs, tokenize_pairs
 from prefalign.train.dist import wrap_model
 from prefalign.train.loop import LossOutput, fit
@@ -96,20 +98,22 @@ def run_dpo(cfg) -> int:
     model.to(dist.device)
     pairs = read_pairs(cfg, cfg.data, tokenizer)
     eval_pairs = read_pairs(cfg, cfg.eval_data, tokenizer, eval=True) if cfg.eval_data else None
-    # --packing: pairs in rows of about --max-length tokens. Each pair's prompt once (prompt, chosen,
-    # rejected) where every model that reads the rows follows the layout; a live --ref-model of
-    # its own may not.
-    share = cfg.packing and uses_packed_attention(model) and not (cfg.live_reference and cfg.ref_model)
-    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id,
-                      pack_tokens=cfg.max_length if cfg.packing else None, share_prompt=share)
     reference = make_reference(cfg, model, tokenizer, pairs, eval_pairs, dist)
+    # Packed: pairs in rows of about --max-length tokens, when the policy and a live reference (which
+    # reads the same rows) support them. Each pair's prompt once (prompt, chosen, rejected) where
+    # every model that reads the rows follows the layout; a live --ref-model of its own may not.
+    layout = choose_layout(cfg.packing, {"policy": model, "reference": getattr(reference, "model", model)})
+    announce("dpo", layout, show=dist.is_main)
+    share = layout.packed and uses_packed_attention(model) and not (cfg.live_reference and cfg.ref_model)
+    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id,
+                      pack_tokens=cfg.max_length if layout.packed else None, share_prompt=share)
     pairs, eval_pairs = split_eval(pairs, eval_pairs, cfg.eval_fraction, cfg.seed)
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, DPOObjective(cfg, reference), pairs, collate, out_dir=out, dist=dist,
                  eval_set=eval_pairs or None, desc="dpo", trainable=model)
-    save_model_final(out, dist, model, tokenizer)
+    saved = save_model_final(out, dist, model, tokenizer, base=cfg.model, merge=cfg.merge_lora)
     summary = finish(cfg, out, dist, "dpo", t0, result, train_pairs=len(pairs), eval_pairs=len(eval_pairs or []),
-                     reference=reference.info)
+                     reference=reference.info, layout=layout.info(), **saved)
     if dist.is_main:
         report(summary, ["loss", "rewards/margins", "rewards/accuracies", "eval/loss", "eval/rewards/accuracies"])
     return 0

@@ -21,6 +21,7 @@ The models run in eval mode (no dropout), so sampled and recomputed log-probs ag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from typing import Optional
@@ -30,7 +31,7 @@ import torch
 from prefalign.data import encode_prompt, load_prompts, source_options
 from prefalign.errors import ConfigError
 from prefalign.losses import gae, global_moments, kl_estimate, ppo_policy_loss, ppo_value_loss, whiten
-from prefalign.models import disabled_adapter
+from prefalign.models import disabled_adapter, lora_summary
 from prefalign.ops import masked_mean
 from prefalign.rl.forwards import policy_forward, token_values
 from prefalign.rl.kl_control import make_kl_controller
@@ -38,7 +39,8 @@ from prefalign.rl.reward_scoring import reward_inputs
 from prefalign.rl.scores import RunningMoments, final_scores
 from prefalign.rollout import PackedSequences, Rollout, sample
 from prefalign.stages.common import finish, save_final, start
-from prefalign.stages.ppo_models import Models, RewardFn, load_models, pack_rows, save_models
+from prefalign.stages.packing import announce, choose_layout
+from prefalign.stages.ppo_models import Models, RewardFn, load_models, pack_rows, row_readers, save_models
 from prefalign.train.dist import (DistInfo, all_gather_object, all_reduce_sum, average_gradients, check_replicas,
                                   param_digest)
 from prefalign.train.harness import Meter, Run, agree
@@ -278,6 +280,9 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     kl_ctl, stats = make_kl_controller(cfg, cfg.rollout_batch_size * dist.world_size), RunningMoments()
     examples = load_prompts(cfg.prompts, cfg.data_format, **source_options(cfg))
     m = load_models(cfg, dist.device, reward_fn)
+    layout = choose_layout(cfg.packing, row_readers(m))
+    announce("ppo", layout, show=dist.is_main)
+    cfg = dataclasses.replace(cfg, packing=layout.packed)  # collect() and minibatch_loss() read cfg.packing
     query_ids = [encode_prompt(m.tokenizer, ex.prompt, cfg.max_prompt_length) for ex in examples]
     per_epoch, total = plan_iterations(cfg, len(examples), dist.world_size)
     value_lr = value_learning_rate(cfg, m)
@@ -324,11 +329,12 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
             run.bar.set_postfix(score=f"{run.last['objective/scores']:.3f}", kl=f"{run.last['objective/kl']:.3f}")
             run.end_step(run.agree()[1])  # every rank stops at the same iteration
     digests = replicas.check_at_end()
-    save_final(out, dist, lambda d: save_models(m, d))
+    save_final(out, dist, lambda d: save_models(m, d, base=cfg.model, merge=cfg.merge_lora))
     summary = finish(cfg, out, dist, "ppo", t0, run.result(), global_batch_size=cfg.rollout_batch_size * dist.world_size,
                      prompts=len(examples), iterations_time_s=train_time, final_kl_coef=kl_ctl.value,
                      value_model="shared head" if m.value_head is not None else "separate",
-                     reward_retokenized=m.retokenize, replica_checks=replicas.checks, parameter_sha256=digests)
+                     reward_retokenized=m.retokenize, replica_checks=replicas.checks, parameter_sha256=digests,
+                     layout=layout.info(), **lora_summary(m.policy, cfg.model, cfg.merge_lora))
     if dist.is_main:
         keys = ("objective/scores", "objective/kl", "kl_coef", "eos_rate")
         print(f"prefalign ppo: {summary['steps']} iterations in {summary['wall_time_s']:.1f}s; "

@@ -77,21 +77,27 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
 PACK_ROW_TOKENS = 1024
 
 
+def row_readers(m: Models) -> dict[str, nn.Module]:
+    """The models that read packed rollout rows, by role (what decides packing: stages/packing.py)."""
+    readers = {"policy": m.policy, "reference": m.ref, "value model": m.value_model, "reward model": m.reward_model}
+    return {role: x for role, x in readers.items() if x is not None}
+
+
 def pack_rows(m: Models, seq: tuple) -> PackedSequences:
-    """The rollout's sequences packed for the scoring and training forwards (``--packing``): long
+    """The rollout's sequences packed for the scoring and training forwards (packed layout): long
     rows only when every model that reads them runs per-example attention."""
-    readers = [x for x in (m.policy, m.ref, m.value_model, m.reward_model) if x is not None]
-    long_rows = all(uses_packed_attention(x) for x in readers)
+    long_rows = all(uses_packed_attention(x) for x in row_readers(m).values())
     return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
 
 
-def save_models(m: Models, out_dir) -> None:
-    """The policy in HF format in OUTPUT, the value model (or the shared head, with its checksum) in
-    OUTPUT/value_model. save_final removes the folder when a write fails; the guard here gives the
-    message the space the models need."""
+def save_models(m: Models, out_dir, base: Optional[str] = None, merge: bool = True) -> None:
+    """The policy in HF format in OUTPUT (with --lora also its adapter in OUTPUT/adapter, recording
+    ``base``; ``merge=False``: the adapter alone), the value model (or the shared head, with its
+    checksum) in OUTPUT/value_model. save_final removes the folder when a write fails; the guard here
+    gives the message the space the models need."""
     with diskio.guarded(out_dir, ckpt.nbytes(m.trainable.state_dict()), ckpt.resume_hint(out_dir.parent),
                         what=f"the final models into {out_dir.parent}"):
-        save_pretrained(m.policy, m.tokenizer, out_dir)
+        save_pretrained(m.policy, m.tokenizer, out_dir, merge=merge, adapter_base=base)
         if m.value_model is not None:
             save_pretrained(m.value_model, m.tokenizer, out_dir / "value_model")
         else:

@@ -3,8 +3,9 @@
 The model is the causal LM's backbone plus a linear head giving one scalar at the last real
 token (saved as a standard HF sequence-classification checkpoint). Loss per pair:
 -log sigma(r(x, y_w) - r(x, y_l) - margin). Chosen and rejected go through the model in one
-forward pass (padded, or with --packing padding-free rows: same loss, no compute on padding,
-each pair's prompt packed once when the model runs prefalign_packed attention). After training,
+forward pass (padding-free packed rows by default where the model supports them, else padded:
+same loss, no compute on padding, each pair's prompt packed once when the model runs
+prefalign_packed attention; stages/packing.py). After training,
 rewards are shifted (and with --normalize std scaled) so that E[r] = 0 over the training
 completions; shift and scale are stored in config.json and every later scoring applies them.
 """
@@ -21,6 +22,7 @@ from prefalign.models import ScalarModel, apply_lora, load_scalar_model
 from prefalign.models.attention import uses_packed_attention
 from prefalign.stages.batching import collate_padded
 from prefalign.stages.common import finish, report, save_model_final, split_eval, start
+from prefalign.stages.packing import announce, choose_layout
 from prefalign.stages.pair_batch import TokenizedPair, collate_pairs, pair_sequences, split_pairs, tokenize_pairs
 from prefalign.train.dist import sharded_map, wrap_model
 from prefalign.train.logger import iter_progress
@@ -98,9 +100,11 @@ def run_reward(cfg) -> int:
         else None
     pairs, eval_pairs = split_eval(pairs, eval_pairs, cfg.eval_fraction, cfg.seed)
     pad_id = tokenizer.pad_token_id
-    # --packing: each micro-batch's pairs go padding-free into rows of about max_length tokens,
+    # Packed: each micro-batch's pairs go padding-free into rows of about max_length tokens,
     # each pair's prompt once where the model's attention follows that layout.
-    collate = partial(collate_pairs, pad_id=pad_id, pack_tokens=cfg.max_length if cfg.packing else None,
+    layout = choose_layout(cfg.packing, {"reward model": model})
+    announce("reward", layout, show=dist.is_main)
+    collate = partial(collate_pairs, pad_id=pad_id, pack_tokens=cfg.max_length if layout.packed else None,
                       share_prompt=uses_packed_attention(model))
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, RewardObjective(cfg.center_coef), pairs, collate, out_dir=out, dist=dist,
@@ -120,9 +124,9 @@ def run_reward(cfg) -> int:
         norm["over"] = cfg.normalize_data or "training completions"
         norm["n_completions"] = int(scores.numel())
     model.set_normalization(norm["shift"], norm["scale"])
-    save_model_final(out, dist, model, tokenizer)
+    saved = save_model_final(out, dist, model, tokenizer, base=cfg.model, merge=cfg.merge_lora)
     summary = finish(cfg, out, dist, "reward", t0, result, normalization=norm, train_pairs=len(pairs),
-                     eval_pairs=len(eval_pairs or []))
+                     eval_pairs=len(eval_pairs or []), layout=layout.info(), **saved)
     if dist.is_main:
         report(summary, ["loss", "accuracy", "eval/loss", "eval/accuracy"])
         if cfg.normalize != "none":

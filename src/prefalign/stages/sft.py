@@ -1,11 +1,16 @@
 """prefalign sft: supervised fine-tuning.
 
 {prompt, completion} and chat data: loss on completion tokens only (prompt masked), EOS
-appended so the model learns to stop. {text}: plain LM loss on every token. --packing puts
-several examples in one row with per-example position ids and no attention across them;
-the loss equals the padded loss of the same examples (tests/test_sft.py).
+appended so the model learns to stop. {text}: plain LM loss on every token. Packed rows hold
+several examples with per-example position ids and no attention across them; the loss equals
+the padded loss of the same examples (tests/test_sft.py). By default (packing auto, models that
+support it: stages/packing.py) each batch's examples are packed, so a step sees the examples a
+padded step sees; --packing fills rows of --max-length tokens from the whole data set and
+--batch-size counts rows.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -14,8 +19,9 @@ from prefalign.logits import head_logps
 from prefalign.models import load_causal_lm
 from prefalign.models.attention import packed_kwargs
 from prefalign.ops import next_token_inputs, token_logps
+from prefalign.stages.batching import collate_packed_flat, collate_packed_rows, collate_padded, label_mask
 from prefalign.stages.common import finish, report, save_model_final, split_eval, start
-from prefalign.stages.batching import collate_padded, collate_packed_rows, label_mask
+from prefalign.stages.packing import announce, choose_layout
 from prefalign.train.dist import wrap_model
 from prefalign.train.loop import LossOutput, fit
 
@@ -80,19 +86,26 @@ def run_sft(cfg) -> int:
             t.prompt_len = 0
     train_tok, eval_tok = split_eval(train_tok, eval_tok, cfg.eval_fraction, cfg.seed)
     pad_id = tokenizer.pad_token_id
-    if cfg.packing:
+    layout = choose_layout(cfg.packing, {"policy": model})
+    if cfg.packing:  # rows of --max-length tokens from the whole data set: --batch-size counts rows
         train_set = [[train_tok[i] for i in g] for g in pack_groups([len(t.input_ids) for t in train_tok], cfg.max_length)]
-        collate = lambda rows: collate_packed_rows(rows, pad_id)
-    else:
+        collate = partial(collate_packed_rows, pad_id=pad_id)
+        detail = f", {len(train_tok)} examples in {len(train_set)} rows of up to {cfg.max_length} tokens"
+    elif layout.packed:  # each batch's examples padding-free: --batch-size still counts examples
         train_set = train_tok
-        collate = lambda rows: collate_padded(rows, pad_id)
-    eval_collate = lambda rows: collate_padded(rows, pad_id)
+        collate = partial(collate_packed_flat, pad_id=pad_id, max_tokens=cfg.max_length)
+        detail = f", each batch's examples in rows of about {cfg.max_length} tokens"
+    else:
+        train_set, detail = train_tok, ""
+        collate = partial(collate_padded, pad_id=pad_id)
+    announce("sft", layout, detail, show=dist.is_main)
+    eval_collate = partial(collate_padded, pad_id=pad_id)
     wrapped = wrap_model(model, dist, cfg.distributed)
     result = fit(cfg, wrapped, SFTObjective(), train_set, collate, out_dir=out, dist=dist,
                  eval_set=eval_tok or None, desc="sft", trainable=model, eval_collate=eval_collate)
-    save_model_final(out, dist, model, tokenizer)
+    saved = save_model_final(out, dist, model, tokenizer, base=cfg.model, merge=cfg.merge_lora)
     summary = finish(cfg, out, dist, "sft", t0, result, train_examples=len(train_tok),
-                     train_rows=len(train_set), eval_examples=len(eval_tok or []))
+                     train_rows=len(train_set), eval_examples=len(eval_tok or []), layout=layout.info(), **saved)
     if dist.is_main:
         report(summary, ["loss", "token_accuracy", "eval/loss", "eval/token_accuracy"])
     return 0

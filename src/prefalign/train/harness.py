@@ -19,8 +19,10 @@ What the harness owns:
 - resume from the newest complete checkpoint, refusing one written for another plan (data set,
   global batch, processes) or another model; a changed --lr takes effect;
 - atomic saves (train/checkpoint.py) of model and optimizer (full, name-keyed state whatever the
-  sharding), scheduler, stage extras (objects with state_dict/load_state_dict), every rank's RNG
-  streams and named torch.Generators, the data position, metric sums not yet logged;
+  sharding; frozen parameters, e.g. a LoRA run's base weights, are left out and reloaded from
+  --model on resume, checked by a sha256 of them), scheduler, stage extras (objects with
+  state_dict/load_state_dict), every rank's RNG streams and named torch.Generators, the data
+  position, metric sums not yet logged;
 - SIGTERM/SIGINT: a checkpoint after the current step, then ``TrainingStopped`` (exit 128 + signal);
 - bad-step accounting: more than --max-bad-steps skipped steps saves the last good state and stops
   (exit 3);
@@ -29,6 +31,7 @@ What the harness owns:
 """
 from __future__ import annotations
 
+import hashlib
 import signal
 import sys
 import time
@@ -201,6 +204,7 @@ class Run:
         self.signals = SignalFlag()
         self.bar = None
         self.clock = time.perf_counter()
+        self._frozen: Optional[dict] = None  # frozen_weights(), computed once
 
     # ----------------------------------------------------------------- the loop's frame
 
@@ -276,6 +280,9 @@ class Run:
             self.pre_save(self.step)
         dist = self.dist
         model_sd, optim_sd = ckpt.full_train_state(self.model, self.optimizer, dist)
+        frozen = self.frozen_weights()
+        if frozen is not None and model_sd is not None:  # reloaded from --model on resume
+            model_sd = {k: v for k, v in model_sd.items() if k not in frozen["names"]}
         streams = all_gather_object({"rng": ckpt.rng_state(dist.device),
                                      "generators": {k: g.get_state() for k, g in self.generators.items()}})
         extra = {k: ckpt.extra_state_of(v, dist) for k, v in self.extra.items()}
@@ -286,6 +293,8 @@ class Run:
                      "generators": [s["generators"] for s in streams], "position": dict(self.pos), "meter": meter,
                      "extra": extra, "plan": self.plan, "logged": {"last": self.last, "eval": self.eval},
                      "world_size": dist.world_size}
+            if frozen is not None:
+                state["frozen"] = {"parameters": len(frozen["names"]), "sha256": frozen["sha256"]}
             if self.global_batch is not None:
                 state["global_batch"] = self.global_batch[0] * self.global_batch[1] * dist.world_size
         else:
@@ -340,11 +349,41 @@ class Run:
             raise ConfigError(f"cannot resume from {state['path']}: it was written with {describe(saved)}; this run "
                               f"has {describe(self.plan)}. {self.plan_hint}Otherwise start a new --output.")
 
+    def frozen_weights(self) -> Optional[dict]:
+        """{"names", "sha256"} of the parameters that never train (requires_grad off: a LoRA run's
+        base weights), or None when every parameter trains. Checkpoints leave them out."""
+        if self._frozen is None:
+            named = [(n, p) for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad]
+            h = hashlib.sha256()
+            for name, p in named:
+                t = p.detach().contiguous().reshape(-1)
+                h.update(f"{name}:{t.dtype}:{tuple(p.shape)};".encode())
+                h.update(memoryview(t.view(torch.uint8).cpu().numpy()))
+            self._frozen = {"names": {n for n, _ in named}, "sha256": h.hexdigest()}
+        return self._frozen if self._frozen["names"] else None
+
+    def with_frozen_weights(self, state: dict) -> Optional[dict]:
+        """The checkpoint's model state with the frozen parameters it left out taken from this run's
+        model (loaded from --model), after checking they are the ones it was trained on."""
+        model_sd, saved = state["model"], state.get("frozen")
+        if saved is None:
+            return model_sd
+        mine = self.frozen_weights()
+        if mine is None or mine["sha256"] != saved["sha256"]:
+            raise ConfigError(f"cannot resume from {state['path']}: its {saved['parameters']} frozen parameters (the "
+                              f"base weights of a LoRA run) are not this run's; resume with the same --model and "
+                              f"LoRA options, or start a new --output.")
+        if model_sd is None:  # ranks other than 0: rank 0 broadcasts
+            return None
+        own = self.model.state_dict()
+        return {**{k: own[k] for k in mine["names"] if k in own}, **model_sd}
+
     def load_states(self, state: dict) -> None:
         """Full model/optimizer state (broadcast from rank 0 under torchrun), scheduler and stage
         extras; a checkpoint of another model or stage is a ConfigError."""
+        model_sd = self.with_frozen_weights(state)
         try:
-            ckpt.load_train_state(self.model, self.optimizer, state["model"], state["optimizer"], self.dist)
+            ckpt.load_train_state(self.model, self.optimizer, model_sd, state["optimizer"], self.dist)
             self.scheduler.load_state_dict(state["scheduler"])
             for k, v in self.extra.items():
                 ckpt.load_extra(v, state["extra"][k], self.dist)
