@@ -444,7 +444,9 @@ def finished(proc, log, timeout=300) -> tuple[int, str]:
 def stop_message(text: str, stage: str) -> str:
     """The one line a person reads: `prefalign STAGE: stopped: ...`, with no traceback."""
     assert "Traceback" not in text, text[-4000:]
-    lines = [line for line in text.splitlines() if line.startswith(f"prefalign {stage}: ")]
+    layout = (f"prefalign {stage}: packed rows", f"prefalign {stage}: padded rows")  # the run's layout notice
+    lines = [line for line in text.splitlines() if line.startswith(f"prefalign {stage}: ")
+             and not line.startswith(layout)]
     assert len(lines) == 1 and lines[0].startswith(f"prefalign {stage}: stopped: "), text[-4000:]
     return lines[0]
 
