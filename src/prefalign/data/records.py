@@ -166,6 +166,9 @@ def _load(path, data_format: Optional[str], wanted: tuple[str, ...], what: str, 
             raise DataError(f"holds `{name}` records, which give no {what}; use a file in one of the formats "
                             f"{', '.join(fit)} (see `prefalign data check`).{half}", path=pf.path)
     skipped = Counter(p.skip for _, _, p in pf.parsed if p.skip)
+    # A library that configures logging with disable_existing_loggers (alembic under MLflow, and
+    # others) must not silence what the user's data needs them to hear.
+    log.disabled = False
     for reason, count in skipped.items():
         log.warning("%s: skipped %d record(s): %s", pf.path, count, reason)
     for warn, count in warned.items():
