@@ -126,6 +126,9 @@ def stage_or_skip(name) -> Stage:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     w = tmp_path_factory.mktemp("resume")
+    # A reference cache of this session only: entries left on this machine by other runs of the same
+    # tiny model must not stand in for the ones these runs compute.
+    ENV["PREFALIGN_CACHE"] = str(w / "cache")
     rows = pairs(24)
     save_tiny_model(w / "base", hidden=32, layers=2, texts=SAMPLE_TEXTS + [r["chosen"] + r["rejected"] for r in rows])
     config = json.loads((w / "base" / "config.json").read_text())

@@ -293,6 +293,7 @@ def test_starting_a_tracker_leaves_prefalign_warnings_on(tmp_path):
     import logging.config
     from prefalign.train.trackers import loggers_kept_enabled
     records = logging.getLogger("prefalign.data.records")
+    records.disabled = False  # as a fresh process has it
     with loggers_kept_enabled():
         logging.config.dictConfig({"version": 1, "disable_existing_loggers": True})
     assert not records.disabled

@@ -143,9 +143,14 @@ def _open_scorer(cfg, model, tokenizer, device) -> Iterator[Scorer]:
         model.train(was_training)
 
 
+# Bumped when the way reference log-probs are computed changes their rounding (2: chunked log-probs
+# from the final hidden states), so entries computed the old way are not mixed with new policy log-probs.
+REF_LOGPS_METHOD = 2
+
+
 def reference_settings(cfg, data_path: str, pairs: list[TokenizedPair], device) -> dict:
     """What the cached reference log-probs depend on (ref_cache.py hashes these into the key)."""
-    return {"reference": model_fingerprint(cfg.ref_model or cfg.model),
+    return {"method": REF_LOGPS_METHOD, "reference": model_fingerprint(cfg.ref_model or cfg.model),
             "dtype": str(resolve_dtype(cfg.dtype, device, trainable=not cfg.ref_model)),
             "data": source_digest(data_path), "data_format": cfg.data_format, "max_length": cfg.max_length,
             "max_prompt_length": cfg.max_prompt_length, "attn": cfg.attn_implementation,
