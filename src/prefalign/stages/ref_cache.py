@@ -43,11 +43,8 @@ def default_cache_dir() -> Path:
 
 
 def file_digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file's bytes (the same digest checkpoints and value heads record)."""
+    return diskio.file_sha256(Path(path))
 
 
 def model_fingerprint(spec: str) -> str:
