@@ -92,21 +92,13 @@ def _write_final(out: Path, save_fn: Callable[[Path], None], needed: diskio.Need
         save_fn(tmp)
         files = sorted((f for f in tmp.rglob("*") if f.is_file()), key=lambda f: f.name == "config.json")
         for f in files:
-            _fsync_file(f)
+            diskio.fsync_path(f)
         for f in files:
             dest = out / f.relative_to(tmp)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(f, dest)
         shutil.rmtree(tmp)
-        _fsync_file(out)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        diskio.fsync_path(out)
 
 
 def save_model_final(out: Path, dist: DistInfo, model, tokenizer, base: Optional[str] = None,

@@ -151,11 +151,11 @@ def save_checkpoint(out_dir, step: int, state: dict[str, Any], keep: int = 2) ->
         tmp.mkdir()
         size, digest = diskio.write_stream(tmp / STATE, lambda f: torch.save(state, f))
         diskio.write_stream(tmp / MARKER, lambda f: f.write(f"{step} {size} {digest}\n".encode()))
-        diskio.fsync_dir(tmp)
+        diskio.fsync_path(tmp)
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
-        diskio.fsync_dir(root)
+        diskio.fsync_path(root)
         prune(root, keep)
     return final
 

@@ -239,8 +239,8 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable."""
+def fsync_path(path: Path) -> None:
+    """Make ``path`` durable: a file's bytes, or a directory's entries (a rename or a new file in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -256,7 +256,7 @@ def write_atomic(path, data: bytes, then: Then = "rerun") -> None:
     with guarded(path, len(data), then, cleanup=[tmp]):
         write_stream(tmp, lambda f: f.write(data))
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def append(path, data: bytes, then: Then = "rerun") -> None:
