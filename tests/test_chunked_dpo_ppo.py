@@ -20,7 +20,7 @@ from prefalign.rollout import pack_sequences
 from prefalign.stages.dpo_batch import pair_logps, scored_tokens
 from prefalign.stages.pair_batch import collate_pairs, tokenize_pairs
 from prefalign.tiny import SAMPLE_TEXTS, tiny_llama, tiny_tokenizer
-from test_chunked_logps import BF16_GRAD_ATOL, LargestTensor, assert_chunked, full_logits, ragged
+from test_chunked_logps import BF16_GRAD_ATOL, assert_chunked, full_logits, largest_tensors, ragged
 
 PREFERENCES = [("The movie was", " great and the acting was wonderful.", " boring and weak."),
                ("Honestly the plot", " was lovely.", " was dull and the ending felt weak."),
@@ -179,14 +179,12 @@ def test_pair_logps_builds_no_tensor_of_n_by_v(tok, layout, monkeypatch):
     assert N > 4 * 16
     monkeypatch.setattr(ops_chunked, "CHUNK_LOGITS", 16 * V)  # 16 tokens a chunk
 
+    def step():
+        out = pair_logps(model, batch)
+        (out.chosen - out.rejected).sum().backward()
+
     def measure():
-        saved = []
-        with LargestTensor() as created, torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t.numel()) or t, lambda t: t):
-            out = pair_logps(model, batch)
-            (out.chosen - out.rejected).sum().backward()
-        model.zero_grad(set_to_none=True)
-        return created.numel, max(saved)
+        return largest_tensors(model, step)
 
     measure()  # the first call per model probes the head on one position; measure a later one
     created, saved = measure()

@@ -341,6 +341,17 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+def largest_tensors(model, step) -> tuple[int, int]:
+    """The element counts of the largest tensor ``step()`` creates and of the largest one autograd
+    saves for backward; the model's gradients are cleared after."""
+    saved = []
+    with LargestTensor() as created, torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel()) or t, lambda t: t):
+        step()
+    model.zero_grad(set_to_none=True)
+    return created.numel, max(saved)
+
+
 def test_no_tensor_of_n_by_v_in_forward_or_backward(monkeypatch):
     """A wide vocabulary (V = 8192) and a narrow model (H = 16): the largest tensor any op creates,
     or autograd saves, in forward + backward is a chunk of logits (16 x V) or a weight (V x H),
@@ -358,12 +369,7 @@ def test_no_tensor_of_n_by_v_in_forward_or_backward(monkeypatch):
     monkeypatch.setattr(ops_chunked, "CHUNK_LOGITS", 16 * V)  # 16 tokens a chunk
 
     def measure():
-        saved = []
-        with LargestTensor() as created, torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t.numel()) or t, lambda t: t):
-            SFTObjective()(model, batch).loss.backward()
-        model.zero_grad(set_to_none=True)
-        return created.numel, max(saved)
+        return largest_tensors(model, lambda: SFTObjective()(model, batch).loss.backward())
 
     measure()  # the first call per model probes the head on one position; measure a later one
     created, saved = measure()
