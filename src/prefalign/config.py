@@ -261,12 +261,21 @@ class PPOConfig(ModelArgs, SourceArgs, TrainArgs):
               "separate value model (a full model, not LoRA) 1e-5, `prefalign reward`'s default for a full scalar model.")
     batch_size: int = opt(8, "Not used by ppo (refused): TRL's per_device_train_batch_size x gradient_accumulation_steps "
                              "is --minibatch-size here, and a rollout's size is --rollout-batch-size.")
-    reward_model: Optional[str] = opt(None, "Frozen reward model directory (from `prefalign reward`).")
+    reward_model: Optional[str] = opt(None, "Frozen reward model directory(ies), comma-separated (from `prefalign "
+                                            "reward`, or any HF sequence-classification model with one label; "
+                                            "prefalign's normalisation from config.json is applied).")
+    reward_fn: Optional[str] = opt(None, "Reward function(s), comma-separated: module:function or "
+                                         "path/to/file.py:function, called as fn(prompts, completions, **columns) "
+                                         "-> list[float] (as grpo); with or instead of --reward-model.")
+    reward_weights: Optional[str] = opt(None, "Comma-separated weights of the reward sources, reward models first "
+                                              "then functions, in the order given (default: 1 each); the score is "
+                                              "their weighted sum.")
     prompts: Optional[str] = opt(None, "Prompts (any format with a prompt; any source --data accepts: file, "
-                                       "folder, Hub id).")
+                                       "folder, Hub id); its other fields reach --reward-fn as keyword arguments.")
     data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
     ref_model: Optional[str] = opt(None, "Frozen reference (default: the SFT model given by --model).")
-    value_model: Optional[str] = opt(None, "Initial value model (default: the reward model); with "
+    value_model: Optional[str] = opt(None, "Initial value model (default: the first reward model when it shares the "
+                                           "policy's tokenizer, else a new head on the policy's backbone); with "
                                          "--shared-value-head, an earlier run's value_model folder to continue its head.")
     shared_value_head: bool = opt(False, "Value head on the policy's backbone instead of a separate value model.")
     iterations: int = opt(-1, "PPO iterations (rollout + update); -1: one pass over the prompts per epoch.")
