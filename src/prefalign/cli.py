@@ -98,7 +98,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("reward",): Command(C.RewardConfig, _reward, "Train a Bradley-Terry reward model on preference pairs."),
     ("score",): Command(C.ScoreConfig, _score, "Score completions or pairs with a reward model."),
     ("dpo",): Command(C.DPOConfig, _dpo, "Direct Preference Optimization (and variants)."),
-    ("ppo",): Command(C.PPOConfig, _ppo, "RLHF with PPO against a reward model."),
+    ("ppo",): Command(C.PPOConfig, _ppo, "RLHF with PPO against reward models and/or reward functions."),
     ("rloo",): Command(C.RLOOConfig, _group, "RLOO: K completions per prompt, leave-one-out baseline, no critic."),
     ("grpo",): Command(C.GRPOConfig, _group, "GRPO (and Dr. GRPO, DAPO options): group-normalised advantages."),
     ("online-dpo",): Command(C.OnlineDPOConfig, _online_dpo, "Online DPO: two samples per prompt, a judge orders "
