@@ -223,3 +223,13 @@ def test_packed_run_equals_padded(fixture, tmp_path):
     assert any((a[k] - base[k]).abs().max() > 1e-4 for k in a)  # it trained
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_score_rises(fixture, tmp_path):
+    # The share of low-half token ids starts near 0.5; 16 iterations of one DPO step on 8 fresh pairs
+    # lift it (seen: 0.53 over the first four iterations -> 0.77 over the last four, KL 6.4).
+    out = tmp_path / "out"
+    run_online_dpo(config(fixture, out, iterations=16, rollout_batch_size=8, minibatch_size=8, lr=5e-2, beta=0.5))
+    scores = [r["objective/scores"] for r in read_metrics(out / "metrics.jsonl")]
+    assert sum(scores[-4:]) / 4 > sum(scores[:4]) / 4 + 0.1, scores
