@@ -2,7 +2,7 @@
 import pytest
 
 from prefalign import config as C
-from prefalign.cli import main
+from prefalign.cli import COMMANDS, main
 from prefalign.errors import ConfigError
 
 
@@ -39,9 +39,8 @@ def test_invalid_value_message():
         C.parse_config(C.SFTConfig, ["--batch-size", "0"])
 
 
-@pytest.mark.parametrize("cls", [C.SFTConfig, C.RewardConfig, C.DPOConfig, C.PPOConfig, C.ScoreConfig,
-                                 C.DataCheckConfig, C.PairsConfig, C.LabelConfig, C.LabelExportConfig,
-                                 C.ConvertConfig, C.DemoConfig])
+@pytest.mark.parametrize("cls", list(dict.fromkeys(cmd.config_cls for cmd in COMMANDS.values())),
+                         ids=lambda cls: cls.__name__)
 def test_every_option_has_help(cls):
     for name, f in C.fields_of(cls).items():
         assert f.metadata.get("help"), f"{cls.__name__}.{name} has no help text"

@@ -397,3 +397,48 @@ def test_group_two_processes_equal_one_with_twice_the_prompts(group_runs, comman
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     s = json.loads((d / f"{command}-two" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["replica_checks"] == 1 and s["completions_per_iteration"] == 12
+
+
+# ----------------------------------------------------------------------------- online DPO under torchrun
+
+@pytest.fixture(scope="module")
+def online_dpo_runs(tmp_path_factory):
+    """`prefalign online-dpo` with a noisy judge and two minibatches per iteration: 2 processes with 4
+    prompts each, and 1 process with 8 prompts and twice the minibatch. Draws and judge uniforms are
+    seeded by each prompt's place in the global batch and the minibatches are slices of one global
+    permutation, so both must end at the same metrics and weights."""
+    d = tmp_path_factory.mktemp("dist-online-dpo")
+    save_tiny_model(d / "base", vocab_size=300)
+    prompts = [t[:12] for t in SAMPLE_TEXTS[:16]]  # 2 global batches of 8
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (d / "rewards.py").write_text(GROUP_REWARD)
+
+    def run(out, prompts_per_process, minibatch):
+        return ["online-dpo", "--model", d / "base", "--reward-fn", f"{d / 'rewards.py'}:low_half",
+                "--prompts", d / "prompts.jsonl", "--output", out, "--iterations", GROUP_ITERATIONS,
+                "--rollout-batch-size", prompts_per_process, "--minibatch-size", minibatch, "--judge-temperature",
+                "0.3", "--beta", "0.5", "--max-new-tokens", 6, "--lr", "3e-3", "--lr-schedule", "constant", "--seed",
+                3, "--sample-every", 0, "--no-progress", *ADAM]
+
+    (d / "runs.json").write_text(json.dumps([[str(a) for a in run(d / "two", 4, 2)]]))
+    check(torchrun([TESTS / "dist_worker.py", d / "runs.json"], timeout=300))
+    single([str(a) for a in run(d / "one", 8, 4)])
+    return d
+
+
+@pytest.mark.slow
+def test_online_dpo_two_processes_equal_one_with_twice_the_prompts(online_dpo_runs):
+    d = online_dpo_runs
+    one, two = metrics(d / "one"), metrics(d / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, GROUP_ITERATIONS + 1))
+    for ra, rb in zip(one, two):
+        assert ra.keys() == rb.keys() and rb["sequences"] == 16
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+    wa, wb = load_file(d / "one" / "model.safetensors"), load_file(d / "two" / "model.safetensors")
+    base = load_file(d / "base" / "model.safetensors")
+    assert any((wa[k] - base[k]).abs().max() > 1e-3 for k in wa)  # it trained
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    s = json.loads((d / "two" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["replica_checks"] == 1 and s["pairs_per_iteration"] == 8

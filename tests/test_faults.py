@@ -600,7 +600,8 @@ def torchrun_cli(args, log_path: Path):
 # checkpoint holds per-rank sampling streams and resumes only in as many processes).
 TORCHRUN = {"sft": ([], ["--batch-size", 4]),  # a global batch of 8 either way (--grad-accum 2)
             "ppo": (["--rollout-batch-size", 2, "--minibatch-size", 1], None),
-            "grpo": (["--rollout-batch-size", 1, "--minibatch-size", 1], None)}  # the online methods too
+            "grpo": (["--rollout-batch-size", 1, "--minibatch-size", 1], None),  # the online methods too
+            "online-dpo": (["--rollout-batch-size", 2, "--minibatch-size", 1], None)}
 
 
 @pytest.mark.slow

@@ -192,7 +192,7 @@ def test_packed_rows_are_long_only_when_every_model_attends_per_example(fixture)
     policy, tok = load_causal_lm(str(d / "sft"))
     value, _ = load_scalar_model(str(d / "sft"))
     seq = ragged_rollout(vocab, tok.eos_token_id, tok.pad_token_id)  # 39 real tokens, P + R = 13
-    m = SimpleNamespace(policy=policy, ref=None, value_model=value, reward_model=None)
+    m = SimpleNamespace(policy=policy, ref=None, value_model=value, sources=[])
     assert pack_rows(m, seq).input_ids.shape == (1, 39)
     value.backbone.set_attn_implementation("sdpa")
     assert pack_rows(m, seq).input_ids.shape == (4, 13)

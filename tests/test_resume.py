@@ -91,6 +91,13 @@ def group_args(command):
                 "--keep-checkpoints", 2, "--logging-steps", 1, "--seed", 5, "--no-progress"]
     return args
 
+def online_dpo_args(w):  # 4 prompts per iteration, two minibatches of 2 pairs, a noisy judge
+    return ["online-dpo", "--model", w / "base", "--reward-model", reward_model(w), "--prompts", w / "prompts.jsonl",
+            "--lr", "3e-3", "--iterations", STEPS, "--rollout-batch-size", 4, "--minibatch-size", 2,
+            "--judge-temperature", "0.5", "--max-new-tokens", 6, "--save-steps", 1, "--keep-checkpoints", 2,
+            "--logging-steps", 1, "--seed", 5, "--no-progress"]
+
+
 LORA = ["--lora", "--lora-r", 4]
 LORA_WEIGHTS = ("model.safetensors", "adapter/adapter_model.safetensors")
 
@@ -100,6 +107,7 @@ STAGES = {"sft": Stage("prefalign.stages.sft", sft_args),
           "ppo": Stage("prefalign.stages.ppo", ppo_args, has_eval=False),
           "grpo": Stage("prefalign.stages.grpo", group_args("grpo"), has_eval=False),
           "rloo": Stage("prefalign.stages.grpo", group_args("rloo"), has_eval=False),
+          "online-dpo": Stage("prefalign.stages.online_dpo", online_dpo_args, has_eval=False),
           # checkpoints of LoRA runs hold the trainable weights only; the frozen base comes from --model
           "sft-lora": Stage("prefalign.stages.sft", lambda w: [*sft_args(w), *LORA], weights=LORA_WEIGHTS),
           "reward-lora": Stage("prefalign.stages.reward", lambda w: [*reward_args(w), *LORA], weights=LORA_WEIGHTS)}

@@ -46,6 +46,11 @@ def _group(cfg):
     return run_group(cfg)
 
 
+def _online_dpo(cfg):
+    from prefalign.stages.online_dpo import run_online_dpo
+    return run_online_dpo(cfg)
+
+
 def _data_check(cfg):
     from prefalign.stages.data_check import run_data_check
     return run_data_check(cfg)
@@ -93,9 +98,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("reward",): Command(C.RewardConfig, _reward, "Train a Bradley-Terry reward model on preference pairs."),
     ("score",): Command(C.ScoreConfig, _score, "Score completions or pairs with a reward model."),
     ("dpo",): Command(C.DPOConfig, _dpo, "Direct Preference Optimization (and variants)."),
-    ("ppo",): Command(C.PPOConfig, _ppo, "RLHF with PPO against a reward model."),
+    ("ppo",): Command(C.PPOConfig, _ppo, "RLHF with PPO against reward models and/or reward functions."),
     ("rloo",): Command(C.RLOOConfig, _group, "RLOO: K completions per prompt, leave-one-out baseline, no critic."),
     ("grpo",): Command(C.GRPOConfig, _group, "GRPO (and Dr. GRPO, DAPO options): group-normalised advantages."),
+    ("online-dpo",): Command(C.OnlineDPOConfig, _online_dpo, "Online DPO: two samples per prompt, a judge orders "
+                                                             "them, a DPO step."),
     ("data", "check"): Command(C.DataCheckConfig, _data_check, "Audit a data file before training."),
     ("pairs",): Command(C.PairsConfig, _pairs, "Sample completions per prompt for human labelling."),
     ("label",): Command(C.LabelConfig, _label, "Serve the labelling web app."),

@@ -240,15 +240,7 @@ def validate_dpo(cfg: DPOConfig) -> None:
         raise ConfigError(f"--loss must be one of {', '.join(losses)}; got {cfg.loss!r}.")
     if not 0 < cfg.beta < float("inf"):
         raise ConfigError(f"--beta must be a positive number (the KL strength; 0.1 is usual), got {cfg.beta}.")
-    smoothing = cfg.label_smoothing
-    if cfg.loss in ("hinge", "ipo") and smoothing != 0:
-        raise ConfigError(f"--label-smoothing applies to --loss sigmoid and robust only, not {cfg.loss}; "
-                          f"set label_smoothing to 0 (drop --label-smoothing {smoothing:g}) or change --loss.")
-    if cfg.loss == "sigmoid" and not 0 <= smoothing <= 0.5:
-        raise ConfigError(f"--label-smoothing must lie in [0, 0.5] for --loss sigmoid, got {smoothing}.")
-    if cfg.loss == "robust" and not 0 <= smoothing < 0.5:
-        raise ConfigError(f"--label-smoothing must lie in [0, 0.5) for --loss robust (it divides by "
-                          f"1 - 2 * label_smoothing), got {smoothing}.")
+    check_label_smoothing(cfg.loss, cfg.label_smoothing)
     if not abs(cfg.target_margin) < float("inf"):
         raise ConfigError(f"--target-margin must be a finite number, got {cfg.target_margin}.")
     if not cfg.nll_weight >= 0:
@@ -269,12 +261,21 @@ class PPOConfig(ModelArgs, SourceArgs, TrainArgs):
               "separate value model (a full model, not LoRA) 1e-5, `prefalign reward`'s default for a full scalar model.")
     batch_size: int = opt(8, "Not used by ppo (refused): TRL's per_device_train_batch_size x gradient_accumulation_steps "
                              "is --minibatch-size here, and a rollout's size is --rollout-batch-size.")
-    reward_model: Optional[str] = opt(None, "Frozen reward model directory (from `prefalign reward`).")
+    reward_model: Optional[str] = opt(None, "Frozen reward model directory(ies), comma-separated (from `prefalign "
+                                            "reward`, or any HF sequence-classification model with one label; "
+                                            "prefalign's normalisation from config.json is applied).")
+    reward_fn: Optional[str] = opt(None, "Reward function(s), comma-separated: module:function or "
+                                         "path/to/file.py:function, called as fn(prompts, completions, **columns) "
+                                         "-> list[float] (as grpo); with or instead of --reward-model.")
+    reward_weights: Optional[str] = opt(None, "Comma-separated weights of the reward sources, reward models first "
+                                              "then functions, in the order given (default: 1 each); the score is "
+                                              "their weighted sum.")
     prompts: Optional[str] = opt(None, "Prompts (any format with a prompt; any source --data accepts: file, "
-                                       "folder, Hub id).")
+                                       "folder, Hub id); its other fields reach --reward-fn as keyword arguments.")
     data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
     ref_model: Optional[str] = opt(None, "Frozen reference (default: the SFT model given by --model).")
-    value_model: Optional[str] = opt(None, "Initial value model (default: the reward model); with "
+    value_model: Optional[str] = opt(None, "Initial value model (default: the first reward model when it shares the "
+                                           "policy's tokenizer, else a new head on the policy's backbone); with "
                                          "--shared-value-head, an earlier run's value_model folder to continue its head.")
     shared_value_head: bool = opt(False, "Value head on the policy's backbone instead of a separate value model.")
     iterations: int = opt(-1, "PPO iterations (rollout + update); -1: one pass over the prompts per epoch.")
@@ -411,6 +412,103 @@ def validate_group(cfg: GRPOConfig) -> None:
     if cfg.gradient_checkpointing or cfg.distributed == "fsdp":
         raise ConfigError(f"`prefalign {cfg.estimator}` supports neither --gradient-checkpointing nor --distributed "
                           f"fsdp; drop the option (torchrun runs it data-parallel with gradients averaged over ranks).")
+
+
+@dataclass
+class OnlineDPOConfig(ModelArgs, SourceArgs, TrainArgs):
+    """prefalign online-dpo: online DPO (Guo et al. 2024): each iteration samples two completions per
+    prompt from the current policy, a judge (reward models, reward functions, or a simulated
+    Bradley-Terry labeler on their score) orders them, and a DPO step against the frozen reference follows."""
+    num_generations: ClassVar[int] = 2  # a pair per prompt (stages/policy_rollout.rollout reads it)
+    lr: float = opt(5e-7, "Peak learning rate (AdamW).")
+    batch_size: int = opt(8, "Not used (refused): TRL's per_device_train_batch_size x gradient_accumulation_steps is "
+                             "--minibatch-size here, and a rollout's size is --rollout-batch-size.")
+    prompts: Optional[str] = opt(None, "Prompts file (any format with a prompt); its other fields reach --reward-fn "
+                                       "as keyword arguments.")
+    data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
+    ref_model: Optional[str] = opt(None, "Frozen reference of the DPO loss (default: --model; with --lora the "
+                                         "policy with adapters off).")
+    reward_model: Optional[str] = opt(None, "Judge: frozen reward model directory(ies), comma-separated (any HF "
+                                            "sequence-classification model, num_labels 1; prefalign's normalisation "
+                                            "applied). The completion with the higher score is chosen.")
+    reward_fn: Optional[str] = opt(None, "Judge: reward function(s), comma-separated: module:function or "
+                                         "path/to/file.py:function, called as fn(prompts, completions, **columns) "
+                                         "-> list[float].")
+    reward_weights: Optional[str] = opt(None, "Comma-separated weights of the judge's reward sources, reward models "
+                                              "first then functions (default: 1 each); the score is their weighted sum.")
+    judge_temperature: float = opt(
+        0.0, "0: the higher score is chosen (ties: the first sample, as TRL). tau > 0: a simulated labeler draws "
+             "the preference, P(y1 > y2) = sigmoid((s1 - s2) / tau) (Bradley-Terry, the demo lab's labeler).")
+    missing_eos_penalty: Optional[float] = opt(
+        None, "Subtract this from the score of a completion that did not end with EOS before judging (TRL: "
+              "missing_eos_penalty).")
+    beta: float = opt(0.1, "KL strength beta of the DPO loss (TRL: beta).")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = opt(
+        "sigmoid", "Preference loss (TRL: loss_type sigmoid or ipo; hinge and robust as `prefalign dpo`).")
+    label_smoothing: float = opt(0.0, "Assumed label noise (conservative DPO with sigmoid; robust DPO with robust): "
+                                      "a noisy judge (--judge-temperature) flips labels.")
+    rollout_batch_size: int = opt(8, "Prompts per iteration per process, two completions each (TRL: "
+                                     "per_device_train_batch_size x gradient_accumulation_steps).")
+    minibatch_size: int = opt(8, "Pairs per optimizer step per process; must divide --rollout-batch-size (default: "
+                                 "one step per iteration, fully online as TRL).")
+    iterations: int = opt(-1, "Iterations (rollout + judge + DPO steps); -1: --epochs passes over the prompts.")
+    max_prompt_length: int = opt(128, "Maximum prompt tokens (left-truncated).")
+    max_new_tokens: int = opt(64, "Maximum sampled tokens per completion (TRL: max_new_tokens).")
+    temperature: float = opt(0.9, "Sampling temperature (TRL's default 0.9); the DPO log-probs are the model's own "
+                                  "(temperature 1).")
+    top_k: int = opt(0, "Top-k sampling (0: off).")
+    top_p: float = opt(1.0, "Nucleus sampling p (1: off).")
+    sample_every: int = opt(10, "Write sample pairs to samples.jsonl every N iterations (and at the first and the "
+                                "last; 0: never).")
+    packing: bool = opt(False, "Run the reference and training forwards on packed rows of real tokens (no padding): "
+                                "same results, less compute when lengths vary.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_online_dpo(self)
+
+
+def check_label_smoothing(loss: str, smoothing: float) -> None:
+    """--label-smoothing against --loss (dpo and online-dpo)."""
+    if loss in ("hinge", "ipo") and smoothing != 0:
+        raise ConfigError(f"--label-smoothing applies to --loss sigmoid and robust only, not {loss}; "
+                          f"set label_smoothing to 0 (drop --label-smoothing {smoothing:g}) or change --loss.")
+    if loss == "sigmoid" and not 0 <= smoothing <= 0.5:
+        raise ConfigError(f"--label-smoothing must lie in [0, 0.5] for --loss sigmoid, got {smoothing}.")
+    if loss == "robust" and not 0 <= smoothing < 0.5:
+        raise ConfigError(f"--label-smoothing must lie in [0, 0.5) for --loss robust (it divides by "
+                          f"1 - 2 * label_smoothing), got {smoothing}.")
+
+
+def validate_online_dpo(cfg: OnlineDPOConfig) -> None:
+    """The online-dpo options, checked before any model or data loads."""
+    if not 0 <= cfg.judge_temperature < float("inf"):
+        raise ConfigError(f"--judge-temperature must be a finite number >= 0 (0: the higher score wins; tau > 0: "
+                          f"a Bradley-Terry labeler), got {cfg.judge_temperature}.")
+    if cfg.missing_eos_penalty is not None and not abs(cfg.missing_eos_penalty) < float("inf"):
+        raise ConfigError(f"--missing-eos-penalty must be a finite number, got {cfg.missing_eos_penalty}.")
+    if not 0 < cfg.beta < float("inf"):
+        raise ConfigError(f"--beta must be a positive number (the KL strength; 0.1 is usual), got {cfg.beta}.")
+    check_label_smoothing(cfg.loss, cfg.label_smoothing)
+    if cfg.rollout_batch_size < 1 or cfg.minibatch_size < 1 or cfg.rollout_batch_size % cfg.minibatch_size:
+        raise ConfigError(f"--minibatch-size {cfg.minibatch_size} must divide --rollout-batch-size "
+                          f"{cfg.rollout_batch_size} (pairs per optimizer step, prompts per iteration; both >= 1).")
+    if cfg.max_new_tokens < 1 or cfg.max_prompt_length < 1:
+        raise ConfigError("--max-new-tokens and --max-prompt-length must be at least 1.")
+    if not 0 < cfg.temperature < float("inf") or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"need --temperature > 0, --top-k >= 0 and 0 < --top-p <= 1; got {cfg.temperature}, "
+                          f"{cfg.top_k}, {cfg.top_p}.")
+    unused = {"max_steps": (-1, "--iterations"), "batch_size": (8, "--rollout-batch-size and --minibatch-size"),
+              "grad_accum": (1, "--minibatch-size"), "eval_steps": (0, "samples.jsonl (--sample-every)")}
+    for name, (default, instead) in unused.items():
+        if getattr(cfg, name) != default:
+            raise ConfigError(f"`prefalign online-dpo` does not use --{name.replace('_', '-')}; use {instead} instead.")
+    if cfg.gradient_checkpointing or cfg.distributed == "fsdp":
+        raise ConfigError("`prefalign online-dpo` supports neither --gradient-checkpointing nor --distributed fsdp; "
+                          "drop the option (torchrun runs it data-parallel with gradients averaged over ranks).")
+    if cfg.lora and cfg.lora_dropout > 0:
+        raise ConfigError(f"online-dpo runs the policy without dropout (the log-ratio of a policy equal to its "
+                          f"reference must be 0, not noise); drop --lora-dropout {cfg.lora_dropout:g}.")
 
 
 @dataclass

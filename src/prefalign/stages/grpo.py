@@ -26,157 +26,33 @@ The models run in eval mode (no dropout), so sampled and recomputed log-probs ag
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
-from torch import nn
 
 from prefalign.data import encode_prompt, load_prompts, source_options
-from prefalign.errors import PrefalignError
 from prefalign.losses import global_moments
 from prefalign.losses.group import clipped_policy_loss, group_advantages, group_std
-from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, save_pretrained
-from prefalign.models.attention import uses_packed_attention
+from prefalign.models import save_pretrained
 from prefalign.rl.forwards import policy_forward
-from prefalign.rl.reward_functions import (RewardFunction, RewardFunctionError, as_completions, check_sources, combine,
-                                           load_function, load_reward_models, prompt_columns, split_list)
-from prefalign.rollout import Rollout, pack_sequences, sample
+from prefalign.rl.reward_functions import as_completions, combine
 from prefalign.stages.common import finish, save_final, start
+from prefalign.stages.online_rewards import (batch_columns, columns_of, load_sources, plan_rewards, score,
+                                             scores_or_stop)
+from prefalign.stages.online_steps import global_minibatches, take_step
+from prefalign.stages.policy_rollout import (SEQ_KEYS, PolicyModels, length_metrics, load_policy, mixed_seed,
+                                             packed_rows, reference_logprobs, reference_name, rollout, rollout_batch,
+                                             take)
 from prefalign.stages.ppo import ReplicaCheck, plan_iterations, prompt_shard
-from prefalign.stages.ppo_models import PACK_ROW_TOKENS
-from prefalign.train.dist import DistInfo, all_gather_object, average_gradients
-from prefalign.train.harness import Meter, Run, agree
-from prefalign.train.loop import autocast_for, scheduler_step
-from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
+from prefalign.train.dist import DistInfo, all_gather_object
+from prefalign.train.harness import Meter, Run
+from prefalign.train.loop import autocast_for
+from prefalign.train.optim import make_optimizer, make_scheduler
 
 N_SAMPLES = 4  # completions written to samples.jsonl every --sample-every iterations, the first and the last
-SEQ_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask")
-
-
-# --------------------------------------------------------------------------- set-up
-
-@dataclass
-class PolicyModels:
-    policy: nn.Module
-    tokenizer: object
-    ref: Optional[nn.Module]  # None: no KL term (--beta 0), or the policy with adapters off (--lora)
-    use_ref: bool             # reference log-probs are needed (--beta > 0)
-    trainable: nn.ModuleDict  # what the optimizer updates and checkpoints hold
-
-
-def load_policy(cfg, device) -> PolicyModels:
-    """The trainable policy (from --model, LoRA-wrapped with --lora) and, when --beta > 0, its frozen
-    reference (--ref-model or --model; none with --lora: the adapters are switched off instead)."""
-    kw = {"dtype": cfg.dtype, "device": device, "attn_implementation": cfg.attn_implementation}
-    policy, tok = load_causal_lm(cfg.model, **kw)
-    if cfg.lora:
-        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    ref, use_ref = None, cfg.beta > 0
-    if use_ref and (cfg.ref_model or not cfg.lora):
-        ref, ref_tok = load_causal_lm(cfg.ref_model or cfg.model, trainable=False, **kw)
-        check_same_vocab(tok, ref_tok, cfg.model, cfg.ref_model or cfg.model, role="reference")
-    trainable = nn.ModuleDict({"policy": policy})
-    trainable.eval()  # no dropout: the recorded log-probs must equal the recomputed ones
-    return PolicyModels(policy, tok, ref, use_ref, trainable)
-
-
-def mixed_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, iteration, index, ...), distinct for distinct tuples in practice."""
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + int(p) + 0x9E3779B9) % (1 << 63)
-    return h
-
-
-def packed_rows(m: PolicyModels, seq: tuple):
-    """--packing: the rows for the reference and training forwards (long rows only when every
-    model that reads them runs per-example attention, as stages/ppo_models.pack_rows)."""
-    readers = [x for x in (m.policy, m.ref) if x is not None]
-    long_rows = all(uses_packed_attention(x) for x in readers)
-    return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
-
-
-def take(batch: dict, idx: torch.Tensor) -> dict:
-    """Rows ``idx`` of a batch, with the columns that are padding in every chosen row dropped."""
-    mb = {k: v[idx] for k, v in batch.items() if torch.is_tensor(v)}
-    p0 = int((~mb["query_mask"].any(0)).cumprod(0).sum())  # leading all-pad query columns
-    r1 = int(mb["response_mask"].any(0).sum())  # responses are right-padded
-    for k in ("query_ids", "query_mask"):
-        mb[k] = mb[k][:, p0:]
-    for k in ("response_ids", "response_mask", "logprobs", "ref_logprobs"):
-        if k in mb:
-            mb[k] = mb[k][:, :r1]
-    return mb
-
-
-# --------------------------------------------------------------------------- 1: rollout
-
-def merge(parts: list[Rollout], pad_id: int) -> Rollout:
-    """Rollouts of one group each -> one batch: queries left-padded, responses right-padded."""
-    P, R = max(r.query_ids.shape[1] for r in parts), max(r.response_ids.shape[1] for r in parts)
-
-    def pad(t, width, value, left):
-        extra = width - t.shape[1]
-        filler = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
-        return torch.cat([filler, t] if left else [t, filler], dim=1)
-
-    return Rollout(query_ids=torch.cat([pad(r.query_ids, P, pad_id, True) for r in parts]),
-                   query_mask=torch.cat([pad(r.query_mask, P, False, True) for r in parts]),
-                   response_ids=torch.cat([pad(r.response_ids, R, pad_id, False) for r in parts]),
-                   response_mask=torch.cat([pad(r.response_mask, R, False, False) for r in parts]),
-                   logprobs=torch.cat([pad(r.logprobs, R, 0.0, False) for r in parts]),
-                   ended_with_eos=torch.cat([r.ended_with_eos for r in parts]))
-
-
-@torch.no_grad()
-def rollout(cfg, m: PolicyModels, query_ids: list[list[int]], places: list[int], iteration: int, device) -> Rollout:
-    """K completions of each prompt, group by group: (P * K, ...) rows, prompt p's at p * K ... p * K + K - 1.
-    ``places`` are the prompts' places in the global batch, which seed their draws."""
-    parts = []
-    for q, place in zip(query_ids, places):
-        g = torch.Generator(device).manual_seed(mixed_seed(cfg.seed, iteration, place))
-        with autocast_for(device, cfg.dtype):
-            parts.append(sample(m.policy, [q] * cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
-                                eos_token_id=m.tokenizer.eos_token_id, pad_token_id=m.tokenizer.pad_token_id,
-                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g))
-    return merge(parts, m.tokenizer.pad_token_id)
-
-
-# --------------------------------------------------------------------------- 2: rewards
-
-def score(sources: list, prompts: list, completions: list, columns: dict, r: Rollout) -> torch.Tensor:
-    """(S, N) rewards of every source for the N completions."""
-    return torch.stack([source(prompts, completions, columns, r) for source in sources])
-
-
-def agreed_error(error: Optional[PrefalignError]) -> Optional[str]:
-    """The first rank's reward-function error, the same on every rank (None when no rank had one)."""
-    messages = [e for e in all_gather_object(None if error is None else str(error)) if e is not None]
-    return messages[0] if messages else None
-
-
-# --------------------------------------------------------------------------- 3: reference log-probs
-
-@torch.no_grad()
-def reference_logprobs(cfg, m: PolicyModels, batch: dict, device) -> torch.Tensor:
-    """(N, R) log-probs of the sampled tokens under the frozen reference, minibatch by minibatch."""
-    n, R = batch["response_ids"].shape
-    out = torch.zeros(n, R, device=device)
-    for first in range(0, n, cfg.minibatch_size):
-        idx = torch.arange(first, min(n, first + cfg.minibatch_size), device=device)
-        mb = take(batch, idx)
-        seq = tuple(mb[k] for k in SEQ_KEYS)
-        packed = packed_rows(m, seq) if cfg.packing else None
-        with autocast_for(device, cfg.dtype), (contextlib.nullcontext() if m.ref is not None
-                                               else disabled_adapter(m.policy)):
-            logps = policy_forward(m.ref if m.ref is not None else m.policy, None, *seq,
-                                   temperature=cfg.temperature, packed=packed)[0]
-        out[idx, :logps.shape[1]] = logps.float()
-    return out
 
 
 # --------------------------------------------------------------------------- 4: advantages
@@ -221,13 +97,10 @@ def update(cfg, m: PolicyModels, batch: dict, lengths: torch.Tensor, iteration: 
     are every rank's completion lengths (for the global token counts). Returns the skipped steps."""
     bad, device, world = 0, dist.device, dist.world_size
     n_local = batch["response_ids"].shape[0]
-    n_global, mb_global, offset = n_local * world, cfg.minibatch_size * world, n_local * dist.rank
     params = [p for p in m.trainable.parameters() if p.requires_grad]
     for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(n_global, generator=torch.Generator().manual_seed(mixed_seed(cfg.seed, iteration, epoch)))
-        for first in range(0, n_global, mb_global):
-            members = order[first:first + mb_global]
-            mine = members[(members >= offset) & (members < offset + n_local)] - offset
+        seed = mixed_seed(cfg.seed, iteration, epoch)
+        for members, mine in global_minibatches(n_local, cfg.minibatch_size, dist, seed):
             n_tokens = int(lengths[members].sum())
             loss_value, metrics, finite = 0.0, {}, True
             if len(mine):
@@ -236,17 +109,7 @@ def update(cfg, m: PolicyModels, batch: dict, lengths: torch.Tensor, iteration: 
                                                                n_tokens, world)
                 loss.backward()
                 finite = math.isfinite(loss_value)
-            average_gradients(params, world)
-            grad_norm, grads_finite = clip_and_check(params, cfg.max_grad_norm)
-            finite, _ = agree(finite and grads_finite, None, dist)  # all ranks skip, or none
-            if finite:
-                optimizer.step()
-                once = 1 if dist.is_main else 0  # the loss is the sum of the ranks' shares; the norm is global
-                meter.add({**metrics, "loss": (loss_value, once), "grad_norm": (float(grad_norm) * once, once)})
-            else:
-                bad += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler_step(scheduler)
+            bad += 0 if take_step(cfg, params, optimizer, scheduler, dist, meter, finite, loss_value, metrics) else 1
     return bad
 
 
@@ -266,16 +129,6 @@ def rollout_metrics(cfg, per_source: torch.Tensor, names: list[str], rewards: to
     return metrics
 
 
-def length_metrics(lengths: torch.Tensor, ended: torch.Tensor) -> dict:
-    """Completion lengths over the global rollout: (N_global,) long and bool."""
-    terminated = lengths[ended].float()
-    return {"completions/mean_length": float(lengths.float().mean()), "completions/min_length": int(lengths.min()),
-            "completions/max_length": int(lengths.max()),
-            "completions/clipped_ratio": float((~ended).float().mean()),
-            "completions/mean_terminated_length": float(terminated.mean()) if len(terminated) else 0.0,
-            "num_tokens": int(lengths.sum())}
-
-
 def sample_rows(prompts: list, completions: list[str], rewards: torch.Tensor, advantages: torch.Tensor) -> dict:
     return {"samples": [{"prompt": p, "completion": c, "reward": float(r), "advantage": float(a)}
                         for p, c, r, a in zip(prompts, completions, rewards, advantages)][:N_SAMPLES]}
@@ -289,17 +142,12 @@ def run_group(cfg) -> int:
     Longer than our ~60-line habit on purpose: like CleanRL's ppo.py, one iteration (rollout ->
     rewards -> reference -> advantages -> updates -> log) reads top to bottom in one place."""
     dist, out, t0 = start(cfg, "model", "prompts", "output")
-    rm_paths, fn_specs = split_list(cfg.reward_model), split_list(cfg.reward_fn)
-    weights = check_sources(len(rm_paths), fn_specs, cfg.reward_weights)
-    functions = [RewardFunction(*load_function(spec)) for spec in fn_specs]
+    plan = plan_rewards(cfg)
     examples = load_prompts(cfg.prompts, cfg.data_format, **source_options(cfg))
-    columns = (prompt_columns(cfg.prompts, cfg.data_format, **source_options(cfg)) if functions
-               else [{} for _ in examples])
-    column_names = sorted(set().union(*columns))
+    columns = columns_of(plan, cfg, len(examples))
     per_epoch, total = plan_iterations(cfg, len(examples), dist.world_size)
     m = load_policy(cfg, dist.device)
-    sources = load_reward_models(rm_paths, m.tokenizer, dtype=cfg.dtype, device=dist.device,
-                                 attn_implementation=cfg.attn_implementation, seed=cfg.seed) + functions
+    sources, weights = load_sources(plan, m.tokenizer, cfg, dist.device), plan.weights
     names = [s.metric_name for s in sources]
     query_ids = [encode_prompt(m.tokenizer, ex.prompt, cfg.max_prompt_length) for ex in examples]
     K, B = cfg.num_generations, cfg.rollout_batch_size
@@ -326,23 +174,12 @@ def run_group(cfg) -> int:
             prompts = [examples[i].prompt for i in mine for _ in range(K)]
             texts = [m.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
                      for ids, mask in zip(r.response_ids, r.response_mask)]
-            cols = {c: [columns[i].get(c) for i in mine for _ in range(K)] for c in column_names}
-            cols["completion_ids"] = [ids[mask].tolist() for ids, mask in zip(r.response_ids, r.response_mask)]
+            cols = batch_columns(columns, mine, K, r)
             # 2. rewards; a failing reward function stops every rank after a checkpoint
-            error = None
-            try:
-                with autocast_for(dist.device, cfg.dtype):
-                    per_source = score(sources, prompts, as_completions(prompts, texts), cols, r)  # (S, N)
-            except RewardFunctionError as e:
-                error = e
-            message = agreed_error(error)
-            if message is not None:
-                run.save()
-                raise RewardFunctionError(f"{message} A checkpoint at iteration {run.step} is in "
-                                          f"{out / 'checkpoints'}; fix the function, then rerun with --resume.")
+            per_source = scores_or_stop(run, out, partial(score, sources, prompts, as_completions(prompts, texts),
+                                                          cols, r, cfg.dtype))  # (S, N)
             reward = combine(per_source.float(), weights)  # (N,)
-            batch = {"query_ids": r.query_ids, "query_mask": r.query_mask, "response_ids": r.response_ids,
-                     "response_mask": r.response_mask, "logprobs": r.logprobs}
+            batch = rollout_batch(r)
             # 3. reference log-probs; with --kl-mode reward, the KL leaves the reward
             seq_kl = None
             if m.use_ref:
@@ -377,8 +214,7 @@ def run_group(cfg) -> int:
     summary = finish(cfg, out, dist, cfg.estimator, t0, run.result(), global_batch_size=cfg.minibatch_size *
                      dist.world_size, prompts=len(examples), completions_per_iteration=B * K * dist.world_size,
                      iterations_time_s=train_time, reward_sources=[s.name for s in sources], reward_weights=weights,
-                     reference="none" if not m.use_ref else "adapters off" if m.ref is None else
-                     (cfg.ref_model or cfg.model), replica_checks=replicas.checks, parameter_sha256=digests)
+                     reference=reference_name(cfg, m), replica_checks=replicas.checks, parameter_sha256=digests)
     if dist.is_main:
         keys = ("reward", "reward_std", "kl", "completions/mean_length")
         print(f"prefalign {cfg.estimator}: {summary['steps']} iterations in {summary['wall_time_s']:.1f}s; "

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from functools import partial
 from typing import Optional
 
 import torch
@@ -35,10 +36,11 @@ from prefalign.models import disabled_adapter, lora_summary
 from prefalign.ops import masked_mean
 from prefalign.rl.forwards import policy_forward, token_values
 from prefalign.rl.kl_control import make_kl_controller
-from prefalign.rl.reward_scoring import reward_inputs
+from prefalign.rl.reward_functions import RewardModel, as_completions, combine
 from prefalign.rl.scores import RunningMoments, final_scores
 from prefalign.rollout import PackedSequences, Rollout, sample
 from prefalign.stages.common import finish, save_final, start
+from prefalign.stages.online_rewards import batch_columns, columns_of, plan_rewards, scores_or_stop
 from prefalign.stages.packing import announce, choose_layout
 from prefalign.stages.ppo_models import Models, RewardFn, load_models, pack_rows, row_readers, save_models
 from prefalign.train.dist import (DistInfo, all_gather_object, all_reduce_sum, average_gradients, check_replicas,
@@ -106,8 +108,10 @@ def prompt_shard(n_prompts: int, iteration: int, per_epoch: int, cfg, dist) -> l
 
 @torch.no_grad()
 def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: RunningMoments,
-            generator: torch.Generator, device, reward_fn: Optional[RewardFn]) -> tuple[dict, dict]:
-    """Sample, score, and record everything the update needs. Returns (batch of (B, ...) tensors, timings)."""
+            generator: torch.Generator, device, reward_fn: Optional[RewardFn], columns: list[dict],
+            mine: list[int]) -> tuple[dict, dict]:
+    """Sample, score, and record everything the update needs. ``columns``: every prompt's other
+    fields (for reward functions), ``mine`` the prompts sampled. Returns (batch of (B, ...) tensors, timings)."""
     t0 = time.perf_counter()
     with autocast_for(device, cfg.dtype):
         r = sample(m.policy, query_ids, max_new_tokens=cfg.max_new_tokens, eos_token_id=m.tokenizer.eos_token_id,
@@ -119,7 +123,8 @@ def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: Ru
     seq = (r.query_ids, r.query_mask, r.response_ids, r.response_mask)
     packed = pack_rows(m, seq) if cfg.packing else None
     with autocast_for(device, cfg.dtype):
-        raw = raw_scores(m, r, prompts, completions, packed, reward_fn)
+        raw, per_source = raw_scores(m, r, prompts, completions, packed, reward_fn,
+                                     batch_columns(columns, mine, 1, r) if m.sources else {})
         with contextlib.nullcontext() if m.ref is not None else disabled_adapter(m.policy):
             ref_logprobs = policy_forward(m.ref if m.ref is not None else m.policy, None, *seq,
                                           temperature=cfg.temperature, packed=packed)[0]
@@ -130,21 +135,31 @@ def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: Ru
     batch = {"query_ids": r.query_ids, "query_mask": r.query_mask, "response_ids": r.response_ids,
              "response_mask": r.response_mask, "logprobs": r.logprobs, "ref_logprobs": ref_logprobs.float(),
              "values": values.float(), "ended_with_eos": r.ended_with_eos, "raw_scores": raw.float(),
-             "scores": final_scores(raw, r.ended_with_eos, cfg, stats), "completions": completions}
+             "scores": final_scores(raw, r.ended_with_eos, cfg, stats), "completions": completions,
+             "source_metrics": {} if per_source is None else {
+                 f"rewards/{s.metric_name}/mean": (float(v.sum()), v.numel()) for s, v in zip(m.sources, per_source)}}
     return batch, {"rollout": t1 - t0, "score": time.perf_counter() - t1}
 
 
 def raw_scores(m: Models, r: Rollout, prompts: list, completions: list[str], packed: Optional[PackedSequences],
-               reward_fn: Optional[RewardFn]) -> torch.Tensor:
-    """(B,) the reward function's scores, or the reward model's normalised score at the last real
-    token (on the packed rows when it shares the policy's tokenizer, else re-tokenised as needed)."""
+               reward_fn: Optional[RewardFn], columns: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(B,) the hook's scores, or the weighted sum of the reward sources' (--reward-weights), with the
+    (S, B) scores of each source (None with the hook). A RewardFunctionError when a function fails."""
     if reward_fn is not None:
-        return torch.as_tensor(reward_fn(prompts, completions, r), dtype=torch.float32, device=r.query_ids.device)
-    if packed is not None and not m.retokenize:
-        return m.reward_model.normalized(m.reward_model(packed.input_ids, position_ids=packed.position_ids,
-                                                        segment_ids=packed.segment_ids, n_segments=len(prompts)))
-    return m.reward_model.normalized(m.reward_model(*reward_inputs(r, prompts, completions, m.rm_tokenizer,
-                                                                   m.retokenize)))
+        return torch.as_tensor(reward_fn(prompts, completions, r), dtype=torch.float32, device=r.query_ids.device), None
+    per_source = torch.stack([source_scores(s, r, prompts, completions, packed, columns) for s in m.sources]).float()
+    return combine(per_source, m.weights), per_source
+
+
+def source_scores(source, r: Rollout, prompts: list, completions: list[str], packed: Optional[PackedSequences],
+                  columns: dict) -> torch.Tensor:
+    """(B,) one source's scores: a reward model's normalised score at the last real token (on the packed
+    rows when it shares the policy's tokenizer, else re-tokenised as needed), or a function's values."""
+    if isinstance(source, RewardModel) and packed is not None and not source.retokenize:
+        rm = source.model
+        return rm.normalized(rm(packed.input_ids, position_ids=packed.position_ids, segment_ids=packed.segment_ids,
+                                n_segments=len(prompts)))
+    return source(prompts, as_completions(prompts, completions), columns, r)
 
 
 # --------------------------------------------------------------------------- 3-4: shaped reward and GAE
@@ -237,7 +252,7 @@ def rollout_metrics(batch: dict, beta: float) -> dict:
     return {"objective/scores": (s.sum(), n), "objective/raw_scores": (batch["raw_scores"].sum(), n),
             "objective/kl": (kl.sum(), n), "objective/entropy": (-batch["logprobs"].sum(), n),
             "objective/rlhf_reward": ((s - beta * kl).sum(), n), "response_length": (mask.sum(), n),
-            "eos_rate": (batch["ended_with_eos"].sum(), n)}
+            "eos_rate": (batch["ended_with_eos"].sum(), n), **batch["source_metrics"]}
 
 
 def explained_variance(batch: dict) -> float:
@@ -272,14 +287,19 @@ def sample_rows(prompts: list, batch: dict) -> dict:
 # --------------------------------------------------------------------------- the stage
 
 def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
-    """Train the policy by PPO. ``reward_fn(prompts, completions, rollout) -> (B,)`` replaces
-    --reward-model when given (tests and the demo lab use it). A little over our ~60-line habit so that
-    one iteration (rollout -> rewards -> advantages -> updates -> log) reads top to bottom."""
-    dist, out, t0 = start(cfg, "model", "prompts", "output", *(() if reward_fn else ("reward_model",)))
+    """Train the policy by PPO against --reward-model and/or --reward-fn (weighted by --reward-weights).
+    A Python hook ``reward_fn(prompts, completions, rollout) -> (B,)`` replaces them when given (tests use
+    it). A little over our ~60-line habit so that one iteration (rollout -> rewards -> advantages ->
+    updates -> log) reads top to bottom."""
+    dist, out, t0 = start(cfg, "model", "prompts", "output")
     check_options(cfg)
+    if reward_fn is not None and (cfg.reward_model or cfg.reward_fn):
+        raise ConfigError("run_ppo(reward_fn=...) replaces --reward-model and --reward-fn; leave those unset.")
+    plan = None if reward_fn is not None else plan_rewards(cfg)
     kl_ctl, stats = make_kl_controller(cfg, cfg.rollout_batch_size * dist.world_size), RunningMoments()
     examples = load_prompts(cfg.prompts, cfg.data_format, **source_options(cfg))
-    m = load_models(cfg, dist.device, reward_fn)
+    columns = columns_of(plan, cfg, len(examples)) if plan else []
+    m = load_models(cfg, dist.device, reward_fn, plan)
     layout = choose_layout(cfg.packing, row_readers(m))
     announce("ppo", layout, show=dist.is_main)
     cfg = dataclasses.replace(cfg, packing=layout.packed)  # collect() and minibatch_loss() read cfg.packing
@@ -306,8 +326,13 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
             # 1-2. rollout and scores
             mine = prompt_shard(len(examples), run.step, per_epoch, cfg, dist)
             prompts = [examples[i].prompt for i in mine]
-            batch, times = collect(cfg, m, prompts, [query_ids[i] for i in mine], stats, generators["sample"],
-                                   dist.device, reward_fn)
+            # a failing reward function stops every rank after a checkpoint of the iterations done, its
+            # sampling stream rewound so that --resume draws what this iteration drew
+            drawn_from = generators["sample"].get_state()
+            batch, times = scores_or_stop(run, out, partial(collect, cfg, m, prompts, [query_ids[i] for i in mine],
+                                                            stats, generators["sample"], dist.device, reward_fn,
+                                                            columns, mine),
+                                          before_save=partial(generators["sample"].set_state, drawn_from))
             # 3-4. shaped reward, GAE, whitened advantages
             beta = kl_ctl.value
             add_advantages(batch, cfg, beta)
@@ -333,6 +358,8 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     summary = finish(cfg, out, dist, "ppo", t0, run.result(), global_batch_size=cfg.rollout_batch_size * dist.world_size,
                      prompts=len(examples), iterations_time_s=train_time, final_kl_coef=kl_ctl.value,
                      value_model="shared head" if m.value_head is not None else "separate",
+                     reward_sources=[s.name for s in m.sources] if reward_fn is None else ["reward_fn hook"],
+                     reward_weights=m.weights if reward_fn is None else [1.0],
                      reward_retokenized=m.retokenize, replica_checks=replicas.checks, parameter_sha256=digests,
                      layout=layout.info(), **lora_summary(m.policy, cfg.model, cfg.merge_lora))
     if dist.is_main:

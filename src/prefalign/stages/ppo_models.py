@@ -1,6 +1,6 @@
-"""The four models of `prefalign ppo`: the trainable policy, its frozen reference, the frozen reward
-model (or a reward function instead) and the trainable value model (or a value head on the
-policy's backbone); how they are loaded, packed for, and saved."""
+"""The four models of `prefalign ppo`: the trainable policy, its frozen reference, the reward sources
+(frozen reward models and/or reward functions, or a Python hook instead) and the trainable value
+model (or a value head on the policy's backbone); how they are loaded, packed for, and saved."""
 from __future__ import annotations
 
 import sys
@@ -13,13 +13,15 @@ from torch import nn
 from prefalign.errors import ModelError
 from prefalign.models import apply_lora, check_same_vocab, load_causal_lm, load_scalar_model, save_pretrained
 from prefalign.models.attention import uses_packed_attention
+from prefalign.rl.reward_functions import RewardModel
 from prefalign.rl.reward_scoring import same_tokenizer
+from prefalign.stages.online_rewards import RewardPlan, load_sources, plan_rewards
 from prefalign.rl.value_head import load_value_head, new_value_head, save_value_head
 from prefalign.rollout import PackedSequences, Rollout, pack_sequences
 from prefalign.train import checkpoint as ckpt
 from prefalign.train import diskio
 
-# reward_fn(prompts, completions, rollout) -> scores (B,): replaces --reward-model (tests, the lab).
+# reward_fn(prompts, completions, rollout) -> scores (B,): replaces --reward-model and --reward-fn (tests, the lab).
 RewardFn = Callable[[list, list[str], Rollout], torch.Tensor]
 
 
@@ -28,16 +30,19 @@ class Models:
     policy: nn.Module
     tokenizer: object
     ref: Optional[nn.Module]  # None with --lora and no --ref-model: the policy with adapters off
-    reward_model: Optional[nn.Module]  # None when a reward_fn is given
+    sources: list  # reward models (rl.reward_functions.RewardModel), then functions; [] with a reward_fn hook
+    weights: list[float]  # one per source (--reward-weights)
+    reward_model: Optional[nn.Module]  # the first reward model (the value model's default start), or None
     rm_tokenizer: object
-    retokenize: bool  # the reward model's tokenizer differs from the policy's
+    retokenize: bool  # the first reward model's tokenizer differs from the policy's
     value_model: Optional[nn.Module]  # a ScalarModel, or None with --shared-value-head
     value_head: Optional[nn.Module]  # a linear head on the policy's hidden states, or None
     trainable: nn.ModuleDict  # what the optimizer updates and checkpoints hold
 
 
-def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
-    """Policy (trainable, from --model), frozen reference and reward model, trainable value model."""
+def load_models(cfg, device, reward_fn: Optional[RewardFn], plan: Optional[RewardPlan] = None) -> Models:
+    """Policy (trainable, from --model), frozen reference, the reward sources of ``plan`` (default: the
+    options' plan_rewards; none with a ``reward_fn`` hook), trainable value model."""
     kw = {"dtype": cfg.dtype, "device": device, "attn_implementation": cfg.attn_implementation}
     policy, tok = load_causal_lm(cfg.model, **kw)
     if cfg.lora:
@@ -46,8 +51,10 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
     if cfg.ref_model or not cfg.lora:
         ref, ref_tok = load_causal_lm(cfg.ref_model or cfg.model, trainable=False, **kw)
         check_same_vocab(tok, ref_tok, cfg.model, cfg.ref_model or cfg.model, role="reference")
-    rm, rm_tok = (None, None) if reward_fn else load_scalar_model(cfg.reward_model, trainable=False, seed=cfg.seed, **kw)
-    retokenize = rm is not None and not same_tokenizer(tok, rm_tok)
+    plan = RewardPlan([], [], []) if reward_fn else plan or plan_rewards(cfg)
+    sources = load_sources(plan, tok, cfg, device)
+    first = sources[0] if plan.rm_paths else None  # reward models come first
+    rm, rm_tok, retokenize = (first.model, first.tokenizer, first.retokenize) if first else (None, None, False)
     value_model = value_head = None
     if cfg.shared_value_head:
         value_head = new_value_head(policy.config.hidden_size, cfg.seed).to(device)
@@ -55,7 +62,7 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
             value_head.load_state_dict(load_value_head(cfg.value_model, policy.config.hidden_size))
     else:
         # Values are per policy token, so the value model must share the policy's tokenizer.
-        path = cfg.value_model or (cfg.reward_model if rm is not None and not retokenize else None)
+        path = cfg.value_model or (plan.rm_paths[0] if rm is not None and not retokenize else None)
         if path is None:
             path = cfg.model
             print(f"prefalign ppo: value model: a new value head on the policy's backbone ({cfg.model}), "
@@ -69,7 +76,7 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn]) -> Models:
         value_model.fold_normalization()
     trainable = nn.ModuleDict({"policy": policy, "value": value_model if value_model is not None else value_head})
     trainable.eval()  # no dropout: the recorded log-probs must equal the recomputed ones
-    return Models(policy, tok, ref, rm, rm_tok, retokenize, value_model, value_head, trainable)
+    return Models(policy, tok, ref, sources, plan.weights, rm, rm_tok, retokenize, value_model, value_head, trainable)
 
 
 # --packing: tokens per packed row. With per-example attention a long row costs what its sequences
@@ -79,7 +86,9 @@ PACK_ROW_TOKENS = 1024
 
 def row_readers(m: Models) -> dict[str, nn.Module]:
     """The models that read packed rollout rows, by role (what decides packing: stages/packing.py)."""
-    readers = {"policy": m.policy, "reference": m.ref, "value model": m.value_model, "reward model": m.reward_model}
+    readers = {"policy": m.policy, "reference": m.ref, "value model": m.value_model}
+    for i, rm in enumerate(s for s in m.sources if isinstance(s, RewardModel)):
+        readers["reward model" if i == 0 else f"reward model {rm.name}"] = rm.model
     return {role: x for role, x in readers.items() if x is not None}
 
 

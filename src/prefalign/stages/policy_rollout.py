@@ -1,0 +1,150 @@
+"""The policy side of the critic-free online loops (`prefalign rloo`, `grpo`, `online-dpo`): the
+trainable policy and its frozen reference, K completions per prompt seeded by the prompt's place in
+the global batch, the reference's log-probs of a rollout, and the completion-length metrics.
+
+Seeding draws by (--seed, iteration, place) rather than by rank makes N processes sample what one
+process with N times the prompts samples, and a resumed run sample what an uninterrupted one did.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm
+from prefalign.models.attention import uses_packed_attention
+from prefalign.rl.forwards import policy_forward
+from prefalign.rollout import Rollout, pack_sequences, sample
+from prefalign.stages.ppo_models import PACK_ROW_TOKENS
+from prefalign.train.loop import autocast_for
+
+SEQ_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask")
+
+
+@dataclass
+class PolicyModels:
+    policy: nn.Module
+    tokenizer: object
+    ref: Optional[nn.Module]  # None: no KL term (--beta 0), or the policy with adapters off (--lora)
+    use_ref: bool             # reference log-probs are needed (--beta > 0)
+    trainable: nn.ModuleDict  # what the optimizer updates and checkpoints hold
+
+
+def load_policy(cfg, device) -> PolicyModels:
+    """The trainable policy (from --model, LoRA-wrapped with --lora) and, when --beta > 0, its frozen
+    reference (--ref-model or --model; none with --lora: the adapters are switched off instead)."""
+    kw = {"dtype": cfg.dtype, "device": device, "attn_implementation": cfg.attn_implementation}
+    policy, tok = load_causal_lm(cfg.model, **kw)
+    if cfg.lora:
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    ref, use_ref = None, cfg.beta > 0
+    if use_ref and (cfg.ref_model or not cfg.lora):
+        ref, ref_tok = load_causal_lm(cfg.ref_model or cfg.model, trainable=False, **kw)
+        check_same_vocab(tok, ref_tok, cfg.model, cfg.ref_model or cfg.model, role="reference")
+    trainable = nn.ModuleDict({"policy": policy})
+    trainable.eval()  # no dropout: the recorded log-probs must equal the recomputed ones
+    return PolicyModels(policy, tok, ref, use_ref, trainable)
+
+
+def reference_name(cfg, m: PolicyModels) -> str:
+    """summary.json's "reference": none, adapters off, or the model folder."""
+    return "none" if not m.use_ref else "adapters off" if m.ref is None else (cfg.ref_model or cfg.model)
+
+
+def mixed_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, iteration, index, ...), distinct for distinct tuples in practice."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 0x9E3779B9) % (1 << 63)
+    return h
+
+
+def packed_rows(m: PolicyModels, seq: tuple):
+    """--packing: the rows for the reference and training forwards (long rows only when every
+    model that reads them runs per-example attention, as stages/ppo_models.pack_rows)."""
+    readers = [x for x in (m.policy, m.ref) if x is not None]
+    long_rows = all(uses_packed_attention(x) for x in readers)
+    return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
+
+
+def take(batch: dict, idx: torch.Tensor) -> dict:
+    """Rows ``idx`` of a batch, with the columns that are padding in every chosen row dropped."""
+    mb = {k: v[idx] for k, v in batch.items() if torch.is_tensor(v)}
+    p0 = int((~mb["query_mask"].any(0)).cumprod(0).sum())  # leading all-pad query columns
+    r1 = int(mb["response_mask"].any(0).sum())  # responses are right-padded
+    for k in ("query_ids", "query_mask"):
+        mb[k] = mb[k][:, p0:]
+    for k in ("response_ids", "response_mask", "logprobs", "ref_logprobs"):
+        if k in mb:
+            mb[k] = mb[k][:, :r1]
+    return mb
+
+
+def merge(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of one group each -> one batch: queries left-padded, responses right-padded."""
+    P, R = max(r.query_ids.shape[1] for r in parts), max(r.response_ids.shape[1] for r in parts)
+
+    def pad(t, width, value, left):
+        extra = width - t.shape[1]
+        filler = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
+        return torch.cat([filler, t] if left else [t, filler], dim=1)
+
+    return Rollout(query_ids=torch.cat([pad(r.query_ids, P, pad_id, True) for r in parts]),
+                   query_mask=torch.cat([pad(r.query_mask, P, False, True) for r in parts]),
+                   response_ids=torch.cat([pad(r.response_ids, R, pad_id, False) for r in parts]),
+                   response_mask=torch.cat([pad(r.response_mask, R, False, False) for r in parts]),
+                   logprobs=torch.cat([pad(r.logprobs, R, 0.0, False) for r in parts]),
+                   ended_with_eos=torch.cat([r.ended_with_eos for r in parts]))
+
+
+@torch.no_grad()
+def rollout(cfg, m: PolicyModels, query_ids: list[list[int]], places: list[int], iteration: int, device) -> Rollout:
+    """K completions of each prompt, group by group: (P * K, ...) rows, prompt p's at p * K ... p * K + K - 1.
+    ``places`` are the prompts' places in the global batch, which seed their draws."""
+    parts = []
+    for q, place in zip(query_ids, places):
+        g = torch.Generator(device).manual_seed(mixed_seed(cfg.seed, iteration, place))
+        with autocast_for(device, cfg.dtype):
+            parts.append(sample(m.policy, [q] * cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
+                                eos_token_id=m.tokenizer.eos_token_id, pad_token_id=m.tokenizer.pad_token_id,
+                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g))
+    return merge(parts, m.tokenizer.pad_token_id)
+
+
+def rollout_batch(r: Rollout) -> dict:
+    """The tensors of a rollout the reference and training forwards read, (N, ...) each."""
+    return {"query_ids": r.query_ids, "query_mask": r.query_mask, "response_ids": r.response_ids,
+            "response_mask": r.response_mask, "logprobs": r.logprobs}
+
+
+@torch.no_grad()
+def reference_logprobs(cfg, m: PolicyModels, batch: dict, device, temperature: Optional[float] = None) -> torch.Tensor:
+    """(N, R) log-probs of the sampled tokens under the frozen reference, --minibatch-size rows at a
+    time, at ``temperature`` (default --temperature, the sampling distribution's)."""
+    n, R = batch["response_ids"].shape
+    out = torch.zeros(n, R, device=device)
+    for first in range(0, n, cfg.minibatch_size):
+        idx = torch.arange(first, min(n, first + cfg.minibatch_size), device=device)
+        mb = take(batch, idx)
+        seq = tuple(mb[k] for k in SEQ_KEYS)
+        packed = packed_rows(m, seq) if cfg.packing else None
+        with autocast_for(device, cfg.dtype), (contextlib.nullcontext() if m.ref is not None
+                                               else disabled_adapter(m.policy)):
+            logps = policy_forward(m.ref if m.ref is not None else m.policy, None, *seq,
+                                   temperature=cfg.temperature if temperature is None else temperature,
+                                   packed=packed)[0]
+        out[idx, :logps.shape[1]] = logps.float()
+    return out
+
+
+def length_metrics(lengths: torch.Tensor, ended: torch.Tensor) -> dict:
+    """Completion lengths over the global rollout: (N_global,) long and bool."""
+    terminated = lengths[ended].float()
+    return {"completions/mean_length": float(lengths.float().mean()), "completions/min_length": int(lengths.min()),
+            "completions/max_length": int(lengths.max()),
+            "completions/clipped_ratio": float((~ended).float().mean()),
+            "completions/mean_terminated_length": float(terminated.mean()) if len(terminated) else 0.0,
+            "num_tokens": int(lengths.sum())}
