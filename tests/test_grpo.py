@@ -320,3 +320,13 @@ def test_packed_run_equals_padded(fixture, tmp_path):
     a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("padded", "packed"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_lora_without_merge_writes_the_adapter_only(fixture, tmp_path):
+    """--lora --no-merge-lora: OUTPUT/adapter in PEFT format and no merged weights, as every stage."""
+    out = tmp_path / "lora"
+    run_group(config(fixture, out, lora=True, lora_r=4, iterations=1, merge_lora=False))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lora"]["adapter"] and "--no-merge-lora" in summary["lora"]["note"]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()

@@ -36,7 +36,7 @@ import torch
 from prefalign.data import encode_prompt, load_prompts, source_options
 from prefalign.losses import global_moments
 from prefalign.losses.group import clipped_policy_loss, group_advantages, group_std
-from prefalign.models import save_pretrained
+from prefalign.models import lora_summary, save_pretrained
 from prefalign.rl.forwards import policy_forward
 from prefalign.rl.reward_functions import as_completions, combine
 from prefalign.stages.common import finish, save_final, start
@@ -210,11 +210,13 @@ def run_group(cfg) -> int:
             run.bar.set_postfix(reward=f"{run.last['reward']:.3f}")
             run.end_step(run.agree()[1])  # every rank stops at the same iteration
     digests = replicas.check_at_end()
-    save_final(out, dist, lambda d: save_pretrained(m.policy, m.tokenizer, d))
+    save_final(out, dist, lambda d: save_pretrained(m.policy, m.tokenizer, d, merge=cfg.merge_lora,
+                                                    adapter_base=cfg.model))
     summary = finish(cfg, out, dist, cfg.estimator, t0, run.result(), global_batch_size=cfg.minibatch_size *
                      dist.world_size, prompts=len(examples), completions_per_iteration=B * K * dist.world_size,
                      iterations_time_s=train_time, reward_sources=[s.name for s in sources], reward_weights=weights,
-                     reference=reference_name(cfg, m), replica_checks=replicas.checks, parameter_sha256=digests)
+                     reference=reference_name(cfg, m), replica_checks=replicas.checks, parameter_sha256=digests,
+                     **lora_summary(m.policy, cfg.model, cfg.merge_lora))
     if dist.is_main:
         keys = ("reward", "reward_std", "kl", "completions/mean_length")
         print(f"prefalign {cfg.estimator}: {summary['steps']} iterations in {summary['wall_time_s']:.1f}s; "
