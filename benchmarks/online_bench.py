@@ -36,7 +36,10 @@ alternately (trl, prefalign, trl, prefalign, ...) so that load from other proces
 the result per case is the median of the per-pair ratios trl wall / prefalign wall.
 
 usage: python benchmarks/online_bench.py [--cases grpo-1x8,grpo-8x4,rloo-1x8,rloo-8x4] [--repeats 3]
-       [--threads 1] [--fixture DIR] [--trl-python PATH] [--ours-python PATH]
+       [--threads 1] [--fixture DIR] [--trl-python PATH] [--ours-python PATH] [--variant NAME=SRC_DIR]
+--variant adds another prefalign source tree (e.g. a branch's worktree/src) as a third tool in the
+alternation of the cases with more than one prompt per iteration (with one prompt, every variant of
+the rollout is the same code path).
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ def run_trl(python: str, fixture: Path, c: dict, env: dict) -> dict:
             "optimizer_steps": info["optimizer_steps"], "mean_length": info["mean_length"]}
 
 
-def run_ours(python: str, fixture: Path, c: dict, env: dict) -> dict:
+def run_ours(python: str, fixture: Path, c: dict, env: dict, src: Path = ROOT / "src") -> dict:
     out = Path(tempfile.mkdtemp(prefix="online-ours-")) / "out"
     cmd = [python, "-m", "prefalign", c["trainer"], "--model", str(fixture / "model"),
            "--prompts", str(fixture / "pairs.jsonl"), "--reward-fn", f"{REWARD}:vowel_share", "--output", str(out),
@@ -93,12 +96,24 @@ def run_ours(python: str, fixture: Path, c: dict, env: dict) -> dict:
            "--minibatch-size", str(c["M"]), "--ppo-epochs", str(c["E"]), "--max-new-tokens", str(MAX_NEW_TOKENS),
            "--lr", str(LR), "--lr-schedule", "linear", "--beta", str(c["beta"]), "--temperature", "1.0",
            "--device", "cpu", "--dtype", "float32", "--no-progress", "--sample-every", "0", "--seed", "0"]
-    r = run_with_rss(cmd, env)
+    r = run_with_rss(cmd, {**env, "PYTHONPATH": str(src)})
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = c["N"] * c["E"] * c["P"] * c["K"] // c["M"]
     return {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], "train_s": summary["iterations_time_s"],
             "optimizer_steps": steps, "mean_length": statistics.mean(x["completions/mean_length"] for x in rows)}
+
+
+def compare(name: str, tool: str, trl: list[dict], ours: list[dict]) -> str:
+    """One summary line: the median of the per-pair ratios trl / ours (wall, and loop only), and RSS."""
+    ratios = [t["wall_s"] / p["wall_s"] for t, p in zip(trl, ours)]
+    train = [t["train_s"] / p["train_s"] for t, p in zip(trl, ours)]
+    rss = statistics.median(p["rss_mib"] for p in ours) / statistics.median(t["rss_mib"] for t in trl)
+    return (f"{name}: whole run, trl / {tool} = {statistics.median(ratios):.2f}x (median; pairs "
+            f"{', '.join(f'{r:.2f}' for r in ratios)}); training loop only {statistics.median(train):.2f}x; "
+            f"median wall trl {statistics.median(t['wall_s'] for t in trl):.1f} s, {tool} "
+            f"{statistics.median(p['wall_s'] for p in ours):.1f} s; peak RSS {tool} / trl {rss:.2f}; "
+            f"load at end {load()}")
 
 
 def header(a, ours_python: str) -> list[str]:
@@ -119,7 +134,10 @@ def main() -> None:
     ap.add_argument("--fixture", default=None, help="fixture directory (default: built under .bench/fixture)")
     ap.add_argument("--trl-python", default=default_python("trl"), help="python of the TRL environment")
     ap.add_argument("--ours-python", default=default_python("ours"), help="python with prefalign's dependencies")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=SRC_DIR",
+                    help="another prefalign src/ to run alongside (cases with P > 1 only)")
     a = ap.parse_args()
+    variants = dict(v.split("=", 1) for v in a.variant)
     env = env_for(a.threads)
     fixture = make_fixture(Path(a.fixture) if a.fixture else ROOT / ".bench" / "fixture", a.ours_python)
     for line in header(a, a.ours_python):
@@ -130,27 +148,21 @@ def main() -> None:
         print(f"\n## {name}: {c['trainer']} P={c['P']} prompts x K={c['K']} completions per iteration, "
               f"minibatch M={c['M']}, E={c['E']}, N={c['N']} iterations = {c['N'] * c['E'] * c['P'] * c['K'] // c['M']} "
               f"optimizer steps, beta={c['beta']}", flush=True)
-        runs = {"trl": [], "prefalign": []}
+        tools = ["trl", "prefalign"] + (list(variants) if c["P"] > 1 else [])
+        runs = {t: [] for t in tools}
         for rep in range(a.repeats):
-            for tool in ("trl", "prefalign"):
+            for tool in tools:
                 before = load()
                 res = (run_trl(a.trl_python, fixture, c, env) if tool == "trl"
-                       else run_ours(a.ours_python, fixture, c, env))
+                       else run_ours(a.ours_python, fixture, c, env, Path(variants.get(tool, ROOT / "src"))))
                 runs[tool].append(res)
-                print(f"{name} rep {rep + 1} {tool:9s} wall_s={res['wall_s']:.2f} train_s={res['train_s']:.2f} "
+                print(f"{name} rep {rep + 1} {tool:10s} wall_s={res['wall_s']:.2f} train_s={res['train_s']:.2f} "
                       f"rss_mib={res['rss_mib']:.0f} optimizer_steps={res['optimizer_steps']} "
                       f"mean_length={res['mean_length']:.2f} load_before={before}", flush=True)
-        ratios = [t["wall_s"] / p["wall_s"] for t, p in zip(runs["trl"], runs["prefalign"])]
-        train = [t["train_s"] / p["train_s"] for t, p in zip(runs["trl"], runs["prefalign"])]
-        rss = statistics.median(p["rss_mib"] for p in runs["prefalign"]) / statistics.median(
-            t["rss_mib"] for t in runs["trl"])
-        line = (f"{name}: whole run, trl / prefalign = {statistics.median(ratios):.2f}x (median; pairs "
-                f"{', '.join(f'{r:.2f}' for r in ratios)}); training loop only {statistics.median(train):.2f}x; "
-                f"median wall trl {statistics.median(t['wall_s'] for t in runs['trl']):.1f} s, prefalign "
-                f"{statistics.median(p['wall_s'] for p in runs['prefalign']):.1f} s; peak RSS prefalign / trl "
-                f"{rss:.2f}; load at end {load()}")
-        summary.append(line)
-        print(line, flush=True)
+        for tool in tools[1:]:
+            line = compare(name, tool, runs["trl"], runs[tool])
+            summary.append(line)
+            print(line, flush=True)
     print("\n# summary (whole-run ratio > 1: prefalign faster; target >= 2x)")
     for line in summary:
         print(line)
