@@ -31,7 +31,9 @@ completions per generate call (layout-independent draws, docs/online.md); TRL sa
 generation batch in one call.
 
 Each run is a subprocess of this script; its whole wall time (interpreter start, imports, model load,
-training, saving) and its peak RSS (os.wait4 of that child alone) are measured. The two tools run
+training, saving), its CPU seconds (user + system) and its peak RSS (os.wait4 of that child alone) are
+measured. On a machine shared with other jobs the CPU seconds are the steadier of the two: they count
+the work done, not the wait for a core. The two tools run
 alternately (trl, prefalign, trl, prefalign, ...) so that load from other processes hits both alike;
 the result per case is the median of the per-pair ratios trl wall / prefalign wall.
 
@@ -72,6 +74,10 @@ CASES = {
 }
 
 
+def optimizer_steps(c: dict) -> int:
+    return c["N"] * c["E"] * c["P"] * c["K"] // c["M"]
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -84,7 +90,7 @@ def run_trl(python: str, fixture: Path, c: dict, env: dict) -> dict:
            "--lr", str(LR), "--beta", str(c["beta"]), "--out", str(out)]
     r = run_with_rss(cmd, env)
     info = json.loads([line for line in r["stdout"].splitlines() if line.startswith('{"tool"')][-1])
-    return {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], "train_s": info["train_s"],
+    return {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "rss_mib": r["rss_mib"], "train_s": info["train_s"],
             "optimizer_steps": info["optimizer_steps"], "mean_length": info["mean_length"]}
 
 
@@ -99,18 +105,20 @@ def run_ours(python: str, fixture: Path, c: dict, env: dict, src: Path = ROOT / 
     r = run_with_rss(cmd, {**env, "PYTHONPATH": str(src)})
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = c["N"] * c["E"] * c["P"] * c["K"] // c["M"]
-    return {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], "train_s": summary["iterations_time_s"],
-            "optimizer_steps": steps, "mean_length": statistics.mean(x["completions/mean_length"] for x in rows)}
+    steps = optimizer_steps(c)
+    return {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "rss_mib": r["rss_mib"],
+            "train_s": summary["iterations_time_s"], "optimizer_steps": steps, "mean_length": statistics.mean(x["completions/mean_length"] for x in rows)}
 
 
 def compare(name: str, tool: str, trl: list[dict], ours: list[dict]) -> str:
     """One summary line: the median of the per-pair ratios trl / ours (wall, and loop only), and RSS."""
     ratios = [t["wall_s"] / p["wall_s"] for t, p in zip(trl, ours)]
     train = [t["train_s"] / p["train_s"] for t, p in zip(trl, ours)]
+    cpu = [t["cpu_s"] / p["cpu_s"] for t, p in zip(trl, ours)]
     rss = statistics.median(p["rss_mib"] for p in ours) / statistics.median(t["rss_mib"] for t in trl)
     return (f"{name}: whole run, trl / {tool} = {statistics.median(ratios):.2f}x (median; pairs "
-            f"{', '.join(f'{r:.2f}' for r in ratios)}); training loop only {statistics.median(train):.2f}x; "
+            f"{', '.join(f'{r:.2f}' for r in ratios)}); CPU seconds {statistics.median(cpu):.2f}x (pairs "
+            f"{', '.join(f'{r:.2f}' for r in cpu)}); training loop only {statistics.median(train):.2f}x; "
             f"median wall trl {statistics.median(t['wall_s'] for t in trl):.1f} s, {tool} "
             f"{statistics.median(p['wall_s'] for p in ours):.1f} s; peak RSS {tool} / trl {rss:.2f}; "
             f"load at end {load()}")
@@ -146,8 +154,8 @@ def main() -> None:
     for name in a.cases.split(","):
         c = CASES[name]
         print(f"\n## {name}: {c['trainer']} P={c['P']} prompts x K={c['K']} completions per iteration, "
-              f"minibatch M={c['M']}, E={c['E']}, N={c['N']} iterations = {c['N'] * c['E'] * c['P'] * c['K'] // c['M']} "
-              f"optimizer steps, beta={c['beta']}", flush=True)
+              f"minibatch M={c['M']}, E={c['E']}, N={c['N']} iterations = {optimizer_steps(c)} optimizer steps, "
+              f"beta={c['beta']}", flush=True)
         tools = ["trl", "prefalign"] + (list(variants) if c["P"] > 1 else [])
         runs = {t: [] for t in tools}
         for rep in range(a.repeats):
@@ -156,8 +164,8 @@ def main() -> None:
                 res = (run_trl(a.trl_python, fixture, c, env) if tool == "trl"
                        else run_ours(a.ours_python, fixture, c, env, Path(variants.get(tool, ROOT / "src"))))
                 runs[tool].append(res)
-                print(f"{name} rep {rep + 1} {tool:10s} wall_s={res['wall_s']:.2f} train_s={res['train_s']:.2f} "
-                      f"rss_mib={res['rss_mib']:.0f} optimizer_steps={res['optimizer_steps']} "
+                print(f"{name} rep {rep + 1} {tool:10s} wall_s={res['wall_s']:.2f} cpu_s={res['cpu_s']:.2f} "
+                      f"train_s={res['train_s']:.2f} rss_mib={res['rss_mib']:.0f} optimizer_steps={res['optimizer_steps']} "
                       f"mean_length={res['mean_length']:.2f} load_before={before}", flush=True)
         for tool in tools[1:]:
             line = compare(name, tool, runs["trl"], runs[tool])
