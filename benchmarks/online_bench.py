@@ -107,7 +107,8 @@ def run_ours(python: str, fixture: Path, c: dict, env: dict, src: Path = ROOT / 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = optimizer_steps(c)
     return {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "rss_mib": r["rss_mib"],
-            "train_s": summary["iterations_time_s"], "optimizer_steps": steps, "mean_length": statistics.mean(x["completions/mean_length"] for x in rows)}
+            "train_s": summary["iterations_time_s"], "optimizer_steps": steps,
+            "mean_length": statistics.mean(x["completions/mean_length"] for x in rows)}
 
 
 def compare(name: str, tool: str, trl: list[dict], ours: list[dict]) -> str:
@@ -165,7 +166,8 @@ def main() -> None:
                        else run_ours(a.ours_python, fixture, c, env, Path(variants.get(tool, ROOT / "src"))))
                 runs[tool].append(res)
                 print(f"{name} rep {rep + 1} {tool:10s} wall_s={res['wall_s']:.2f} cpu_s={res['cpu_s']:.2f} "
-                      f"train_s={res['train_s']:.2f} rss_mib={res['rss_mib']:.0f} optimizer_steps={res['optimizer_steps']} "
+                      f"train_s={res['train_s']:.2f} rss_mib={res['rss_mib']:.0f} "
+                      f"optimizer_steps={res['optimizer_steps']} "
                       f"mean_length={res['mean_length']:.2f} load_before={before}", flush=True)
         for tool in tools[1:]:
             line = compare(name, tool, runs["trl"], runs[tool])
