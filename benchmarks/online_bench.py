@@ -147,6 +147,8 @@ def main() -> None:
                     help="another prefalign src/ to run alongside (cases with P > 1 only)")
     a = ap.parse_args()
     variants = dict(v.split("=", 1) for v in a.variant)
+    if not Path(a.trl_python).exists():
+        sys.exit(f"no TRL environment at {a.trl_python}: run benchmarks/setup_peers.sh, or pass --trl-python.")
     env = env_for(a.threads)
     fixture = make_fixture(Path(a.fixture) if a.fixture else ROOT / ".bench" / "fixture", a.ours_python)
     for line in header(a, a.ours_python):
