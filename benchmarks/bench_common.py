@@ -43,7 +43,7 @@ def env_for(threads: int | None = None) -> dict:
 
 def run_with_rss(cmd: list[str], env: dict | None = None) -> dict:
     """Run cmd and measure it. Returns {"lines": [(seconds since start, stdout line)], "stdout",
-    "stderr", "wall_s", "rss_mib"}: the peak resident memory of that child process alone (os.wait4
+    "stderr", "wall_s", "rss_mib", "cpu_s"}: the peak resident memory of that child process alone (os.wait4
     gives one child's rusage; RUSAGE_CHILDREN would mix all the runs of this script)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or env_for())
@@ -62,7 +62,8 @@ def run_with_rss(cmd: list[str], env: dict | None = None) -> dict:
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {code}\n{out[-3000:]}\n{''.join(err)[-3000:]}")
     return {"lines": lines, "stdout": out, "stderr": "".join(err), "wall_s": wall,
-            "rss_mib": usage.ru_maxrss / 1024}  # Linux: ru_maxrss in KiB
+            "rss_mib": usage.ru_maxrss / 1024,  # Linux: ru_maxrss in KiB
+            "cpu_s": usage.ru_utime + usage.ru_stime}  # that child's user + system CPU seconds
 
 
 def make_fixture(out: Path, python: str, **kw) -> Path:

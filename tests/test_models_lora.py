@@ -1,7 +1,10 @@
 """LoRA: the disabled adapter is exactly the base model, before and after training; saving merges
 (and writes the adapter: tests/test_lora_outputs.py)."""
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 pytest.importorskip("peft")
 
 from prefalign.errors import ModelError
-from prefalign.models import (ScalarModel, apply_lora, default_lora_targets, disabled_adapter, load_causal_lm,
-                              save_pretrained)
+from prefalign.models import (ScalarModel, apply_lora, default_lora_targets, disabled_adapter, is_peft_model,
+                              load_causal_lm, save_pretrained)
 from prefalign.tiny import save_tiny_model
 
 LLAMA_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -116,3 +119,17 @@ def test_lora_with_gradient_checkpointing(tiny_dir):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
                if p.requires_grad and "lora_B" in n)
     assert model.get_base_model().model.layers[0].gradient_checkpointing
+
+
+def test_is_peft_model_without_and_with_peft(tiny_dir):
+    """A process that never imported peft holds no PeftModel: the check answers without importing it
+    (a run without LoRA skips peft's import); once peft is in, wrapped models are recognised."""
+    code = ("import sys, torch; from prefalign.models import is_peft_model; "
+            "assert not is_peft_model(torch.nn.Linear(2, 2)); assert 'peft' not in sys.modules; print('ok')")
+    src = Path(__file__).resolve().parents[1] / "src"  # this tree's prefalign, as conftest.py puts first
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(src)})
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+    model, _ = load_causal_lm(str(tiny_dir))
+    assert not is_peft_model(model)
+    assert is_peft_model(apply_lora(model, 2, 4, 0.0, None))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from typing import Iterator, Optional, Sequence
 
 from torch import nn
@@ -26,11 +27,10 @@ def _peft():
 
 
 def is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+    """Whether ``model`` is a peft PeftModel. Only a process that imported peft can hold one, so a run
+    without LoRA does not import peft here (about a second of a short run's start-up under load)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def default_lora_targets(model: nn.Module) -> list[str]:
