@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from prefalign.rollout import filter_logits, forward_logps, generate_texts, left_pad, sample
+from prefalign.rollout import filter_logits, forward_logps, generate_texts, left_pad, sample, sample_groups
 from prefalign.tiny import SAMPLE_TEXTS, tiny_llama, tiny_tokenizer
 
 EOS_BOOST = 2.5  # EOS logit bias: a few percent EOS per step, so some rows stop early and others do not
@@ -89,6 +89,31 @@ def test_sampling_is_deterministic_with_a_generator(model, tok):
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
     greedy = [run(model, tok, prompts(tok), seed=s, top_k=1, temperature=1.0) for s in (1, 2)]
     assert torch.equal(greedy[0].response_ids, greedy[1].response_ids)  # top_k=1 is greedy whatever the seed
+
+
+@pytest.mark.parametrize("arch, top_k, top_p", [("llama", 0, 1.0), ("llama", 300, 0.9), ("gpt2", 0, 1.0)])
+def test_sample_groups_equal_one_sample_call_per_prompt(models, tok, arch, top_k, top_p):
+    """All groups in one generate call, each drawn from its own generator: the tokens of one call per
+    prompt, the log-probs to float precision (padding and batch size only reorder the sums)."""
+    model, ps = models[arch], prompts(tok)  # prompts of different lengths: left padding in the shared call
+    kw = {"max_new_tokens": 12, "temperature": 0.7, "top_k": top_k, "top_p": top_p,
+          "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    K, seeds = 3, [11, 12, 13, 14, 15]
+    alone = [sample(model, [p] * K, generator=torch.Generator().manual_seed(s), **kw) for p, s in zip(ps, seeds)]
+    together = sample_groups(model, ps, K, [torch.Generator().manual_seed(s) for s in seeds], **kw)
+    assert len({a.response_ids.shape[1] for a in alone}) > 1  # the point: groups stop at different steps
+    R = max(a.response_ids.shape[1] for a in alone)
+    assert together.response_ids.shape == (len(ps) * K, R)
+    for i, (p, a) in enumerate(zip(ps, alone)):
+        rows, r = slice(i * K, (i + 1) * K), a.response_ids.shape[1]
+        assert (together.query_ids[rows, -len(p):] == torch.tensor(p)).all()
+        assert together.query_mask[rows].sum(1).tolist() == [len(p)] * K
+        assert torch.equal(together.response_ids[rows, :r], a.response_ids)
+        assert torch.equal(together.response_mask[rows, :r], a.response_mask)
+        assert not together.response_mask[rows, r:].any() and torch.equal(together.ended_with_eos[rows], a.ended_with_eos)
+        torch.testing.assert_close(together.logprobs[rows, :r], a.logprobs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2 prompts but 1 generators"):
+        sample_groups(model, ps[:2], K, [None], **kw)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -109,6 +109,36 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     generator: a torch.Generator on the model's device, for reproducible draws.
     Call ``model.eval()`` first if the model has dropout: sampling does not change the model's mode.
     """
+    def draw(probs):  # (B, V) -> (B,)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    return _sample_rows(model, prompt_ids, draw, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@torch.no_grad()
+def sample_groups(model, prompt_ids: Sequence[Sequence[int]], group_size: int,
+                  generators: Sequence[Optional[torch.Generator]], **kwargs) -> Rollout:
+    """``group_size`` (K) completions of each prompt in one generate call: (P * K, ...) rows, prompt p's
+    at p * K ... p * K + K - 1, prompts left-padded to the longest. Group p's tokens are drawn from
+    ``generators[p]`` on its own K rows, so the draws do not depend on which other prompts share the
+    call; the logits do only through floating-point rounding (the padding and the batch size change
+    the order of the sums), so a group's tokens are those of ``sample(model, [prompt] * K,
+    generator=generators[p], **kwargs)`` and its log-probs agree to float precision (tested).
+    The response width is the longest group's."""
+    if len(generators) != len(prompt_ids):
+        raise ValueError(f"sample_groups: {len(prompt_ids)} prompts but {len(generators)} generators.")
+
+    def draw(probs):  # (P * K, V) -> (P * K,): group p's rows from its own generator
+        return torch.cat([torch.multinomial(probs[p * group_size:(p + 1) * group_size], 1, generator=g)
+                          for p, g in enumerate(generators)]).squeeze(-1)
+
+    return _sample_rows(model, [q for q in prompt_ids for _ in range(group_size)], draw, **kwargs)
+
+
+def _sample_rows(model, prompt_ids, draw, *, max_new_tokens: int, eos_token_id, pad_token_id: int,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Rollout:
+    """The sampling loop of ``sample``; ``draw`` maps the (B, V) probabilities to (B,) sampled tokens."""
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     device = next(model.parameters()).device
     eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -124,8 +154,7 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     tokens, logps, alive = [], [], []
     for step in range(max_new_tokens):
         scaled = logits.float() / temperature  # (B, V)
-        probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        token = draw(torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1))  # (B,)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         alive.append(~done)
         logps.append(token_logps(scaled[:, None], token[:, None])[:, 0])

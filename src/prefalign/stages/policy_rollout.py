@@ -3,7 +3,9 @@ trainable policy and its frozen reference, K completions per prompt seeded by th
 the global batch, the reference's log-probs of a rollout, and the completion-length metrics.
 
 Seeding draws by (--seed, iteration, place) rather than by rank makes N processes sample what one
-process with N times the prompts samples, and a resumed run sample what an uninterrupted one did.
+process with N times the prompts samples (the same tokens; log-probs to float rounding, since the
+batch a group shares its generate call with reorders the sums), and a resumed run sample exactly
+what an uninterrupted one did.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch import nn
 from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm
 from prefalign.models.attention import uses_packed_attention
 from prefalign.rl.forwards import policy_forward
-from prefalign.rollout import Rollout, pack_sequences, sample
+from prefalign.rollout import Rollout, pack_sequences, sample_groups
 from prefalign.stages.ppo_models import PACK_ROW_TOKENS
 from prefalign.train.loop import autocast_for
 
@@ -83,35 +85,17 @@ def take(batch: dict, idx: torch.Tensor) -> dict:
     return mb
 
 
-def merge(parts: list[Rollout], pad_id: int) -> Rollout:
-    """Rollouts of one group each -> one batch: queries left-padded, responses right-padded."""
-    P, R = max(r.query_ids.shape[1] for r in parts), max(r.response_ids.shape[1] for r in parts)
-
-    def pad(t, width, value, left):
-        extra = width - t.shape[1]
-        filler = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
-        return torch.cat([filler, t] if left else [t, filler], dim=1)
-
-    return Rollout(query_ids=torch.cat([pad(r.query_ids, P, pad_id, True) for r in parts]),
-                   query_mask=torch.cat([pad(r.query_mask, P, False, True) for r in parts]),
-                   response_ids=torch.cat([pad(r.response_ids, R, pad_id, False) for r in parts]),
-                   response_mask=torch.cat([pad(r.response_mask, R, False, False) for r in parts]),
-                   logprobs=torch.cat([pad(r.logprobs, R, 0.0, False) for r in parts]),
-                   ended_with_eos=torch.cat([r.ended_with_eos for r in parts]))
-
-
 @torch.no_grad()
 def rollout(cfg, m: PolicyModels, query_ids: list[list[int]], places: list[int], iteration: int, device) -> Rollout:
-    """K completions of each prompt, group by group: (P * K, ...) rows, prompt p's at p * K ... p * K + K - 1.
-    ``places`` are the prompts' places in the global batch, which seed their draws."""
-    parts = []
-    for q, place in zip(query_ids, places):
-        g = torch.Generator(device).manual_seed(mixed_seed(cfg.seed, iteration, place))
-        with autocast_for(device, cfg.dtype):
-            parts.append(sample(m.policy, [q] * cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
-                                eos_token_id=m.tokenizer.eos_token_id, pad_token_id=m.tokenizer.pad_token_id,
-                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g))
-    return merge(parts, m.tokenizer.pad_token_id)
+    """K completions of each prompt: (P * K, ...) rows, prompt p's at p * K ... p * K + K - 1.
+    ``places`` are the prompts' places in the global batch, which seed their draws: each group has its
+    own generator, and all of them share one generate call (rollout.sample_groups), so a group draws
+    the same tokens whichever prompts share its process."""
+    generators = [torch.Generator(device).manual_seed(mixed_seed(cfg.seed, iteration, place)) for place in places]
+    with autocast_for(device, cfg.dtype):
+        return sample_groups(m.policy, query_ids, cfg.num_generations, generators, max_new_tokens=cfg.max_new_tokens,
+                             eos_token_id=m.tokenizer.eos_token_id, pad_token_id=m.tokenizer.pad_token_id,
+                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
 
 def rollout_batch(r: Rollout) -> dict:
