@@ -200,7 +200,6 @@ def test_first_step_loss_by_hand(fixture, tmp_path, loss, first_loss):
     assert row["loss"] == pytest.approx(first_loss, rel=1e-6)
     for key in ("objective/kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "objective/non_score_reward"):
         assert abs(row[key]) < 1e-5, key
-    assert row["rewards/accuracies"] <= 0.5  # margins are 0 up to rounding: no pair is reliably "right"
     assert row["objective/rlhf_reward"] == pytest.approx(row["objective/scores"], abs=1e-6)
     # the deterministic judge (--judge-temperature 0) chooses the higher score: no pair is flipped
     assert row["judge/flipped"] == 0 and row["objective/scores_margin"] > 0
@@ -237,13 +236,33 @@ def test_online_dpo_cli_smoke(fixture, tmp_path):
 
 
 def test_constant_judge_ties_and_lora_outputs(fixture, tmp_path):
-    """Every pair ties under a constant reward (the first sample is chosen); --lora without --ref-model
-    scores the reference with the adapters off and writes OUTPUT/adapter."""
+    """Every pair ties under a constant reward and the first sample is chosen, with probability 1: the
+    logged pairs are the iteration's draws (sampled again here from the same seeds) in sample order.
+    --lora without --ref-model scores the reference with the adapters off and writes OUTPUT/adapter."""
+    from prefalign.data import encode_prompt, load_prompts
+    from prefalign.stages.policy_rollout import load_policy, rollout
+    from prefalign.stages.ppo import plan_iterations, prompt_shard
+    from prefalign.train.dist import DistInfo
     out = tmp_path / "lora"
-    run_online_dpo(config(fixture, out, fn="constant", lora=True, lora_r=4, iterations=1, minibatch_size=4))
+    cfg = config(fixture, out, fn="constant", lora=True, lora_r=4, iterations=1, minibatch_size=4, sample_every=1)
+    run_online_dpo(cfg)
     (row,) = read_metrics(out / "metrics.jsonl")
-    assert row["judge/ties"] == 1.0 and row["objective/scores_margin"] == 0.0
-    assert abs(row["objective/kl"]) < 1e-5  # adapters start as the identity (B = 0)
+    assert row["objective/scores_margin"] == 0.0 and abs(row["objective/kl"]) < 1e-5  # adapters start as the identity
+    # iteration 0's completions drawn again: the policy before its first step (LoRA's B = 0), the same seeds
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    m, examples = load_policy(cfg, cpu.device), load_prompts(cfg.prompts)
+    mine = prompt_shard(len(examples), 0, plan_iterations(cfg, len(examples), 1)[0], cfg, cpu)
+    r = rollout(cfg, m, [encode_prompt(m.tokenizer, examples[i].prompt, cfg.max_prompt_length) for i in mine],
+                list(range(len(mine))), 0, cpu.device)
+    texts = [m.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+             for ids, mask in zip(r.response_ids, r.response_mask)]
+    (logged,) = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    pairs = logged["samples"]
+    assert len(pairs) == 4 and any(texts[2 * p] != texts[2 * p + 1] for p in range(4))  # the order shows
+    for p, pair in enumerate(pairs):
+        assert pair["prompt"] == examples[mine[p]].prompt and pair["p_chosen"] == 1.0
+        assert (pair["chosen"], pair["rejected"]) == (texts[2 * p], texts[2 * p + 1]), p
+        assert pair["score_chosen"] == pair["score_rejected"] == 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reference"] == "adapters off" and summary["lora"]["adapter"]
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "model.safetensors").exists()
