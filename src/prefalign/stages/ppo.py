@@ -25,7 +25,7 @@ import dataclasses
 import math
 import time
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -106,25 +106,46 @@ def prompt_shard(n_prompts: int, iteration: int, per_epoch: int, cfg, dist) -> l
 
 # --------------------------------------------------------------------------- 1-2: rollout and scores
 
+class Sampled(NamedTuple):
+    """One rank's rollout with its decoded completions and (with --packing) its packed rows."""
+    rollout: Rollout
+    completions: list[str]
+    packed: Optional[PackedSequences]
+
+
 @torch.no_grad()
-def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: RunningMoments,
-            generator: torch.Generator, device, reward_fn: Optional[RewardFn], columns: list[dict],
-            mine: list[int]) -> tuple[dict, dict]:
-    """Sample, score, and record everything the update needs. ``columns``: every prompt's other
-    fields (for reward functions), ``mine`` the prompts sampled. Returns (batch of (B, ...) tensors, timings)."""
-    t0 = time.perf_counter()
+def sample_rollout(cfg, m: Models, query_ids: list[list[int]], generator: torch.Generator, device) -> Sampled:
+    """One completion of each prompt from the current policy, decoded, and packed with --packing."""
     with autocast_for(device, cfg.dtype):
         r = sample(m.policy, query_ids, max_new_tokens=cfg.max_new_tokens, eos_token_id=m.tokenizer.eos_token_id,
                    pad_token_id=m.tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
                    top_p=cfg.top_p, generator=generator)
-    t1 = time.perf_counter()
     completions = [m.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
                    for ids, mask in zip(r.response_ids, r.response_mask)]
     seq = (r.query_ids, r.query_mask, r.response_ids, r.response_mask)
-    packed = pack_rows(m, seq) if cfg.packing else None
+    return Sampled(r, completions, pack_rows(m, seq) if cfg.packing else None)
+
+
+@torch.no_grad()
+def rollout_scores(cfg, m: Models, s: Sampled, prompts: list, reward_fn: Optional[RewardFn], columns: list[dict],
+                   mine: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """raw_scores of a rollout under --dtype's autocast; ``columns``: every prompt's other fields (for
+    reward functions), ``mine`` the prompts sampled. Nothing here is collective, so a function that
+    fails on one rank leaves every rank free to agree on the error (online_rewards.scores_or_stop)."""
+    with autocast_for(s.rollout.query_ids.device, cfg.dtype):
+        return raw_scores(m, s.rollout, prompts, s.completions, s.packed, reward_fn,
+                          batch_columns(columns, mine, 1, s.rollout) if m.sources else {})
+
+
+@torch.no_grad()
+def scored_batch(cfg, m: Models, s: Sampled, raw: torch.Tensor, per_source: Optional[torch.Tensor],
+                 stats: RunningMoments, device) -> dict:
+    """Everything the update needs, as (B, ...) tensors: the rollout, the reference's log-probs, the
+    values, and the final scores (with --normalize-scores ``stats`` takes this iteration's global batch
+    in: a collective, after every rank has its scores)."""
+    r, packed = s.rollout, s.packed
+    seq = (r.query_ids, r.query_mask, r.response_ids, r.response_mask)
     with autocast_for(device, cfg.dtype):
-        raw, per_source = raw_scores(m, r, prompts, completions, packed, reward_fn,
-                                     batch_columns(columns, mine, 1, r) if m.sources else {})
         with contextlib.nullcontext() if m.ref is not None else disabled_adapter(m.policy):
             ref_logprobs = policy_forward(m.ref if m.ref is not None else m.policy, None, *seq,
                                           temperature=cfg.temperature, packed=packed)[0]
@@ -132,13 +153,12 @@ def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: Ru
             values = token_values(m.value_model, *seq, packed=packed)
         else:
             values = policy_forward(m.policy, m.value_head, *seq, temperature=cfg.temperature, packed=packed)[2]
-    batch = {"query_ids": r.query_ids, "query_mask": r.query_mask, "response_ids": r.response_ids,
-             "response_mask": r.response_mask, "logprobs": r.logprobs, "ref_logprobs": ref_logprobs.float(),
-             "values": values.float(), "ended_with_eos": r.ended_with_eos, "raw_scores": raw.float(),
-             "scores": final_scores(raw, r.ended_with_eos, cfg, stats), "completions": completions,
-             "source_metrics": {} if per_source is None else {
-                 f"rewards/{s.metric_name}/mean": (float(v.sum()), v.numel()) for s, v in zip(m.sources, per_source)}}
-    return batch, {"rollout": t1 - t0, "score": time.perf_counter() - t1}
+    return {"query_ids": r.query_ids, "query_mask": r.query_mask, "response_ids": r.response_ids,
+            "response_mask": r.response_mask, "logprobs": r.logprobs, "ref_logprobs": ref_logprobs.float(),
+            "values": values.float(), "ended_with_eos": r.ended_with_eos, "raw_scores": raw.float(),
+            "scores": final_scores(raw, r.ended_with_eos, cfg, stats), "completions": s.completions,
+            "source_metrics": {} if per_source is None else {
+                f"rewards/{src.metric_name}/mean": (float(v.sum()), v.numel()) for src, v in zip(m.sources, per_source)}}
 
 
 def raw_scores(m: Models, r: Rollout, prompts: list, completions: list[str], packed: Optional[PackedSequences],
@@ -302,7 +322,7 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     m = load_models(cfg, dist.device, reward_fn, plan)
     layout = choose_layout(cfg.packing, row_readers(m))
     announce("ppo", layout, show=dist.is_main)
-    cfg = dataclasses.replace(cfg, packing=layout.packed)  # collect() and minibatch_loss() read cfg.packing
+    cfg = dataclasses.replace(cfg, packing=layout.packed)  # sample_rollout() and minibatch_loss() read cfg.packing
     query_ids = [encode_prompt(m.tokenizer, ex.prompt, cfg.max_prompt_length) for ex in examples]
     per_epoch, total = plan_iterations(cfg, len(examples), dist.world_size)
     value_lr = value_learning_rate(cfg, m)
@@ -326,13 +346,17 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
             # 1-2. rollout and scores
             mine = prompt_shard(len(examples), run.step, per_epoch, cfg, dist)
             prompts = [examples[i].prompt for i in mine]
-            # a failing reward function stops every rank after a checkpoint of the iterations done, its
-            # sampling stream rewound so that --resume draws what this iteration drew
             drawn_from = generators["sample"].get_state()
-            batch, times = scores_or_stop(run, out, partial(collect, cfg, m, prompts, [query_ids[i] for i in mine],
-                                                            stats, generators["sample"], dist.device, reward_fn,
-                                                            columns, mine),
-                                          before_save=partial(generators["sample"].set_state, drawn_from))
+            sampled = sample_rollout(cfg, m, [query_ids[i] for i in mine], generators["sample"], dist.device)
+            t_score = time.perf_counter()
+            # a failing reward function stops every rank after a checkpoint of the iterations done, its
+            # sampling stream rewound so that --resume draws what this iteration drew; only the scoring is
+            # guarded, so no rank has entered a collective (or updated score statistics) before
+            raw, per_source = scores_or_stop(run, out, partial(rollout_scores, cfg, m, sampled, prompts, reward_fn,
+                                                               columns, mine),
+                                             before_save=partial(generators["sample"].set_state, drawn_from))
+            batch = scored_batch(cfg, m, sampled, raw, per_source, stats, dist.device)
+            times = {"rollout": t_score - t_iter, "score": time.perf_counter() - t_score}
             # 3-4. shaped reward, GAE, whitened advantages
             beta = kl_ctl.value
             add_advantages(batch, cfg, beta)
