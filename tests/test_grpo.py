@@ -288,6 +288,23 @@ def test_grpo_cli_in_process_with_k3_in_the_loss(fixture, tmp_path):
     assert json.loads((out / "summary.json").read_text())["stage"] == "grpo"
 
 
+def test_sources_with_one_name_are_logged_apart(fixture, tmp_path):
+    """Two files' functions both named low_half (the second scores 0.25 everywhere): logged as
+    rewards/low_half/mean and rewards/low_half_2/mean in the order given, neither overwriting the other."""
+    d = fixture
+    (d / "other").mkdir(exist_ok=True)
+    (d / "other" / "rewards.py").write_text("def low_half(prompts, completions, **columns):\n"
+                                            "    return [0.25] * len(completions)\n")
+    out = tmp_path / "same-names"
+    cfg = config(d, out, reward_fn=f"{d / 'rewards.py'}:low_half,{d / 'other' / 'rewards.py'}:low_half",
+                 reward_weights="1,2", iterations=1)
+    assert run_group(cfg) == 0
+    (row,) = read_metrics(out / "metrics.jsonl")
+    assert row["rewards/low_half_2/mean"] == pytest.approx(0.25, abs=1e-7)
+    assert row["rewards/low_half/mean"] != pytest.approx(0.25, abs=1e-3)  # the share of low ids, not 0.25
+    assert row["reward"] == pytest.approx(row["rewards/low_half/mean"] + 2 * 0.25, abs=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cls", [GRPOConfig, RLOOConfig], ids=["grpo", "rloo"])
 def test_reward_rises(fixture, tmp_path, cls):

@@ -84,6 +84,41 @@ def test_reward_model_and_functions_weighted(fixture, tmp_path):
     assert (out / "value_model" / "config.json").exists()  # started from the reward model
 
 
+def test_sources_with_one_name_are_logged_apart(fixture, tmp_path):
+    """The same reward model twice (two folders named rm give the same name) and two files' functions both
+    named low_half (the second scores 0.25): each source keeps a metric of its own, _2 in the order given."""
+    d, out = fixture, tmp_path / "out"
+    (d / "other").mkdir(exist_ok=True)
+    (d / "other" / "rewards.py").write_text("def low_half(prompts, completions, **columns):\n"
+                                            "    return [0.25] * len(completions)\n")
+    fns = f"{d / 'rewards.py'}:low_half,{d / 'other' / 'rewards.py'}:low_half"
+    assert cli_main(args(d, out, "--reward-model", f"{d / 'rm'},{d / 'rm'}", "--reward-fn", fns,
+                         "--reward-weights", "1,0.5,2,4", "--iterations", 1)) == 0
+    (r,) = read_metrics(out / "metrics.jsonl")
+    assert r["rewards/rm/mean"] == pytest.approx(r["rewards/rm_2/mean"], abs=1e-6)  # one model, scored twice
+    assert r["rewards/low_half_2/mean"] == pytest.approx(0.25, abs=1e-7)
+    assert r["rewards/low_half/mean"] != pytest.approx(0.25, abs=1e-3)  # the share of low ids, not 0.25
+    weighted = 1.5 * r["rewards/rm/mean"] + 2 * r["rewards/low_half/mean"] + 4 * 0.25
+    assert r["objective/raw_scores"] == pytest.approx(weighted, abs=1e-5)
+
+
+def test_metric_names_are_unique_in_order():
+    from prefalign.rl.reward_functions import RewardFunction
+    from prefalign.stages.online_rewards import metric_names
+
+    def score(prompts, completions, **columns):
+        return [0.0] * len(completions)
+
+    def score_2(prompts, completions, **columns):
+        return [0.0] * len(completions)
+
+    sources = [RewardFunction(f"{f}.py:score", score) for f in "abc"]
+    assert metric_names(sources) == ["score", "score_2", "score_3"]
+    # a later source already named score_2 is not overwritten by the renamed second score either
+    assert metric_names([sources[0], sources[1], RewardFunction("d.py:score_2", score_2)]) == \
+        ["score", "score_2", "score_2_2"]
+
+
 def test_reward_function_alone(fixture, tmp_path):
     """No reward model: the value model is a new head on the policy's backbone."""
     d, out = fixture, tmp_path / "out"

@@ -50,6 +50,21 @@ def load_sources(plan: RewardPlan, policy_tokenizer, cfg, device) -> list:
                               attn_implementation=cfg.attn_implementation, seed=cfg.seed) + plan.functions
 
 
+def metric_names(sources: list) -> list[str]:
+    """The <name> of each source's rewards/<name>/mean: its metric_name, with _2, _3, ... in order when
+    an earlier source has it (reward models in folders a/rm and b/rm, two files' ``score``), so no
+    source's metric overwrites another's."""
+    taken, names = set(), []
+    for source in sources:
+        name, k = source.metric_name, 1
+        while name in taken:
+            k += 1
+            name = f"{source.metric_name}_{k}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
 def batch_columns(columns: list[dict], prompt_indices: list[int], k: int, r: Rollout) -> dict[str, list]:
     """The columns of a rollout's completions (each prompt's repeated K times) and their ``completion_ids``."""
     names = sorted(set().union(*columns)) if columns else []

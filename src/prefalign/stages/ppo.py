@@ -40,7 +40,7 @@ from prefalign.rl.reward_functions import RewardModel, as_completions, combine
 from prefalign.rl.scores import RunningMoments, final_scores
 from prefalign.rollout import PackedSequences, Rollout, sample
 from prefalign.stages.common import finish, save_final, start
-from prefalign.stages.online_rewards import batch_columns, columns_of, plan_rewards, scores_or_stop
+from prefalign.stages.online_rewards import batch_columns, columns_of, metric_names, plan_rewards, scores_or_stop
 from prefalign.stages.packing import announce, choose_layout
 from prefalign.stages.ppo_models import Models, RewardFn, load_models, pack_rows, row_readers, save_models
 from prefalign.train.dist import (DistInfo, all_gather_object, all_reduce_sum, average_gradients, check_replicas,
@@ -158,7 +158,8 @@ def scored_batch(cfg, m: Models, s: Sampled, raw: torch.Tensor, per_source: Opti
             "values": values.float(), "ended_with_eos": r.ended_with_eos, "raw_scores": raw.float(),
             "scores": final_scores(raw, r.ended_with_eos, cfg, stats), "completions": s.completions,
             "source_metrics": {} if per_source is None else {
-                f"rewards/{src.metric_name}/mean": (float(v.sum()), v.numel()) for src, v in zip(m.sources, per_source)}}
+                f"rewards/{name}/mean": (float(v.sum()), v.numel())
+                for name, v in zip(metric_names(m.sources), per_source)}}
 
 
 def raw_scores(m: Models, r: Rollout, prompts: list, completions: list[str], packed: Optional[PackedSequences],
