@@ -141,11 +141,15 @@ def test_bad_sources_refused_before_any_model_loads(tmp_path, capsys, extra, mes
     assert not (tmp_path / "out").exists()
 
 
-def test_hook_and_options_are_not_mixed(fixture, tmp_path):
+@pytest.mark.parametrize("option", [{"reward_fn": "statistics:mean"}, {"reward_model": "some/rm"},
+                                    {"reward_weights": "2"}], ids=["fn", "model", "weights"])
+def test_hook_and_options_are_not_mixed(fixture, tmp_path, option):
+    """The Python hook is the whole reward: a source or a weight given beside it would be ignored, so it is refused."""
     cfg = PPOConfig(model=str(fixture / "sft"), prompts=str(fixture / "prompts.jsonl"), output=str(tmp_path / "o"),
-                    reward_fn="statistics:mean")
-    with pytest.raises(ConfigError, match="replaces --reward-model and --reward-fn"):
+                    **option)
+    with pytest.raises(ConfigError, match="replaces --reward-model, --reward-fn and --reward-weights"):
         run_ppo(cfg, reward_fn=lambda prompts, completions, rollout: torch.zeros(len(prompts)))
+    assert not (tmp_path / "o").exists()
 
 
 def test_failing_function_checkpoints_and_resume_equals_a_run_that_never_failed(fixture, tmp_path, capsys,

@@ -309,13 +309,14 @@ def sample_rows(prompts: list, batch: dict) -> dict:
 
 def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     """Train the policy by PPO against --reward-model and/or --reward-fn (weighted by --reward-weights).
-    A Python hook ``reward_fn(prompts, completions, rollout) -> (B,)`` replaces them when given (tests use
-    it). A little over our ~60-line habit so that one iteration (rollout -> rewards -> advantages ->
-    updates -> log) reads top to bottom."""
+    A Python hook ``reward_fn(prompts, completions, rollout) -> (B,)`` replaces them (and their weights)
+    when given (tests use it). A little over our ~60-line habit so that one iteration (rollout ->
+    rewards -> advantages -> updates -> log) reads top to bottom."""
+    if reward_fn is not None and (cfg.reward_model or cfg.reward_fn or cfg.reward_weights is not None):
+        raise ConfigError("run_ppo(reward_fn=...) replaces --reward-model, --reward-fn and --reward-weights (it is "
+                          "the whole reward, so they would be ignored); leave those unset.")
     dist, out, t0 = start(cfg, "model", "prompts", "output")
     check_options(cfg)
-    if reward_fn is not None and (cfg.reward_model or cfg.reward_fn):
-        raise ConfigError("run_ppo(reward_fn=...) replaces --reward-model and --reward-fn; leave those unset.")
     plan = None if reward_fn is not None else plan_rewards(cfg)
     kl_ctl, stats = make_kl_controller(cfg, cfg.rollout_batch_size * dist.world_size), RunningMoments()
     examples = load_prompts(cfg.prompts, cfg.data_format, **source_options(cfg))
