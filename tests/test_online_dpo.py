@@ -240,8 +240,7 @@ def test_constant_judge_ties_and_lora_outputs(fixture, tmp_path):
     logged pairs are the iteration's draws (sampled again here from the same seeds) in sample order.
     --lora without --ref-model scores the reference with the adapters off and writes OUTPUT/adapter."""
     from prefalign.data import encode_prompt, load_prompts
-    from prefalign.stages.policy_rollout import load_policy, rollout
-    from prefalign.stages.ppo import plan_iterations, prompt_shard
+    from prefalign.stages.policy_rollout import load_policy, plan_iterations, prompt_shard, rollout
     from prefalign.train.dist import DistInfo
     out = tmp_path / "lora"
     cfg = config(fixture, out, fn="constant", lora=True, lora_r=4, iterations=1, minibatch_size=4, sample_every=1)

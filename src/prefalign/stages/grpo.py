@@ -42,11 +42,10 @@ from prefalign.rl.reward_functions import as_completions, combine
 from prefalign.stages.common import finish, save_final, start
 from prefalign.stages.online_rewards import (batch_columns, columns_of, load_sources, metric_names, plan_rewards,
                                              score, scores_or_stop)
-from prefalign.stages.online_steps import global_minibatches, take_step
+from prefalign.stages.online_steps import ReplicaCheck, global_minibatches, take_step
 from prefalign.stages.policy_rollout import (SEQ_KEYS, PolicyModels, length_metrics, load_policy, mixed_seed,
-                                             packed_rows, reference_logprobs, reference_name, rollout, rollout_batch,
-                                             take)
-from prefalign.stages.ppo import ReplicaCheck, plan_iterations, prompt_shard
+                                             packed_rows, plan_iterations, prompt_shard, reference_logprobs,
+                                             reference_name, rollout, rollout_batch, take)
 from prefalign.train.dist import DistInfo, all_gather_object
 from prefalign.train.harness import Meter, Run
 from prefalign.train.loop import autocast_for

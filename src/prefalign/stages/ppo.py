@@ -41,12 +41,13 @@ from prefalign.rl.scores import RunningMoments, final_scores
 from prefalign.rollout import PackedSequences, Rollout, sample
 from prefalign.stages.common import finish, save_final, start
 from prefalign.stages.online_rewards import batch_columns, columns_of, metric_names, plan_rewards, scores_or_stop
+from prefalign.stages.online_steps import ReplicaCheck
 from prefalign.stages.packing import announce, choose_layout
+from prefalign.stages.policy_rollout import plan_iterations, prompt_shard
 from prefalign.stages.ppo_models import Models, RewardFn, load_models, pack_rows, row_readers, save_models
-from prefalign.train.dist import (DistInfo, all_gather_object, all_reduce_sum, average_gradients, check_replicas,
-                                  param_digest)
+from prefalign.train.dist import DistInfo, all_reduce_sum, average_gradients
 from prefalign.train.harness import Meter, Run, agree
-from prefalign.train.loop import autocast_for, epoch_order, scheduler_step
+from prefalign.train.loop import autocast_for, scheduler_step
 from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
 
 N_SAMPLES = 4  # completions written to samples.jsonl every --sample-every iterations, the first and the last
@@ -82,26 +83,6 @@ def value_learning_rate(cfg, m: Models) -> float:
     if cfg.value_lr is not None:
         return cfg.value_lr
     return 1e-5 if cfg.lora and m.value_model is not None else cfg.lr
-
-
-def plan_iterations(cfg, n_prompts: int, world_size: int) -> tuple[int, int]:
-    """(iterations per pass over the prompts, total iterations)."""
-    global_batch = cfg.rollout_batch_size * world_size
-    per_epoch = n_prompts // global_batch
-    if per_epoch == 0:
-        raise ConfigError(f"--prompts {cfg.prompts} has {n_prompts} prompts, fewer than one global rollout batch "
-                          f"(--rollout-batch-size {cfg.rollout_batch_size} x {world_size} process(es)).")
-    total = cfg.iterations if cfg.iterations > 0 else max(1, math.floor(cfg.epochs * per_epoch))
-    return per_epoch, total
-
-
-def prompt_shard(n_prompts: int, iteration: int, per_epoch: int, cfg, dist) -> list[int]:
-    """Indices of the prompts this rank samples at ``iteration``: one permutation per pass (from
-    --seed and the pass), global batches in order, rank r taking its contiguous slice."""
-    B = cfg.rollout_batch_size
-    order = epoch_order(n_prompts, cfg.seed, iteration // per_epoch)
-    first = (iteration % per_epoch) * B * dist.world_size + dist.rank * B
-    return order[first:first + B]
 
 
 # --------------------------------------------------------------------------- 1-2: rollout and scores
@@ -393,27 +374,3 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
         print(f"prefalign ppo: {summary['steps']} iterations in {summary['wall_time_s']:.1f}s; "
               + " ".join(f"{k}={run.last[k]:.4g}" for k in keys if k in run.last))
     return 0
-
-
-class ReplicaCheck:
-    """PPO updates each rank's copy of the weights itself (no DDP), so the copies must stay
-    bit-identical: compared (sha256 per model) before every checkpoint, so none is written from
-    ranks that diverged, and at the end."""
-
-    def __init__(self, m: Models, dist: DistInfo):
-        self.m, self.dist, self.checks = m, dist, 0
-
-    def digests(self) -> dict[str, str]:
-        return {name: param_digest(module) for name, module in self.m.trainable.items()}
-
-    def check(self, step: Optional[int] = None) -> Optional[dict[str, str]]:
-        """Compare the ranks' digests (before the checkpoint of iteration ``step``, or at the end)."""
-        if not self.dist.distributed:
-            return None
-        mine = self.digests()
-        check_replicas(all_gather_object(mine), f"at iteration {step}" if step is not None else "at the end")
-        self.checks += 1
-        return mine
-
-    def check_at_end(self) -> Optional[dict[str, str]]:
-        return self.check()
