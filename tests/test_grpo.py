@@ -201,6 +201,7 @@ def test_reward_function_checks_name_the_function_and_prompt(fixture):
     ({"epsilon": 0.0}, "--epsilon"),
     ({"beta": -1.0}, "--beta"),
     ({"batch_size": 4}, "does not use --batch-size"),
+    ({"logging_steps": 10}, "does not use --logging-steps; it logs one metrics.jsonl row per iteration"),
     ({"distributed": "fsdp"}, "fsdp"),
 ])
 def test_bad_options_are_config_errors(kw, message):

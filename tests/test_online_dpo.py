@@ -110,6 +110,7 @@ def test_bradley_terry_frequencies_and_seeding():
     ({"missing_eos_penalty": float("nan")}, "--missing-eos-penalty"),
     ({"batch_size": 4}, "does not use --batch-size"),
     ({"max_steps": 3}, "does not use --max-steps; use --iterations"),
+    ({"logging_steps": 5}, "does not use --logging-steps; it logs one metrics.jsonl row per iteration"),
     ({"distributed": "fsdp"}, "fsdp"),
     ({"lora": True, "lora_dropout": 0.1}, "without dropout"),
 ])

@@ -131,6 +131,9 @@ def test_reward_function_alone(fixture, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     ([], "give a reward"),
+    (["--reward-fn", "statistics:mean", "--logging-steps", "10"],
+     "does not use --logging-steps; it logs one metrics.jsonl row per iteration"),
+    (["--reward-fn", "statistics:mean", "--eval-steps", "5"], "does not use --eval-steps"),
     (["--reward-fn", "nowhere_module_xyz:score"], "cannot import module 'nowhere_module_xyz'"),
     (["--reward-fn", "statistics:mean", "--reward-weights", "1,2"], "--reward-weights has 2 value"),
 ])

@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from prefalign.config import refuse_offline_options
 from prefalign.data import encode_prompt, load_prompts, source_options
 from prefalign.errors import ConfigError
 from prefalign.losses import gae, global_moments, kl_estimate, ppo_policy_loss, ppo_value_loss, whiten
@@ -67,14 +68,7 @@ def check_options(cfg) -> None:
         raise ConfigError("--kl-coef must be >= 0, --target-kl > 0 when given, and --kl-horizon >= 1.")
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
         raise ConfigError(f"--gamma and --lam must lie in [0, 1], got {cfg.gamma} and {cfg.lam}.")
-    unused = {"max_steps": (-1, "--iterations"), "batch_size": (8, "--rollout-batch-size and --minibatch-size"),
-              "grad_accum": (1, "--minibatch-size"), "eval_steps": (0, "samples.jsonl (--sample-every)")}
-    for name, (default, instead) in unused.items():
-        if getattr(cfg, name) != default:
-            raise ConfigError(f"`prefalign ppo` does not use --{name.replace('_', '-')}; use {instead} instead.")
-    if cfg.gradient_checkpointing or cfg.distributed == "fsdp":
-        raise ConfigError("`prefalign ppo` supports neither --gradient-checkpointing nor --distributed fsdp; "
-                          "drop the option (torchrun runs PPO data-parallel with gradients averaged over ranks).")
+    refuse_offline_options(cfg, "ppo")
 
 
 def value_learning_rate(cfg, m: Models) -> float:
