@@ -201,6 +201,7 @@ def test_reward_function_checks_name_the_function_and_prompt(fixture):
     ({"epsilon": 0.0}, "--epsilon"),
     ({"beta": -1.0}, "--beta"),
     ({"batch_size": 4}, "does not use --batch-size"),
+    ({"logging_steps": 10}, "does not use --logging-steps; it logs one metrics.jsonl row per iteration"),
     ({"distributed": "fsdp"}, "fsdp"),
 ])
 def test_bad_options_are_config_errors(kw, message):
@@ -286,6 +287,23 @@ def test_grpo_cli_in_process_with_k3_in_the_loss(fixture, tmp_path):
     # k3 from the training forwards: 0 on the first minibatch, then growing as the policy moves
     assert 0 < rows[0]["kl"] < rows[1]["kl"] and rows[1]["kl"] > 1e-4
     assert json.loads((out / "summary.json").read_text())["stage"] == "grpo"
+
+
+def test_sources_with_one_name_are_logged_apart(fixture, tmp_path):
+    """Two files' functions both named low_half (the second scores 0.25 everywhere): logged as
+    rewards/low_half/mean and rewards/low_half_2/mean in the order given, neither overwriting the other."""
+    d = fixture
+    (d / "other").mkdir(exist_ok=True)
+    (d / "other" / "rewards.py").write_text("def low_half(prompts, completions, **columns):\n"
+                                            "    return [0.25] * len(completions)\n")
+    out = tmp_path / "same-names"
+    cfg = config(d, out, reward_fn=f"{d / 'rewards.py'}:low_half,{d / 'other' / 'rewards.py'}:low_half",
+                 reward_weights="1,2", iterations=1)
+    assert run_group(cfg) == 0
+    (row,) = read_metrics(out / "metrics.jsonl")
+    assert row["rewards/low_half_2/mean"] == pytest.approx(0.25, abs=1e-7)
+    assert row["rewards/low_half/mean"] != pytest.approx(0.25, abs=1e-3)  # the share of low ids, not 0.25
+    assert row["reward"] == pytest.approx(row["rewards/low_half/mean"] + 2 * 0.25, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -110,6 +110,7 @@ def test_bradley_terry_frequencies_and_seeding():
     ({"missing_eos_penalty": float("nan")}, "--missing-eos-penalty"),
     ({"batch_size": 4}, "does not use --batch-size"),
     ({"max_steps": 3}, "does not use --max-steps; use --iterations"),
+    ({"logging_steps": 5}, "does not use --logging-steps; it logs one metrics.jsonl row per iteration"),
     ({"distributed": "fsdp"}, "fsdp"),
     ({"lora": True, "lora_dropout": 0.1}, "without dropout"),
 ])
@@ -146,6 +147,49 @@ def test_failing_judge_function_stops_with_a_checkpoint(fixture, tmp_path, capsy
 
 # --------------------------------------------------------------------------- the stage
 
+def test_minibatch_loss_by_hand_with_known_log_ratios(fixture, tmp_path):
+    """The DPO step of two pairs with reference log-probs chosen so that each completion's log-ratio
+    log pi/ref is known: the reference is the policy's own log-probs minus ``offset`` on the first token,
+    so log pi(y|x) - log ref(y|x) = offset. Pair 0 is rows 0 > 1 (the first sample chosen), pair 1 rows
+    3 > 2 (the second). h = ratio(chosen) - ratio(rejected): pair 0: 0.7 - (-0.3) = 1.0, pair 1:
+    -0.2 - 0.4 = -0.6. With beta 0.5 the sigmoid loss is the mean of -log sigma(beta h) =
+    (softplus(-0.5) + softplus(0.3)) / 2; implicit rewards beta x ratio: chosen (0.35, -0.1), rejected
+    (-0.15, 0.2), margins (0.5, -0.3), one pair of two ranked right. Chosen and rejected swapped anywhere
+    would flip every sign (and give (softplus(0.5) + softplus(-0.3)) / 2)."""
+    from prefalign.rl.forwards import policy_forward
+    from prefalign.stages.online_dpo import minibatch_loss
+    from prefalign.stages.policy_rollout import SEQ_KEYS, load_policy
+    cfg = config(fixture, tmp_path / "unused", beta=0.5)
+    m = load_policy(cfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    query_ids, response_ids = torch.randint(3, 300, (4, 5), generator=g), torch.randint(3, 300, (4, 6), generator=g)
+    query_mask = torch.ones(4, 5, dtype=torch.bool)
+    query_mask[1, :2] = query_mask[3, :1] = False  # left padding
+    response_mask = torch.arange(6)[None] < torch.tensor([6, 4, 5, 3])[:, None]  # right padding
+    batch = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids,
+             "response_mask": response_mask, "scores": torch.tensor([1.0, 0.0, 0.0, 2.0])}
+    with torch.no_grad():
+        policy_logprobs = policy_forward(m.policy, None, *(batch[k] for k in SEQ_KEYS), temperature=1.0)[0]  # (4, 6)
+    offset = torch.tensor([0.7, -0.3, 0.4, -0.2])  # log pi - log ref of rows 0..3
+    batch["ref_logprobs"] = policy_logprobs.clone()
+    batch["ref_logprobs"][:, 0] -= offset
+    rows = pair_rows(torch.tensor([True, False]))
+    assert rows.chosen.tolist() == [0, 3] and rows.rejected.tolist() == [1, 2]
+    loss, value, metrics = minibatch_loss(cfg, m, batch, rows, torch.arange(2), n_pairs=2, world_size=1)
+    softplus = lambda x: math.log1p(math.exp(x))
+    assert value == pytest.approx((softplus(-0.5) + softplus(0.3)) / 2, abs=1e-5)
+    assert loss.item() == pytest.approx(value, abs=1e-7) and loss.requires_grad
+    for key, (total, count) in {"rewards/chosen": (0.35 - 0.1, 2), "rewards/rejected": (-0.15 + 0.2, 2),
+                                "rewards/margins": (0.5 - 0.3, 2), "rewards/accuracies": (1, 2),
+                                "objective/kl": (0.7 - 0.3 + 0.4 - 0.2, 4)}.items():
+        assert metrics[key][0] == pytest.approx(total, abs=1e-5) and metrics[key][1] == count, key
+    logps = policy_logprobs.sum(1)  # (4,)
+    assert metrics["logps/chosen"][0] == pytest.approx(float(logps[0] + logps[3]), abs=1e-4)
+    assert metrics["logps/rejected"][0] == pytest.approx(float(logps[1] + logps[2]), abs=1e-4)
+    # rlhf reward: score - beta x log-ratio, summed over the 4 completions
+    assert metrics["objective/rlhf_reward"][0] == pytest.approx(3.0 - 0.5 * 0.6, abs=1e-5)
+
+
 @pytest.mark.parametrize("loss,first_loss", [("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2)])
 def test_first_step_loss_by_hand(fixture, tmp_path, loss, first_loss):
     """Before its first step the policy is the reference, so every pair's h = 0: the sigmoid loss is
@@ -157,8 +201,9 @@ def test_first_step_loss_by_hand(fixture, tmp_path, loss, first_loss):
     assert row["loss"] == pytest.approx(first_loss, rel=1e-6)
     for key in ("objective/kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "objective/non_score_reward"):
         assert abs(row[key]) < 1e-5, key
-    assert row["rewards/accuracies"] <= 0.5  # margins are 0 up to rounding: no pair is reliably "right"
     assert row["objective/rlhf_reward"] == pytest.approx(row["objective/scores"], abs=1e-6)
+    # the deterministic judge (--judge-temperature 0) chooses the higher score: no pair is flipped
+    assert row["judge/flipped"] == 0 and row["objective/scores_margin"] > 0
 
 
 def test_online_dpo_cli_smoke(fixture, tmp_path):
@@ -192,13 +237,32 @@ def test_online_dpo_cli_smoke(fixture, tmp_path):
 
 
 def test_constant_judge_ties_and_lora_outputs(fixture, tmp_path):
-    """Every pair ties under a constant reward (the first sample is chosen); --lora without --ref-model
-    scores the reference with the adapters off and writes OUTPUT/adapter."""
+    """Every pair ties under a constant reward and the first sample is chosen, with probability 1: the
+    logged pairs are the iteration's draws (sampled again here from the same seeds) in sample order.
+    --lora without --ref-model scores the reference with the adapters off and writes OUTPUT/adapter."""
+    from prefalign.data import encode_prompt, load_prompts
+    from prefalign.stages.policy_rollout import load_policy, plan_iterations, prompt_shard, rollout
+    from prefalign.train.dist import DistInfo
     out = tmp_path / "lora"
-    run_online_dpo(config(fixture, out, fn="constant", lora=True, lora_r=4, iterations=1, minibatch_size=4))
+    cfg = config(fixture, out, fn="constant", lora=True, lora_r=4, iterations=1, minibatch_size=4, sample_every=1)
+    run_online_dpo(cfg)
     (row,) = read_metrics(out / "metrics.jsonl")
-    assert row["judge/ties"] == 1.0 and row["objective/scores_margin"] == 0.0
-    assert abs(row["objective/kl"]) < 1e-5  # adapters start as the identity (B = 0)
+    assert row["objective/scores_margin"] == 0.0 and abs(row["objective/kl"]) < 1e-5  # adapters start as the identity
+    # iteration 0's completions drawn again: the policy before its first step (LoRA's B = 0), the same seeds
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    m, examples = load_policy(cfg, cpu.device), load_prompts(cfg.prompts)
+    mine = prompt_shard(len(examples), 0, plan_iterations(cfg, len(examples), 1)[0], cfg, cpu)
+    r = rollout(cfg, m, [encode_prompt(m.tokenizer, examples[i].prompt, cfg.max_prompt_length) for i in mine],
+                list(range(len(mine))), 0, cpu.device)
+    texts = [m.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+             for ids, mask in zip(r.response_ids, r.response_mask)]
+    (logged,) = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    pairs = logged["samples"]
+    assert len(pairs) == 4 and any(texts[2 * p] != texts[2 * p + 1] for p in range(4))  # the order shows
+    for p, pair in enumerate(pairs):
+        assert pair["prompt"] == examples[mine[p]].prompt and pair["p_chosen"] == 1.0
+        assert (pair["chosen"], pair["rejected"]) == (texts[2 * p], texts[2 * p + 1]), p
+        assert pair["score_chosen"] == pair["score_rejected"] == 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reference"] == "adapters off" and summary["lora"]["adapter"]
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "model.safetensors").exists()

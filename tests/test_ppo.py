@@ -202,7 +202,7 @@ def test_packed_rows_are_long_only_when_every_model_attends_per_example(fixture)
 def test_packed_ppo_run_equals_padded(fixture, tmp_path, monkeypatch, row_tokens):
     """Two PPO iterations with --packing against a reward model (the packed reward path) give the
     padded run's metrics and weights, whether a batch fits one row or needs many."""
-    monkeypatch.setattr("prefalign.stages.ppo_models.PACK_ROW_TOKENS", row_tokens)
+    monkeypatch.setattr("prefalign.stages.policy_rollout.PACK_ROW_TOKENS", row_tokens)
     d, _ = fixture
     # Adam divides each gradient by its own running size: on embedding rows whose gradient is ~1e-8
     # (tokens seen once), float rounding between the layouts becomes a step of ~lr/10. A larger

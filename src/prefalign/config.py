@@ -252,6 +252,26 @@ def validate_dpo(cfg: DPOConfig) -> None:
                           f"deterministic forward; drop --lora-dropout {cfg.lora_dropout:g} (LoRA dropout 0).")
 
 
+# TrainArgs options the online loops (ppo, rloo, grpo, online-dpo) do not use: their value there (the
+# field's default) and what to do instead. Each loop logs one metrics.jsonl row per iteration.
+ONLINE_UNUSED = {"max_steps": (-1, "use --iterations instead"),
+                 "batch_size": (8, "use --rollout-batch-size and --minibatch-size instead"),
+                 "grad_accum": (1, "use --minibatch-size instead"),
+                 "eval_steps": (0, "use samples.jsonl (--sample-every) instead"),
+                 "logging_steps": (1, "it logs one metrics.jsonl row per iteration (drop the option, or give 1)")}
+ONLINE_LOGGING = "Not used: one metrics.jsonl row per iteration (only 1 is accepted)."
+
+
+def refuse_offline_options(cfg, command: str) -> None:
+    """The offline loop's options an online loop (``prefalign COMMAND``) does not use or support."""
+    for name, (default, instead) in ONLINE_UNUSED.items():
+        if getattr(cfg, name) != default:
+            raise ConfigError(f"`prefalign {command}` does not use --{name.replace('_', '-')}; {instead}.")
+    if cfg.gradient_checkpointing or cfg.distributed == "fsdp":
+        raise ConfigError(f"`prefalign {command}` supports neither --gradient-checkpointing nor --distributed fsdp; "
+                          f"drop the option (torchrun runs it data-parallel with gradients averaged over ranks).")
+
+
 @dataclass
 class PPOConfig(ModelArgs, SourceArgs, TrainArgs):
     """prefalign ppo: RLHF with PPO against a reward model, KL-shaped reward and GAE."""
@@ -261,6 +281,7 @@ class PPOConfig(ModelArgs, SourceArgs, TrainArgs):
               "separate value model (a full model, not LoRA) 1e-5, `prefalign reward`'s default for a full scalar model.")
     batch_size: int = opt(8, "Not used by ppo (refused): TRL's per_device_train_batch_size x gradient_accumulation_steps "
                              "is --minibatch-size here, and a rollout's size is --rollout-batch-size.")
+    logging_steps: int = opt(1, ONLINE_LOGGING)
     reward_model: Optional[str] = opt(None, "Frozen reward model directory(ies), comma-separated (from `prefalign "
                                             "reward`, or any HF sequence-classification model with one label; "
                                             "prefalign's normalisation from config.json is applied).")
@@ -319,6 +340,7 @@ class GRPOConfig(ModelArgs, SourceArgs, TrainArgs):
     lr: float = opt(1e-6, "Peak learning rate (AdamW).")
     batch_size: int = opt(8, "Not used (refused): TRL's per_device_train_batch_size x gradient_accumulation_steps is "
                              "--minibatch-size here, and a rollout's size is --rollout-batch-size x --num-generations.")
+    logging_steps: int = opt(1, ONLINE_LOGGING)
     prompts: Optional[str] = opt(None, "Prompts file (any format with a prompt); its other fields reach --reward-fn "
                                        "as keyword arguments.")
     data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
@@ -403,15 +425,7 @@ def validate_group(cfg: GRPOConfig) -> None:
         raise ConfigError(f"--epsilon must lie in (0, 1) and --epsilon-high be positive; got {cfg.epsilon} and {high}.")
     if not 0 <= cfg.beta < float("inf"):
         raise ConfigError(f"--beta must be a finite number >= 0 (0 turns the KL term off), got {cfg.beta}.")
-    unused = {"max_steps": (-1, "--iterations"), "batch_size": (8, "--rollout-batch-size and --minibatch-size"),
-              "grad_accum": (1, "--minibatch-size"), "eval_steps": (0, "samples.jsonl (--sample-every)")}
-    for name, (default, instead) in unused.items():
-        if getattr(cfg, name) != default:
-            raise ConfigError(f"`prefalign {cfg.estimator}` does not use --{name.replace('_', '-')}; use {instead} "
-                              f"instead.")
-    if cfg.gradient_checkpointing or cfg.distributed == "fsdp":
-        raise ConfigError(f"`prefalign {cfg.estimator}` supports neither --gradient-checkpointing nor --distributed "
-                          f"fsdp; drop the option (torchrun runs it data-parallel with gradients averaged over ranks).")
+    refuse_offline_options(cfg, cfg.estimator)
 
 
 @dataclass
@@ -423,6 +437,7 @@ class OnlineDPOConfig(ModelArgs, SourceArgs, TrainArgs):
     lr: float = opt(5e-7, "Peak learning rate (AdamW).")
     batch_size: int = opt(8, "Not used (refused): TRL's per_device_train_batch_size x gradient_accumulation_steps is "
                              "--minibatch-size here, and a rollout's size is --rollout-batch-size.")
+    logging_steps: int = opt(1, ONLINE_LOGGING)
     prompts: Optional[str] = opt(None, "Prompts file (any format with a prompt); its other fields reach --reward-fn "
                                        "as keyword arguments.")
     data_format: Optional[str] = opt(None, "Force a data format for --prompts.")
@@ -498,14 +513,7 @@ def validate_online_dpo(cfg: OnlineDPOConfig) -> None:
     if not 0 < cfg.temperature < float("inf") or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
         raise ConfigError(f"need --temperature > 0, --top-k >= 0 and 0 < --top-p <= 1; got {cfg.temperature}, "
                           f"{cfg.top_k}, {cfg.top_p}.")
-    unused = {"max_steps": (-1, "--iterations"), "batch_size": (8, "--rollout-batch-size and --minibatch-size"),
-              "grad_accum": (1, "--minibatch-size"), "eval_steps": (0, "samples.jsonl (--sample-every)")}
-    for name, (default, instead) in unused.items():
-        if getattr(cfg, name) != default:
-            raise ConfigError(f"`prefalign online-dpo` does not use --{name.replace('_', '-')}; use {instead} instead.")
-    if cfg.gradient_checkpointing or cfg.distributed == "fsdp":
-        raise ConfigError("`prefalign online-dpo` supports neither --gradient-checkpointing nor --distributed fsdp; "
-                          "drop the option (torchrun runs it data-parallel with gradients averaged over ranks).")
+    refuse_offline_options(cfg, "online-dpo")
     if cfg.lora and cfg.lora_dropout > 0:
         raise ConfigError(f"online-dpo runs the policy without dropout (the log-ratio of a policy equal to its "
                           f"reference must be 0, not noise); drop --lora-dropout {cfg.lora_dropout:g}.")

@@ -37,13 +37,12 @@ from prefalign.rl.forwards import policy_forward
 from prefalign.rl.judge import Judgement, judge_pairs
 from prefalign.rl.reward_functions import as_completions, combine
 from prefalign.stages.common import finish, save_final, start
-from prefalign.stages.online_rewards import (batch_columns, columns_of, load_sources, plan_rewards, score,
-                                             scores_or_stop)
-from prefalign.stages.online_steps import global_minibatches, take_step
+from prefalign.stages.online_rewards import (batch_columns, columns_of, load_sources, metric_names, plan_rewards,
+                                             score, scores_or_stop)
+from prefalign.stages.online_steps import ReplicaCheck, global_minibatches, take_step
 from prefalign.stages.policy_rollout import (SEQ_KEYS, PolicyModels, length_metrics, load_policy, mixed_seed,
-                                             packed_rows, reference_logprobs, reference_name, rollout, rollout_batch,
-                                             take)
-from prefalign.stages.ppo import ReplicaCheck, plan_iterations, prompt_shard
+                                             packed_rows, plan_iterations, prompt_shard, reference_logprobs,
+                                             reference_name, rollout, rollout_batch, take)
 from prefalign.train.dist import DistInfo, all_gather_object
 from prefalign.train.harness import Meter, Run
 from prefalign.train.loop import autocast_for
@@ -158,7 +157,7 @@ def run_online_dpo(cfg) -> int:
     per_epoch, total = plan_iterations(cfg, len(examples), dist.world_size)
     m = load_policy(cfg, dist.device)
     sources = load_sources(plan, m.tokenizer, cfg, dist.device)
-    names = [s.metric_name for s in sources]
+    names = metric_names(sources)
     query_ids = [encode_prompt(m.tokenizer, ex.prompt, cfg.max_prompt_length) for ex in examples]
     B = cfg.rollout_batch_size
     optimizer = make_optimizer(m.trainable, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)

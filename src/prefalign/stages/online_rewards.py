@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
@@ -17,6 +17,8 @@ from prefalign.rl.reward_functions import (RewardFunction, RewardFunctionError, 
 from prefalign.rollout import Rollout
 from prefalign.train.dist import all_gather_object
 from prefalign.train.loop import autocast_for
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,6 +50,21 @@ def load_sources(plan: RewardPlan, policy_tokenizer, cfg, device) -> list:
                               attn_implementation=cfg.attn_implementation, seed=cfg.seed) + plan.functions
 
 
+def metric_names(sources: list) -> list[str]:
+    """The <name> of each source's rewards/<name>/mean: its metric_name, with _2, _3, ... in order when
+    an earlier source has it (reward models in folders a/rm and b/rm, two files' ``score``), so no
+    source's metric overwrites another's."""
+    taken, names = set(), []
+    for source in sources:
+        name, k = source.metric_name, 1
+        while name in taken:
+            k += 1
+            name = f"{source.metric_name}_{k}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
 def batch_columns(columns: list[dict], prompt_indices: list[int], k: int, r: Rollout) -> dict[str, list]:
     """The columns of a rollout's completions (each prompt's repeated K times) and their ``completion_ids``."""
     names = sorted(set().union(*columns)) if columns else []
@@ -69,11 +86,12 @@ def agreed_error(error: Optional[PrefalignError]) -> Optional[str]:
     return messages[0] if messages else None
 
 
-def scores_or_stop(run, out: Path, compute: Callable[[], torch.Tensor],
-                   before_save: Optional[Callable[[], None]] = None) -> torch.Tensor:
+def scores_or_stop(run, out: Path, compute: Callable[[], T], before_save: Optional[Callable[[], None]] = None) -> T:
     """``compute()`` (the rollout's scores); when a reward function fails on any rank, every rank
     saves the checkpoint of the iterations done (``before_save`` first, e.g. to rewind a generator
-    this iteration drew from) and raises the first rank's RewardFunctionError."""
+    this iteration drew from) and raises the first rank's RewardFunctionError. ``compute`` must run no
+    collective and change no state the checkpoint holds: a rank whose function failed goes straight
+    to the all_gather of the error."""
     error = result = None
     try:
         result = compute()

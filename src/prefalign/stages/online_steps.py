@@ -1,14 +1,15 @@
-"""Optimizer steps of the critic-free online loops over the global rollout: global minibatches that
-are slices of one seeded permutation (each rank computes the loss of the members it holds), and one
-AdamW step all ranks take or skip together. Because the minibatches are global, N processes take
-the steps one process with N times the prompts takes."""
+"""Optimizer steps of the online loops over the global rollout: global minibatches that are slices
+of one seeded permutation (each rank computes the loss of the members it holds), one AdamW step all
+ranks take or skip together, and the check that the ranks' copies of the weights stayed identical
+(ppo's too). Because the minibatches are global, N processes take the steps one process with N
+times the prompts takes."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
-from prefalign.train.dist import DistInfo, average_gradients
+from prefalign.train.dist import DistInfo, all_gather_object, average_gradients, check_replicas, param_digest
 from prefalign.train.harness import Meter, agree
 from prefalign.train.loop import scheduler_step
 from prefalign.train.optim import clip_and_check
@@ -42,3 +43,27 @@ def take_step(cfg, params: list, optimizer, scheduler, dist: DistInfo, meter: Me
     optimizer.zero_grad(set_to_none=True)
     scheduler_step(scheduler)
     return finite
+
+
+class ReplicaCheck:
+    """The online loops update each rank's copy of the weights themselves (no DDP), so the copies must
+    stay bit-identical: compared (sha256 per model of ``models.trainable``) before every checkpoint, so
+    none is written from ranks that diverged, and at the end."""
+
+    def __init__(self, models, dist: DistInfo):
+        self.m, self.dist, self.checks = models, dist, 0
+
+    def digests(self) -> dict[str, str]:
+        return {name: param_digest(module) for name, module in self.m.trainable.items()}
+
+    def check(self, step: Optional[int] = None) -> Optional[dict[str, str]]:
+        """Compare the ranks' digests (before the checkpoint of iteration ``step``, or at the end)."""
+        if not self.dist.distributed:
+            return None
+        mine = self.digests()
+        check_replicas(all_gather_object(mine), f"at iteration {step}" if step is not None else "at the end")
+        self.checks += 1
+        return mine
+
+    def check_at_end(self) -> Optional[dict[str, str]]:
+        return self.check()

@@ -1,4 +1,5 @@
-"""The policy side of the critic-free online loops (`prefalign rloo`, `grpo`, `online-dpo`): the
+"""The policy side of the online loops (`prefalign rloo`, `grpo`, `online-dpo`; `ppo` shares the
+prompt schedule and the packed-row width): which prompts each rank samples at each iteration, the
 trainable policy and its frozen reference, K completions per prompt seeded by the prompt's place in
 the global batch, the reference's log-probs of a rollout, and the completion-length metrics.
 
@@ -10,20 +11,51 @@ what an uninterrupted one did.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from prefalign.errors import ConfigError
 from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm
 from prefalign.models.attention import uses_packed_attention
 from prefalign.rl.forwards import policy_forward
-from prefalign.rollout import Rollout, pack_sequences, sample_groups
-from prefalign.stages.ppo_models import PACK_ROW_TOKENS
-from prefalign.train.loop import autocast_for
+from prefalign.rollout import PackedSequences, Rollout, pack_sequences, sample_groups
+from prefalign.train.loop import autocast_for, epoch_order
 
 SEQ_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask")
+# --packing: tokens per packed row. With per-example attention a long row costs what its sequences
+# cost; otherwise attention and its mask grow with the row's square, so rows stay P + R wide.
+PACK_ROW_TOKENS = 1024
+
+
+def plan_iterations(cfg, n_prompts: int, world_size: int) -> tuple[int, int]:
+    """(iterations per pass over the prompts, total iterations)."""
+    global_batch = cfg.rollout_batch_size * world_size
+    per_epoch = n_prompts // global_batch
+    if per_epoch == 0:
+        raise ConfigError(f"--prompts {cfg.prompts} has {n_prompts} prompts, fewer than one global rollout batch "
+                          f"(--rollout-batch-size {cfg.rollout_batch_size} x {world_size} process(es)).")
+    total = cfg.iterations if cfg.iterations > 0 else max(1, math.floor(cfg.epochs * per_epoch))
+    return per_epoch, total
+
+
+def prompt_shard(n_prompts: int, iteration: int, per_epoch: int, cfg, dist) -> list[int]:
+    """Indices of the prompts this rank samples at ``iteration``: one permutation per pass (from
+    --seed and the pass), global batches in order, rank r taking its contiguous slice."""
+    B = cfg.rollout_batch_size
+    order = epoch_order(n_prompts, cfg.seed, iteration // per_epoch)
+    first = (iteration % per_epoch) * B * dist.world_size + dist.rank * B
+    return order[first:first + B]
+
+
+def pack_for(readers: list[nn.Module], seq: tuple) -> PackedSequences:
+    """--packing: a rollout's sequences (query ids/mask, response ids/mask) packed for the models that
+    read them: long rows only when every one of them runs per-example attention."""
+    long_rows = all(uses_packed_attention(x) for x in readers)
+    return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
 
 
 @dataclass
@@ -64,12 +96,9 @@ def mixed_seed(*parts: int) -> int:
     return h
 
 
-def packed_rows(m: PolicyModels, seq: tuple):
-    """--packing: the rows for the reference and training forwards (long rows only when every
-    model that reads them runs per-example attention, as stages/ppo_models.pack_rows)."""
-    readers = [x for x in (m.policy, m.ref) if x is not None]
-    long_rows = all(uses_packed_attention(x) for x in readers)
-    return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
+def packed_rows(m: PolicyModels, seq: tuple) -> PackedSequences:
+    """--packing: the rows for the reference and training forwards (pack_for the policy and reference)."""
+    return pack_for([x for x in (m.policy, m.ref) if x is not None], seq)
 
 
 def take(batch: dict, idx: torch.Tensor) -> dict:

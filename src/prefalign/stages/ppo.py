@@ -25,10 +25,11 @@ import dataclasses
 import math
 import time
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
+from prefalign.config import refuse_offline_options
 from prefalign.data import encode_prompt, load_prompts, source_options
 from prefalign.errors import ConfigError
 from prefalign.losses import gae, global_moments, kl_estimate, ppo_policy_loss, ppo_value_loss, whiten
@@ -40,13 +41,14 @@ from prefalign.rl.reward_functions import RewardModel, as_completions, combine
 from prefalign.rl.scores import RunningMoments, final_scores
 from prefalign.rollout import PackedSequences, Rollout, sample
 from prefalign.stages.common import finish, save_final, start
-from prefalign.stages.online_rewards import batch_columns, columns_of, plan_rewards, scores_or_stop
+from prefalign.stages.online_rewards import batch_columns, columns_of, metric_names, plan_rewards, scores_or_stop
+from prefalign.stages.online_steps import ReplicaCheck
 from prefalign.stages.packing import announce, choose_layout
+from prefalign.stages.policy_rollout import plan_iterations, prompt_shard
 from prefalign.stages.ppo_models import Models, RewardFn, load_models, pack_rows, row_readers, save_models
-from prefalign.train.dist import (DistInfo, all_gather_object, all_reduce_sum, average_gradients, check_replicas,
-                                  param_digest)
+from prefalign.train.dist import DistInfo, all_reduce_sum, average_gradients
 from prefalign.train.harness import Meter, Run, agree
-from prefalign.train.loop import autocast_for, epoch_order, scheduler_step
+from prefalign.train.loop import autocast_for, scheduler_step
 from prefalign.train.optim import clip_and_check, make_optimizer, make_scheduler
 
 N_SAMPLES = 4  # completions written to samples.jsonl every --sample-every iterations, the first and the last
@@ -66,14 +68,7 @@ def check_options(cfg) -> None:
         raise ConfigError("--kl-coef must be >= 0, --target-kl > 0 when given, and --kl-horizon >= 1.")
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
         raise ConfigError(f"--gamma and --lam must lie in [0, 1], got {cfg.gamma} and {cfg.lam}.")
-    unused = {"max_steps": (-1, "--iterations"), "batch_size": (8, "--rollout-batch-size and --minibatch-size"),
-              "grad_accum": (1, "--minibatch-size"), "eval_steps": (0, "samples.jsonl (--sample-every)")}
-    for name, (default, instead) in unused.items():
-        if getattr(cfg, name) != default:
-            raise ConfigError(f"`prefalign ppo` does not use --{name.replace('_', '-')}; use {instead} instead.")
-    if cfg.gradient_checkpointing or cfg.distributed == "fsdp":
-        raise ConfigError("`prefalign ppo` supports neither --gradient-checkpointing nor --distributed fsdp; "
-                          "drop the option (torchrun runs PPO data-parallel with gradients averaged over ranks).")
+    refuse_offline_options(cfg, "ppo")
 
 
 def value_learning_rate(cfg, m: Models) -> float:
@@ -84,47 +79,48 @@ def value_learning_rate(cfg, m: Models) -> float:
     return 1e-5 if cfg.lora and m.value_model is not None else cfg.lr
 
 
-def plan_iterations(cfg, n_prompts: int, world_size: int) -> tuple[int, int]:
-    """(iterations per pass over the prompts, total iterations)."""
-    global_batch = cfg.rollout_batch_size * world_size
-    per_epoch = n_prompts // global_batch
-    if per_epoch == 0:
-        raise ConfigError(f"--prompts {cfg.prompts} has {n_prompts} prompts, fewer than one global rollout batch "
-                          f"(--rollout-batch-size {cfg.rollout_batch_size} x {world_size} process(es)).")
-    total = cfg.iterations if cfg.iterations > 0 else max(1, math.floor(cfg.epochs * per_epoch))
-    return per_epoch, total
-
-
-def prompt_shard(n_prompts: int, iteration: int, per_epoch: int, cfg, dist) -> list[int]:
-    """Indices of the prompts this rank samples at ``iteration``: one permutation per pass (from
-    --seed and the pass), global batches in order, rank r taking its contiguous slice."""
-    B = cfg.rollout_batch_size
-    order = epoch_order(n_prompts, cfg.seed, iteration // per_epoch)
-    first = (iteration % per_epoch) * B * dist.world_size + dist.rank * B
-    return order[first:first + B]
-
-
 # --------------------------------------------------------------------------- 1-2: rollout and scores
 
+class Sampled(NamedTuple):
+    """One rank's rollout with its decoded completions and (with --packing) its packed rows."""
+    rollout: Rollout
+    completions: list[str]
+    packed: Optional[PackedSequences]
+
+
 @torch.no_grad()
-def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: RunningMoments,
-            generator: torch.Generator, device, reward_fn: Optional[RewardFn], columns: list[dict],
-            mine: list[int]) -> tuple[dict, dict]:
-    """Sample, score, and record everything the update needs. ``columns``: every prompt's other
-    fields (for reward functions), ``mine`` the prompts sampled. Returns (batch of (B, ...) tensors, timings)."""
-    t0 = time.perf_counter()
+def sample_rollout(cfg, m: Models, query_ids: list[list[int]], generator: torch.Generator, device) -> Sampled:
+    """One completion of each prompt from the current policy, decoded, and packed with --packing."""
     with autocast_for(device, cfg.dtype):
         r = sample(m.policy, query_ids, max_new_tokens=cfg.max_new_tokens, eos_token_id=m.tokenizer.eos_token_id,
                    pad_token_id=m.tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
                    top_p=cfg.top_p, generator=generator)
-    t1 = time.perf_counter()
     completions = [m.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
                    for ids, mask in zip(r.response_ids, r.response_mask)]
     seq = (r.query_ids, r.query_mask, r.response_ids, r.response_mask)
-    packed = pack_rows(m, seq) if cfg.packing else None
+    return Sampled(r, completions, pack_rows(m, seq) if cfg.packing else None)
+
+
+@torch.no_grad()
+def rollout_scores(cfg, m: Models, s: Sampled, prompts: list, reward_fn: Optional[RewardFn], columns: list[dict],
+                   mine: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """raw_scores of a rollout under --dtype's autocast; ``columns``: every prompt's other fields (for
+    reward functions), ``mine`` the prompts sampled. Nothing here is collective, so a function that
+    fails on one rank leaves every rank free to agree on the error (online_rewards.scores_or_stop)."""
+    with autocast_for(s.rollout.query_ids.device, cfg.dtype):
+        return raw_scores(m, s.rollout, prompts, s.completions, s.packed, reward_fn,
+                          batch_columns(columns, mine, 1, s.rollout) if m.sources else {})
+
+
+@torch.no_grad()
+def scored_batch(cfg, m: Models, s: Sampled, raw: torch.Tensor, per_source: Optional[torch.Tensor],
+                 stats: RunningMoments, device) -> dict:
+    """Everything the update needs, as (B, ...) tensors: the rollout, the reference's log-probs, the
+    values, and the final scores (with --normalize-scores ``stats`` takes this iteration's global batch
+    in: a collective, after every rank has its scores)."""
+    r, packed = s.rollout, s.packed
+    seq = (r.query_ids, r.query_mask, r.response_ids, r.response_mask)
     with autocast_for(device, cfg.dtype):
-        raw, per_source = raw_scores(m, r, prompts, completions, packed, reward_fn,
-                                     batch_columns(columns, mine, 1, r) if m.sources else {})
         with contextlib.nullcontext() if m.ref is not None else disabled_adapter(m.policy):
             ref_logprobs = policy_forward(m.ref if m.ref is not None else m.policy, None, *seq,
                                           temperature=cfg.temperature, packed=packed)[0]
@@ -132,13 +128,13 @@ def collect(cfg, m: Models, prompts: list, query_ids: list[list[int]], stats: Ru
             values = token_values(m.value_model, *seq, packed=packed)
         else:
             values = policy_forward(m.policy, m.value_head, *seq, temperature=cfg.temperature, packed=packed)[2]
-    batch = {"query_ids": r.query_ids, "query_mask": r.query_mask, "response_ids": r.response_ids,
-             "response_mask": r.response_mask, "logprobs": r.logprobs, "ref_logprobs": ref_logprobs.float(),
-             "values": values.float(), "ended_with_eos": r.ended_with_eos, "raw_scores": raw.float(),
-             "scores": final_scores(raw, r.ended_with_eos, cfg, stats), "completions": completions,
-             "source_metrics": {} if per_source is None else {
-                 f"rewards/{s.metric_name}/mean": (float(v.sum()), v.numel()) for s, v in zip(m.sources, per_source)}}
-    return batch, {"rollout": t1 - t0, "score": time.perf_counter() - t1}
+    return {"query_ids": r.query_ids, "query_mask": r.query_mask, "response_ids": r.response_ids,
+            "response_mask": r.response_mask, "logprobs": r.logprobs, "ref_logprobs": ref_logprobs.float(),
+            "values": values.float(), "ended_with_eos": r.ended_with_eos, "raw_scores": raw.float(),
+            "scores": final_scores(raw, r.ended_with_eos, cfg, stats), "completions": s.completions,
+            "source_metrics": {} if per_source is None else {
+                f"rewards/{name}/mean": (float(v.sum()), v.numel())
+                for name, v in zip(metric_names(m.sources), per_source)}}
 
 
 def raw_scores(m: Models, r: Rollout, prompts: list, completions: list[str], packed: Optional[PackedSequences],
@@ -288,13 +284,14 @@ def sample_rows(prompts: list, batch: dict) -> dict:
 
 def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     """Train the policy by PPO against --reward-model and/or --reward-fn (weighted by --reward-weights).
-    A Python hook ``reward_fn(prompts, completions, rollout) -> (B,)`` replaces them when given (tests use
-    it). A little over our ~60-line habit so that one iteration (rollout -> rewards -> advantages ->
-    updates -> log) reads top to bottom."""
+    A Python hook ``reward_fn(prompts, completions, rollout) -> (B,)`` replaces them (and their weights)
+    when given (tests use it). A little over our ~60-line habit so that one iteration (rollout ->
+    rewards -> advantages -> updates -> log) reads top to bottom."""
+    if reward_fn is not None and (cfg.reward_model or cfg.reward_fn or cfg.reward_weights is not None):
+        raise ConfigError("run_ppo(reward_fn=...) replaces --reward-model, --reward-fn and --reward-weights (it is "
+                          "the whole reward, so they would be ignored); leave those unset.")
     dist, out, t0 = start(cfg, "model", "prompts", "output")
     check_options(cfg)
-    if reward_fn is not None and (cfg.reward_model or cfg.reward_fn):
-        raise ConfigError("run_ppo(reward_fn=...) replaces --reward-model and --reward-fn; leave those unset.")
     plan = None if reward_fn is not None else plan_rewards(cfg)
     kl_ctl, stats = make_kl_controller(cfg, cfg.rollout_batch_size * dist.world_size), RunningMoments()
     examples = load_prompts(cfg.prompts, cfg.data_format, **source_options(cfg))
@@ -302,7 +299,7 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
     m = load_models(cfg, dist.device, reward_fn, plan)
     layout = choose_layout(cfg.packing, row_readers(m))
     announce("ppo", layout, show=dist.is_main)
-    cfg = dataclasses.replace(cfg, packing=layout.packed)  # collect() and minibatch_loss() read cfg.packing
+    cfg = dataclasses.replace(cfg, packing=layout.packed)  # sample_rollout() and minibatch_loss() read cfg.packing
     query_ids = [encode_prompt(m.tokenizer, ex.prompt, cfg.max_prompt_length) for ex in examples]
     per_epoch, total = plan_iterations(cfg, len(examples), dist.world_size)
     value_lr = value_learning_rate(cfg, m)
@@ -326,13 +323,17 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
             # 1-2. rollout and scores
             mine = prompt_shard(len(examples), run.step, per_epoch, cfg, dist)
             prompts = [examples[i].prompt for i in mine]
-            # a failing reward function stops every rank after a checkpoint of the iterations done, its
-            # sampling stream rewound so that --resume draws what this iteration drew
             drawn_from = generators["sample"].get_state()
-            batch, times = scores_or_stop(run, out, partial(collect, cfg, m, prompts, [query_ids[i] for i in mine],
-                                                            stats, generators["sample"], dist.device, reward_fn,
-                                                            columns, mine),
-                                          before_save=partial(generators["sample"].set_state, drawn_from))
+            sampled = sample_rollout(cfg, m, [query_ids[i] for i in mine], generators["sample"], dist.device)
+            t_score = time.perf_counter()
+            # a failing reward function stops every rank after a checkpoint of the iterations done, its
+            # sampling stream rewound so that --resume draws what this iteration drew; only the scoring is
+            # guarded, so no rank has entered a collective (or updated score statistics) before
+            raw, per_source = scores_or_stop(run, out, partial(rollout_scores, cfg, m, sampled, prompts, reward_fn,
+                                                               columns, mine),
+                                             before_save=partial(generators["sample"].set_state, drawn_from))
+            batch = scored_batch(cfg, m, sampled, raw, per_source, stats, dist.device)
+            times = {"rollout": t_score - t_iter, "score": time.perf_counter() - t_score}
             # 3-4. shaped reward, GAE, whitened advantages
             beta = kl_ctl.value
             add_advantages(batch, cfg, beta)
@@ -367,27 +368,3 @@ def run_ppo(cfg, reward_fn: Optional[RewardFn] = None) -> int:
         print(f"prefalign ppo: {summary['steps']} iterations in {summary['wall_time_s']:.1f}s; "
               + " ".join(f"{k}={run.last[k]:.4g}" for k in keys if k in run.last))
     return 0
-
-
-class ReplicaCheck:
-    """PPO updates each rank's copy of the weights itself (no DDP), so the copies must stay
-    bit-identical: compared (sha256 per model) before every checkpoint, so none is written from
-    ranks that diverged, and at the end."""
-
-    def __init__(self, m: Models, dist: DistInfo):
-        self.m, self.dist, self.checks = m, dist, 0
-
-    def digests(self) -> dict[str, str]:
-        return {name: param_digest(module) for name, module in self.m.trainable.items()}
-
-    def check(self, step: Optional[int] = None) -> Optional[dict[str, str]]:
-        """Compare the ranks' digests (before the checkpoint of iteration ``step``, or at the end)."""
-        if not self.dist.distributed:
-            return None
-        mine = self.digests()
-        check_replicas(all_gather_object(mine), f"at iteration {step}" if step is not None else "at the end")
-        self.checks += 1
-        return mine
-
-    def check_at_end(self) -> Optional[dict[str, str]]:
-        return self.check()

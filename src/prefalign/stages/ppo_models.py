@@ -12,12 +12,12 @@ from torch import nn
 
 from prefalign.errors import ModelError
 from prefalign.models import apply_lora, check_same_vocab, load_causal_lm, load_scalar_model, save_pretrained
-from prefalign.models.attention import uses_packed_attention
 from prefalign.rl.reward_functions import RewardModel
 from prefalign.rl.reward_scoring import same_tokenizer
 from prefalign.stages.online_rewards import RewardPlan, load_sources, plan_rewards
+from prefalign.stages.policy_rollout import pack_for
 from prefalign.rl.value_head import load_value_head, new_value_head, save_value_head
-from prefalign.rollout import PackedSequences, Rollout, pack_sequences
+from prefalign.rollout import PackedSequences, Rollout
 from prefalign.train import checkpoint as ckpt
 from prefalign.train import diskio
 
@@ -79,11 +79,6 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn], plan: Optional[Rewar
     return Models(policy, tok, ref, sources, plan.weights, rm, rm_tok, retokenize, value_model, value_head, trainable)
 
 
-# --packing: tokens per packed row. With per-example attention a long row costs what its sequences
-# cost; otherwise attention and its mask grow with the row's square, so rows stay P + R wide.
-PACK_ROW_TOKENS = 1024
-
-
 def row_readers(m: Models) -> dict[str, nn.Module]:
     """The models that read packed rollout rows, by role (what decides packing: stages/packing.py)."""
     readers = {"policy": m.policy, "reference": m.ref, "value model": m.value_model}
@@ -93,10 +88,9 @@ def row_readers(m: Models) -> dict[str, nn.Module]:
 
 
 def pack_rows(m: Models, seq: tuple) -> PackedSequences:
-    """The rollout's sequences packed for the scoring and training forwards (packed layout): long
-    rows only when every model that reads them runs per-example attention."""
-    long_rows = all(uses_packed_attention(x) for x in row_readers(m).values())
-    return pack_sequences(*seq, row_tokens=PACK_ROW_TOKENS if long_rows else 0)
+    """The rollout's sequences packed for the scoring and training forwards (packed layout):
+    policy_rollout.pack_for every model that reads them."""
+    return pack_for(list(row_readers(m).values()), seq)
 
 
 def save_models(m: Models, out_dir, base: Optional[str] = None, merge: bool = True) -> None:
