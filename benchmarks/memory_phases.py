@@ -4,7 +4,8 @@ usage: python benchmarks/memory_phases.py [--every-ms 5] -- sft --model ... (any
 
 Runs the command in this process with a thread sampling RSS (psutil) every --every-ms, and marks
 phases by wrapping what every stage calls: the setup (imports, load, tokenising, reference
-precompute: everything before the first backward), then per optimizer step the forward (up to
+precompute) with step 1's forward (everything before the first backward), then per optimizer step
+the forward (up to
 ``Tensor.backward``), the backward and ``AdamW.step``, and the final save
 (``save_model_final``). Prints each phase's peak and the weights / gradients / AdamW-state sizes
 the model implies, so the peak can be read as "fixed state + what the step adds". Also sums the
@@ -22,12 +23,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
+SETUP = "setup, step 1 forward"  # everything before the first backward
+
+
 class Sampler:
     """Peak RSS (MiB) per named phase; ``mark`` starts the next phase."""
 
     def __init__(self, every_s: float):
         import psutil
-        self.proc, self.every, self.phase, self.peaks, self.order = psutil.Process(), every_s, "setup", {}, ["setup"]
+        self.proc, self.every, self.phase, self.peaks, self.order = psutil.Process(), every_s, SETUP, {}, [SETUP]
         self.lock, self.stop = threading.Lock(), False
         threading.Thread(target=self.loop, daemon=True).start()
 

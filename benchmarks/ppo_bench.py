@@ -21,7 +21,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT.parent / "shared" / "bench"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import find_bench_dir  # noqa: E402
+
+BENCH = find_bench_dir()  # ../shared/bench, also from a git worktree
 EPISODES, BATCH, RESPONSE_LENGTH = 64, 8, 24
 WRAPPER = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "

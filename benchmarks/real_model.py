@@ -62,7 +62,8 @@ MAIN = [("sft", "trl", "default", TRL_DEFAULT["sft"]), ("sft", "ours", "default"
         ("dpo", "trl", "default", TRL_DEFAULT["dpo"]), ("dpo", "ours", "default", []),
         ("dpo", "trl", "fastest", ["--precompute", "--padding-free"]), ("dpo", "ours", "gradient-checkpointing", GC)]
 LONG = [("sft", "trl", "default", TRL_DEFAULT["sft"]), ("sft", "ours", "default", []),
-        ("dpo", "trl", "default", TRL_DEFAULT["dpo"]), ("dpo", "ours", "default", [])]
+        ("dpo", "trl", "default", TRL_DEFAULT["dpo"]), ("dpo", "ours", "default", []),
+        ("sft", "ours", "gradient-checkpointing", GC), ("dpo", "ours", "gradient-checkpointing", GC)]
 # Last, so that a run short of time can leave them out: TRL without checkpointing (its cost of it).
 EXTRA = [("sft", "trl", "no-checkpointing", ["--layout", "padded"]), ("reward", "trl", "no-checkpointing", []),
          ("dpo", "trl", "no-checkpointing", [])]
@@ -138,7 +139,7 @@ def measure(a, task: str, tool: str, variant: str, fx: Path, rows: list[dict], s
             max_length: int, extra: list[str], params: dict, peak: float) -> dict:
     """One run in its own process: wall, peak RSS, loop time, tokens/s, MFU."""
     out = a.work / "runs" / f"{task}-{tool}-{variant}-{max_length}"
-    shutil.rmtree(out.parent, ignore_errors=True)
+    shutil.rmtree(out.parent, ignore_errors=True)  # the previous run's saved model (540 MB) goes: one at a time on disk
     cmd = (peer_command(a, task, fx, steps, batch, max_length, extra) if tool == "trl"
            else ours_command(a, task, fx, out / "run", steps, batch, max_length, extra))
     res = {"task": task, "tool": tool, "variant": variant, "max_length": max_length, "batch": batch, "steps": steps,
@@ -172,21 +173,29 @@ def measure(a, task: str, tool: str, variant: str, fx: Path, rows: list[dict], s
     return res
 
 
+PPO = [("trl", "default", ()), ("ours", "default", ()), ("ours", "fastest", ("--shared-value-head",))]
+
+
 def ppo_runs(a, fx: Path) -> list[dict]:
-    """trl 1.9.2 PPOTrainer vs prefalign ppo (defaults: packed forwards), alternating, via ppo_bench."""
+    """trl 1.9.2 PPOTrainer vs prefalign ppo, via ppo_bench: our defaults (packed forwards, a separate
+    value model as TRL's) and our fastest documented setting (--shared-value-head: the value head on
+    the policy, one model's forward and backward less per update)."""
     import ppo_bench
     episodes = a.ppo_iterations * a.ppo_batch
     runs = []
-    for tool in ("trl", "ours", "ours", "trl")[:2 * a.ppo_rounds]:
-        res = {"task": "ppo", "tool": tool, "variant": "default", "episodes": episodes, "batch": a.ppo_batch,
+    for tool, variant, extra in PPO:
+        if a.select and f"ppo/{tool}/{variant}" not in a.select:
+            continue
+        res = {"task": "ppo", "tool": tool, "variant": variant, "episodes": episodes, "batch": a.ppo_batch,
                "response_length": ppo_bench.RESPONSE_LENGTH}
         if a.dry_run:
-            print(f"dry-run: ppo {tool} ({episodes} episodes, batch {a.ppo_batch}) via benchmarks/ppo_bench.py", flush=True)
+            print(f"dry-run: ppo {tool} {variant} ({episodes} episodes, batch {a.ppo_batch}) via benchmarks/ppo_bench.py",
+                  flush=True)
             runs.append(res)
             continue
         t0 = time.perf_counter()
         got = (ppo_bench.run_trl(a.trl_ppo_python, fx, episodes, a.ppo_batch) if tool == "trl"
-               else ppo_bench.run_prefalign(fx, packing=False, episodes=episodes, batch=a.ppo_batch))
+               else ppo_bench.run_prefalign(fx, packing=False, episodes=episodes, batch=a.ppo_batch, extra=extra))
         res.update({k: round(v, 3) for k, v in got.items()}, wall_s=round(time.perf_counter() - t0, 1),
                    load_average=os.getloadavg())
         print(json.dumps(res), flush=True)
@@ -207,7 +216,6 @@ def main() -> None:
     ap.add_argument("--long-steps", type=int, default=2)
     ap.add_argument("--ppo-iterations", type=int, default=1)
     ap.add_argument("--ppo-batch", type=int, default=4)
-    ap.add_argument("--ppo-rounds", type=int, default=1, help="1: trl, ours; 2: trl, ours, ours, trl")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
     ap.add_argument("--only", default="main,ppo,long,extra", help="blocks to run: main (SFT, reward, DPO), ppo, "
                     "long (memory at --long-length), extra (TRL without gradient checkpointing)")
