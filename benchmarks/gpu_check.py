@@ -1,14 +1,24 @@
 """GPU check: exercise the CUDA / bf16-autocast / SDPA paths of every stage and time them.
 
 usage: python benchmarks/gpu_check.py OUT_DIR [--hidden 512] [--layers 8] [--steps 30] [--device cuda]
+       [--real-model DIR] [--sections stages,rollout,findings,real_model] [--dry-run]
 
 Builds a Llama of the given size with a byte-level BPE tokenizer in-process (nothing is
 downloaded), writes preference / SFT / prompt data, then runs each stage through the CLI
 twice — bf16 autocast (`--dtype auto`) and fp32 (`--dtype float32`) — and records steps/s,
 tokens/s, peak GPU memory and the first logged loss of each. Also checks that log-probs
 recorded while sampling equal those recomputed by a training forward on the GPU.
-Writes OUT_DIR/gpu_results.json and OUT_DIR/gpu_results.md. Every section is independent:
+Then (benchmarks/gpu_findings.py) measures the two open findings of benchmarks/GPU.md: bf16
+autocast slower than fp32 at 25 M parameters, and the bf16 sampler ~7x slower than fp32, on the
+in-process model and on the real model (--real-model, default models/smollm2-135m-instruct from
+`make real-model`); and runs benchmarks/real_model.py on the GPU in bf16 (prefalign vs TRL's
+SFT / reward / DPO trainers, defaults and fastest settings, gradient checkpointing, max length 2048;
+PPO stays on the CPU benchmark: the trl 1.9.2 peer script is CPU-only).
+Writes OUT_DIR/gpu_results.json (and OUT_DIR/real_model_bf16.json). Every section is independent:
 a failure is recorded and the next section still runs.
+
+--dry-run: a CPU check of this script before a GPU session: a tiny model (hidden 64, 2 layers),
+2 steps per stage, every section on the CPU, real_model.py with --dry-run (commands only).
 """
 from __future__ import annotations
 
@@ -124,6 +134,46 @@ def rollout_check(base: Path, device: str) -> dict:
     return res
 
 
+def guarded(results: dict, out: Path, key: str, fn) -> None:
+    """results["sections"][key] = fn(), or the error; written to OUT/gpu_results.json either way."""
+    try:
+        results["sections"][key] = fn()
+    except Exception as e:
+        results["sections"][key] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+    print(key, json.dumps(results["sections"][key], default=str)[:600], flush=True)
+    (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+def findings(base: Path, real: Path | None, device: str, hidden: int, layers: int, dry: bool) -> dict:
+    """The autocast and sampler findings on the in-process model and the real model."""
+    from transformers import AutoModelForCausalLM
+    from gpu_findings import autocast_steps, sampler_speed
+    models = {f"h{hidden}-l{layers}": base, **({"real": real} if real else {})}
+    prompts = ["The film", "Honestly the acting was", "My friends said"] * (2 if dry else 22)
+    res = {}
+    for name, path in models.items():
+        res[f"autocast/{name}"] = autocast_steps(lambda: AutoModelForCausalLM.from_pretrained(path), device,
+                                                 batch=2 if dry else 8, tokens=32 if dry else 256, steps=1 if dry else 10)
+        res[f"sampler/{name}"] = sampler_speed(path, device, prompts, max_new_tokens=8 if dry else 64,
+                                               repeats=1 if dry else 3)
+    return res
+
+
+def real_model_bench(real: Path, out: Path, env: dict, dry: bool) -> dict:
+    """benchmarks/real_model.py on the GPU in bf16 (its JSON: OUT/real_model_bf16.json)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "real_model.py"), "--model", str(real), "--device", "cuda",
+           "--bf16", "--work", str(out / "real-model-work"), "--json", str(out / "real_model_bf16.json"),
+           "--steps", "10", "--warmup", "3", "--batch", "8", "--long-batch", "4", "--long-steps", "3",
+           "--threads", "4", "--only", "main,long"] + (["--dry-run"] if dry else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=560)
+    res = {"returncode": proc.returncode, "command": " ".join(cmd), "stdout_tail": proc.stdout[-4000:]}
+    if proc.returncode != 0:
+        res["stderr_tail"] = proc.stderr[-3000:]
+    elif not dry:
+        res["runs"] = json.loads((out / "real_model_bf16.json").read_text())["runs"]
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -133,7 +183,15 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=512)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--stages", default="sft,reward,dpo,ppo")
+    ap.add_argument("--sections", default="stages,rollout,findings,real_model")
+    ap.add_argument("--real-model", type=Path, default=ROOT / "models" / "smollm2-135m-instruct",
+                    help="the real model for findings and real_model (skipped when absent)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny model, 2 steps, CPU: checks this script runs")
     a = ap.parse_args()
+    if a.dry_run:
+        a.device, a.hidden, a.layers, a.steps, a.pairs = "cpu", 64, 2, 2, 128
+    sections = set(a.sections.split(","))
+    real = a.real_model if (a.real_model / "config.json").exists() else None
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -142,7 +200,8 @@ def main() -> None:
                      "transformers": transformers.__version__, "cuda": torch.cuda.is_available(),
                      "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                      "bf16_supported": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-                     "hidden": a.hidden, "layers": a.layers, "steps": a.steps, "sections": {}}
+                     "hidden": a.hidden, "layers": a.layers, "steps": a.steps, "dry_run": a.dry_run,
+                     "real_model": str(real) if real else None, "sections": {}}
     work = Path(tempfile.mkdtemp(prefix="prefalign-gpu-"))
     rows = write_data(work, a.pairs)
     base = build_model(work, rows, a.hidden, a.layers)
@@ -151,24 +210,19 @@ def main() -> None:
     if a.device != "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ""
     extra = {"rm": work / "rm-auto"}
-    for stage in a.stages.split(","):
+    device = a.device if a.device != "cuda" else "cuda:0"
+    for stage in a.stages.split(",") if "stages" in sections else []:
         for dtype in ("auto", "float32"):
             key = f"{stage}/{dtype}"
             run_out = work / f"{stage}-{dtype}" if stage != "reward" else work / f"rm-{dtype}"
-            try:
-                results["sections"][key] = run_stage(key, stage_args(stage, work, base, run_out, a.steps, dtype, extra),
-                                                     run_out, env)
-            except Exception as e:
-                results["sections"][key] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
-            print(key, json.dumps({k: v for k, v in results["sections"][key].items() if k != "last"})[:600], flush=True)
-            (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str))
-    try:
-        results["sections"]["rollout"] = rollout_check(base, a.device if a.device != "cuda" else "cuda:0")
-    except Exception as e:
-        results["sections"]["rollout"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
-    print("rollout", json.dumps(results["sections"]["rollout"])[:600], flush=True)
-    (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str))
-
+            guarded(results, out, key, lambda: run_stage(key, stage_args(stage, work, base, run_out, a.steps, dtype,
+                                                                         extra), run_out, env))
+    if "rollout" in sections:
+        guarded(results, out, "rollout", lambda: rollout_check(base, device))
+    if "findings" in sections:
+        guarded(results, out, "findings", lambda: findings(base, real, device, a.hidden, a.layers, a.dry_run))
+    if "real_model" in sections and real:
+        guarded(results, out, "real_model", lambda: real_model_bench(real, out, env, a.dry_run))
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT.parent / "shared" / "bench"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import find_bench_dir  # noqa: E402
+
+BENCH = find_bench_dir()  # ../shared/bench, also from a git worktree
 EPISODES, BATCH, RESPONSE_LENGTH = 64, 8, 24
 WRAPPER = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
@@ -38,22 +41,23 @@ def measured(cmd: list[str], env=None) -> tuple[str, float]:
     return text, int(re.search(r"MAXRSS_KB (\d+)", text).group(1)) / 1024
 
 
-def run_trl(python: str, fixture: Path) -> dict:
-    text, rss = measured([python, str(BENCH / "trl_ppo.py"), str(fixture), "--episodes", str(EPISODES),
-                          "--batch", str(BATCH), "--response-length", str(RESPONSE_LENGTH)])
+def run_trl(python: str, fixture: Path, episodes: int = EPISODES, batch: int = BATCH) -> dict:
+    text, rss = measured([python, str(BENCH / "trl_ppo.py"), str(fixture), "--episodes", str(episodes),
+                          "--batch", str(batch), "--response-length", str(RESPONSE_LENGTH)])
     s_per_iter = float(re.search(r"s_per_iter=([\d.]+)", text).group(1))
     return {"s_per_iter": s_per_iter, "rss_mib": rss}
 
 
-def run_prefalign(fixture: Path, packing: bool) -> dict:
+def run_prefalign(fixture: Path, packing: bool, episodes: int = EPISODES, batch: int = BATCH,
+                  extra: tuple = ()) -> dict:
     out = Path(tempfile.mkdtemp(prefix="ppo-bench-")) / "out"
-    iterations = EPISODES // BATCH
+    iterations = episodes // batch
     _, rss = measured([sys.executable, "-m", "prefalign", "ppo", "--model", str(fixture / "model"),
                        "--reward-model", str(fixture / "model"), "--prompts", str(fixture / "pairs.jsonl"),
-                       "--output", str(out), "--iterations", str(iterations), "--rollout-batch-size", str(BATCH),
-                       "--minibatch-size", str(BATCH), "--ppo-epochs", "4", "--max-new-tokens", str(RESPONSE_LENGTH),
+                       "--output", str(out), "--iterations", str(iterations), "--rollout-batch-size", str(batch),
+                       "--minibatch-size", str(batch), "--ppo-epochs", "4", "--max-new-tokens", str(RESPONSE_LENGTH),
                        "--temperature", "0.7", "--kl-coef", "0.05", "--lr", "1e-5", "--sample-every", "0",
-                       "--device", "cpu", "--dtype", "float32", "--no-progress"] + ["--packing"] * packing,
+                       "--device", "cpu", "--dtype", "float32", "--no-progress", *extra] + ["--packing"] * packing,
                       env={"PYTHONPATH": str(ROOT / "src")})
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

@@ -14,9 +14,10 @@ import time
 from transformers import TrainerCallback
 
 
-def peer_args(lr: float) -> argparse.Namespace:
+def peer_args(lr: float, extra=()) -> argparse.Namespace:
     """The options every peer script takes: FIXTURE_DIR [--steps N] [--batch B] [--max-length L]
-    [--lr LR] [--warmup-steps K] [--out DIR] (a temporary directory by default)."""
+    [--lr LR] [--warmup-steps K] [--out DIR] (a temporary directory by default)
+    [--gradient-checkpointing] [--device cpu|cuda] [--bf16], plus ``extra``: (flag, add_argument kwargs)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("fx")
     ap.add_argument("--steps", type=int, default=20)
@@ -25,9 +26,21 @@ def peer_args(lr: float) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--warmup-steps", type=int, default=2, help="untimed steps at the start")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="TRL's gradient_checkpointing (its configs default to True; off unless given here)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (TRL's bf16=True; GPU runs)")
+    for flag, kw in extra:
+        ap.add_argument(flag, **kw)
     a = ap.parse_args()
     a.out = a.out or tempfile.mkdtemp()
     return a
+
+
+def precision_args(a) -> dict:
+    """The TrainingArguments that --device, --bf16 and --gradient-checkpointing set."""
+    return {"use_cpu": a.device == "cpu", "bf16": a.bf16, "fp16": False,
+            "gradient_checkpointing": a.gradient_checkpointing}
 
 
 class StepTimer(TrainerCallback):
@@ -46,8 +59,10 @@ class StepTimer(TrainerCallback):
     def summary(self, steps: int) -> dict:
         timed = steps - self.warmup
         wall = self.t1 - self.t0
+        import torch
+        gpu = {"peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9} if torch.cuda.is_available() else {}
         return {"timed_steps": timed, "wall_s": wall, "cpu_s": self.cpu1 - self.cpu0, "tokens": self.tokens1 - self.tokens0,
-                "tokens_per_s": (self.tokens1 - self.tokens0) / wall, "s_per_step": wall / timed}
+                "tokens_per_s": (self.tokens1 - self.tokens0) / wall, "s_per_step": wall / timed, **gpu}
 
 
 def result_line(name: str, steps: int, extra: dict) -> str:
