@@ -23,7 +23,7 @@ from prefalign.lab.frontier import gain_share, optimum_at_kl
 from prefalign.train.logger import read_metrics
 
 MIN_GAIN_FRACTION = 0.1
-TARGET_SHARE = 0.7            # DPO and PPO should reach 70 % of the optimum's gain at equal KL
+TARGET_SHARE = 0.7            # every trained method (DPO, PPO, RLOO, GRPO) should reach 70 % of the optimum's gain at equal KL
 TARGET_RM_GAP = 0.03          # reward model within 3 points of the Bayes-optimal accuracy
 # Curves worth a panel, by the key names the stages log; anything else is left to metrics.jsonl.
 SKIP_CURVE = ("perf/", "bad_steps", "epoch", "grad_norm", "policy/first_minibatch")
@@ -77,7 +77,8 @@ def targets(results: dict) -> dict:
     rm = results["reward_model"]
     gap = rm["bayes_optimal_accuracy"] - rm["heldout_accuracy"]
     out = {"reward_model_within_3_points_of_bayes": {"gap": gap, "met": gap <= TARGET_RM_GAP}}
-    for method in ("dpo", "ppo"):
+    trained = [m["method"] for m in results["methods"] if m["method"] not in ("sft", "best-of-n")]
+    for method in dict.fromkeys(trained):          # every trained method, in the order they ran
         best = results["gain_share_by_method"].get(method, {})
         share, bound = best.get("gain_share"), bool(best.get("upper_bound"))
         # An upper bound at or above the target does not show the target is reached.
@@ -87,15 +88,16 @@ def targets(results: dict) -> dict:
     return out
 
 
-def curves(out: Path, stage_names: Sequence[str]) -> dict[str, list[dict]]:
-    """metrics.jsonl rows per training stage; consecutive PPO segments join into one curve."""
+def curves(out: Path, stages: Sequence[tuple[str, Optional[str]]]) -> dict[str, list[dict]]:
+    """metrics.jsonl rows per training stage: (stage name, curve name or None). Stages that share a
+    curve name (the segments of one PPO, RLOO or GRPO run) join into one curve, steps continued."""
     result: dict[str, list[dict]] = {}
-    for name in stage_names:
+    for name, joined in stages:
         rows = read_metrics(out / name / "metrics.jsonl")
         rows = [{k: v for k, v in r.items() if not k.startswith(SKIP_CURVE)} for r in rows]
-        if name.startswith("ppo-"):
-            offset = len(result.get("ppo", [])) and result["ppo"][-1]["step"]
-            result.setdefault("ppo", []).extend({**r, "step": r["step"] + offset} for r in rows)
+        if joined:
+            offset = len(result.get(joined, [])) and result[joined][-1]["step"]
+            result.setdefault(joined, []).extend({**r, "step": r["step"] + offset} for r in rows)
         elif rows:
             result[name] = rows
     return result

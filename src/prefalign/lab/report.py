@@ -35,6 +35,7 @@ from prefalign.plot import number as _num  # noqa: E402
 
 MAX_CURVES_PER_STAGE = 8
 STYLE = {"ppo": ("tab:blue", "o"), "dpo": ("tab:orange", "s"), "best-of-n": ("tab:green", "^"),
+         "rloo": ("tab:purple", "v"), "grpo": ("tab:red", "P"), "online-dpo": ("tab:brown", "X"),
          "sft": ("black", "*")}
 
 
@@ -80,7 +81,7 @@ def plot_reward_vs_kl(results: dict, path: Path) -> Path:
         rows = sorted(rows, key=lambda m: m.get("step", m.get("n", m["kl"])))
         xs, ys = [m["kl"] for m in rows], [m["gold_reward"] for m in rows]
         ax.plot(xs, ys, marker=marker, color=color, ms=8 if name == "sft" else 6,
-                ls="-" if name in ("ppo", "best-of-n") else "none", label=name.upper() if len(name) <= 4 else name)
+                ls="-" if name in ("ppo", "rloo", "grpo", "best-of-n") else "none", label=name.upper() if len(name) <= 4 else name)
         for m in rows:   # annotate DPO beta and best-of-n n so points can be told apart
             tag = f"β={m['beta']:g}" if name == "dpo" and m.get("beta") is not None else (
                 f"n={m['n']}" if m.get("n") else None)
