@@ -105,3 +105,19 @@ def test_report_survives_missing_curves(tmp_path, curves):
     results, _, samples = fake_inputs()
     page = write_report(tmp_path, results, curves, samples).read_text()
     assert "Training curves" in page
+
+
+def test_dpo_runs_are_joined_to_the_optimum_they_target_on_the_plot(tmp_path, monkeypatch):
+    """Each DPO beta's target (the frontier at tau * beta) is an x on the plot, a dotted line from the run."""
+    from prefalign.lab import report
+    results, _, _ = fake_inputs()
+    figures = []
+    monkeypatch.setattr(report.plt, "close", figures.append)
+    report.plot_reward_vs_kl(results, tmp_path / "reward_vs_kl.png")
+    (ax,) = figures[0].axes
+    (target,) = [line for line in ax.lines if line.get_marker() == "x"]
+    assert list(zip(*target.get_data())) == [(2.6, 0.937)] and "τβ" in target.get_label()
+    (joined,) = [line for line in ax.lines if line.get_linestyle() == ":"]
+    assert list(zip(*joined.get_data())) == [(0.4, 0.62), (2.6, 0.937)]
+    dpo = next(line for line in ax.lines if line.get_label().startswith("DPO ("))
+    assert list(dpo.get_xdata()) == [0.4, 1.2, 2.0]                 # a curve from large beta to small

@@ -78,15 +78,21 @@ def plot_reward_vs_kl(results: dict, path: Path) -> Path:
         families.setdefault(m["method"], []).append(m)
     for name, rows in families.items():
         color, marker = STYLE.get(name, (None, "D"))
-        rows = sorted(rows, key=lambda m: m.get("step", m.get("n", m["kl"])))
+        # Each method's curve over its own knob: checkpoints in training order, DPO from large beta to small.
+        rows = sorted(rows, key=lambda m: m["step"] if m.get("step") is not None else m["n"] if m.get("n") is not None
+                      else -m["beta"] if m.get("beta") is not None else m["kl"])
         xs, ys = [m["kl"] for m in rows], [m["gold_reward"] for m in rows]
-        ax.plot(xs, ys, marker=marker, color=color, ms=8 if name == "sft" else 6,
-                ls="-" if name in ("ppo", "rloo", "grpo", "best-of-n") else "none", label=name.upper() if len(name) <= 4 else name)
+        ax.plot(xs, ys, marker=marker, color=color, ms=8 if name == "sft" else 6, ls="none" if name == "sft" else "-",
+                label=_series_label(name, rows))
         for m in rows:   # annotate DPO beta and best-of-n n so points can be told apart
             tag = f"β={m['beta']:g}" if name == "dpo" and m.get("beta") is not None else (
                 f"n={m['n']}" if m.get("n") else None)
             if tag:
                 ax.annotate(tag, (m["kl"], m["gold_reward"]), textcoords="offset points", xytext=(5, -11), fontsize=8)
+    _plot_dpo_targets(ax, results.get("dpo_targets", []))
+    kls = [m["kl"] for m in results.get("methods", [])] + [p["mean_kl"] for p in pts if p["trusted"]]
+    if kls:   # the untrusted far end of the optimum (small beta) would squeeze every method to the left
+        ax.set_xlim(left=-0.05 * max(kls), right=1.15 * max(kls))
     ax.set_xlabel("KL(π ‖ π_SFT)  [nats per completion]")
     ax.set_ylabel("gold reward r* (VADER, 0..1)")
     ax.set_title("Gold reward vs KL on held-out prompts")
@@ -96,6 +102,28 @@ def plot_reward_vs_kl(results: dict, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _series_label(name: str, rows: Sequence[dict]) -> str:
+    label = name.upper() if len(name) <= 4 else name
+    if name == "dpo" and len(rows) > 1:
+        return f"{label} (over β)"
+    if any(m.get("step") is not None for m in rows) and len(rows) > 1:
+        return f"{label} (checkpoints)"
+    return label
+
+
+def _plot_dpo_targets(ax, targets: Sequence[dict]) -> None:
+    """Each DPO beta's target, the optimum at tau * beta (labels ~ sigma((r1 - r2) / tau)), joined to the run."""
+    color = STYLE["dpo"][0]
+    for i, t in enumerate(targets):
+        if _num(t.get("target_kl")) is None or _num(t.get("target_reward")) is None:
+            continue
+        ax.plot([t["dpo_kl"], t["target_kl"]], [t["dpo_gold_reward"], t["target_reward"]], ":", color=color, lw=1)
+        ax.plot([t["target_kl"]], [t["target_reward"]], "x", color=color, ms=8, mew=2,
+                label=f"DPO β's target: optimum at τβ (τ = {t['tau']:g})" if i == 0 else None)
+        ax.annotate(f"τβ={t['frontier_beta']:g}", (t["target_kl"], t["target_reward"]), textcoords="offset points",
+                    xytext=(4, 5), fontsize=7, color=color)
 
 
 def plot_curves(stage: str, rows: Sequence[dict], path: Path) -> Path | None:
