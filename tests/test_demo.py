@@ -102,6 +102,9 @@ def test_demo_end_to_end_and_cached_rerun(tmp_path):
         assert rows, f"no {method} rows"
         assert max(m["gold_reward"] for m in rows) > sft["gold_reward"], (method, rows, sft)
     assert [m["step"] for m in results["methods"] if m["method"] == "grpo"] == [8, 16]   # checkpoints: a curve
+    for m in results["methods"][1:]:                             # every share with its standard error over prompts
+        assert m["gain_share_se"] is None or m["gain_share_se"] > 0, m
+    assert sum(m["gain_share_se"] is not None for m in results["methods"]) >= 6
     assert set(results["frontier_pool"]["proposals"]) == {"sft", "dpo-beta1", "ppo-2", "rloo-2", "grpo-2"}
     # Policies are plain transformers checkpoints.
     from transformers import AutoModelForCausalLM
@@ -224,7 +227,7 @@ def test_every_method_is_one_registry_entry_with_its_curve_of_settings():
 def test_rloo_and_grpo_join_the_demo_as_curves_of_checkpoints(tmp_path, smollm2_stand_in, monkeypatch):
     """The smollm2-quick plan (LoRA, packing) with 2 segments of RLOO and GRPO: each checkpoint is a
     `prefalign rloo|grpo` run from the last one's policy with SFT as the reference, evaluated, in the
-    table and the pool."""
+    table and the pool, and its share has a standard error."""
     import dataclasses
     from prefalign.config import DemoConfig
     from prefalign.lab import demo_plan
@@ -246,6 +249,7 @@ def test_rloo_and_grpo_join_the_demo_as_curves_of_checkpoints(tmp_path, smollm2_
         assert f"{name}_at_least_70pct_of_optimum_gain" in results["targets"]
     assert {"rloo-2", "grpo-2"} <= set(results["frontier_pool"]["proposals"])
     assert "rloo-1" not in results["frontier_pool"]["proposals"]
+    assert all("gain_share_se" in m for m in results["methods"][1:])
     assert "RLOO iter 4" in (out / "report.html").read_text()     # the last checkpoint's samples, side by side
 
 

@@ -121,3 +121,11 @@ def test_dpo_runs_are_joined_to_the_optimum_they_target_on_the_plot(tmp_path, mo
     assert list(zip(*joined.get_data())) == [(0.4, 0.62), (2.6, 0.937)]
     dpo = next(line for line in ax.lines if line.get_label().startswith("DPO ("))
     assert list(dpo.get_xdata()) == [0.4, 1.2, 2.0]                 # a curve from large beta to small
+
+
+def test_shares_are_shown_with_their_standard_error(tmp_path):
+    results, curves, samples = fake_inputs()
+    ppo = next(m for m in results["methods"] if m["method"] == "ppo")
+    ppo.update(gain_share=0.5, gain_share_se=0.034, beyond_frontier=True)
+    page = write_report(tmp_path, results, curves, samples).read_text(encoding="utf-8")
+    assert "<td>≤ 0.50 ± 0.03</td>" in page

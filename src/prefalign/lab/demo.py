@@ -38,6 +38,7 @@ import numpy as np
 
 from prefalign.config import DemoConfig
 from prefalign.errors import ConfigError
+from prefalign.lab import demo_noise as N
 from prefalign.lab import demo_results as R
 from prefalign.lab import demo_stages as S
 from prefalign.lab.demo_data import make_preferences, prepare_data, smollm2_base
@@ -230,6 +231,7 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, poo
     methods = [{"method": "sft", "beta": None, "gold_reward": sft_reward, "kl": 0.0, "win_rate_vs_sft": 0.5}]
     methods += [R.policy_row(method, eval_dir, **knobs) for method, knobs, eval_dir, _ in policies]
     methods += best_of_n_rows(samples, plan)
+    add_share_errors(methods, policies, samples, pool, plan)
     by_method = R.add_gain_shares(methods, frontier, sft_reward)
     rm = R.summary(samples_dir)["reward_model"]
     results = {"methods": methods, "gain_share_by_method": by_method,
@@ -246,6 +248,17 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, poo
                "sft_fluency": sft_fluency(out, samples)}
     results["targets"] = R.targets(results)
     return results
+
+
+def add_share_errors(methods: list[dict], policies: list, samples, pool, plan: DemoPlan) -> None:
+    """gain_share_se of every row but SFT's: the bootstrap over held-out prompts of lab.demo_noise.
+    methods: SFT's row, then one per policy in `policies`' order, then best-of-n's."""
+    gold, proxy = samples["gold"], samples["proxy"]
+    rows = [N.policy_per_prompt(e, gold.shape[0]) for _, _, e, _ in policies]
+    rows += [N.best_of_n_per_prompt(gold, proxy, n) for n in plan.best_of_n]
+    frontier = N.frontier_per_prompt(pool.rewards, pool.logps[:, :, 0], pool.logps, pool.counts, plan.frontier_betas)
+    for m, se in zip(methods[1:], N.share_standard_errors(rows, gold.mean(1), frontier)):
+        m["gain_share_se"] = se
 
 
 def sft_fluency(out: Path, samples) -> dict:
@@ -275,10 +288,8 @@ def print_summary(results: dict, report: Path) -> None:
     for m in results["methods"]:
         knob = (f"iteration {m['step']}" if m.get("step") is not None else f"n={m['n']}" if m.get("n") is not None
                 else f"beta={m['beta']:g}" if m.get("beta") is not None else "")
-        share = m.get("gain_share")
-        share_text = "" if share is None else ("<= " if m.get("beyond_frontier") else "") + f"{share:.2f}"
         print(f"{m['method']:<11} {knob:<15} {m['gold_reward']:>12.3f} {m['kl']:>11.2f} "
-              f"{m['win_rate_vs_sft']:>12.2f} {share_text:>15}")
+              f"{m['win_rate_vs_sft']:>12.2f} {R.share_text(m):>15}")
     rm = results["reward_model"]
     print(f"reward model held-out accuracy {rm['heldout_accuracy']:.3f} "
           f"(Bayes-optimal {rm['bayes_optimal_accuracy']:.3f} on the same {rm['heldout_pairs']} pairs)")
@@ -293,5 +304,6 @@ def print_summary(results: dict, report: Path) -> None:
     for name, t in results["targets"].items():
         values = ", ".join(f"{k}={v:.3f}" for k, v in t.items() if isinstance(v, float))
         print(f"target {name}: {'met' if t['met'] else 'MISSED'} ({values})")
-    print(f"(<= : past the KL of the frontier's last trusted point (ESS), an upper bound)\nreport: {report}\n"
+    print(f"(<= : past the KL of the frontier's last trusted point (ESS), an upper bound; +- : standard error "
+          f"over held-out prompts)\nreport: {report}\n"
           f"results: {report.parent / 'results.json'}")

@@ -68,8 +68,19 @@ def add_gain_shares(methods: list[dict], frontier, sft_reward: float) -> dict:
         if best is None or rank > (not best["upper_bound"], best["gain_share"]):
             by_method[m["method"]] = {"gain_share": m["gain_share"], "kl": m["kl"], "gold_reward": m["gold_reward"],
                                       "upper_bound": m["beyond_frontier"],
-                                      **{k: m[k] for k in ("beta", "n", "step") if m.get(k) is not None}}
+                                      **{k: m[k] for k in ("beta", "n", "step", "gain_share_se")
+                                         if m.get(k) is not None}}
     return by_method
+
+
+def share_text(m: dict, plus_minus: str = "+-") -> str:
+    """A row's share as the table prints it: '<= ' past the trusted frontier, then the share and its
+    standard error over prompts ('' for SFT)."""
+    share, se = m.get("gain_share"), m.get("gain_share_se")
+    if share is None or not math.isfinite(share):
+        return ""
+    error = f" {plus_minus} {se:.2f}" if se is not None and math.isfinite(se) else ""
+    return ("<= " if m.get("beyond_frontier") or m.get("upper_bound") else "") + f"{share:.2f}{error}"
 
 
 def targets(results: dict) -> dict:
@@ -82,7 +93,8 @@ def targets(results: dict) -> dict:
         best = results["gain_share_by_method"].get(method, {})
         share, bound = best.get("gain_share"), bool(best.get("upper_bound"))
         # An upper bound at or above the target does not show the target is reached.
-        out[f"{method}_at_least_70pct_of_optimum_gain"] = {"share": share, "upper_bound": bound,
+        out[f"{method}_at_least_70pct_of_optimum_gain"] = {"share": share, "share_se": best.get("gain_share_se"),
+                                                          "upper_bound": bound,
                                                           "met": share is not None and share >= TARGET_SHARE
                                                           and not bound}
     return out

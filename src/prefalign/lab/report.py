@@ -160,9 +160,15 @@ def _methods_table(methods: Sequence[dict]) -> str:
                 else f"β = {m['beta']:g}" if m.get("beta") is not None else "")
         rows.append(f"<tr><td>{html.escape(str(m['method']))}</td><td>{html.escape(str(knob))}</td>"
                     f"<td>{_fmt(m.get('gold_reward'))}</td><td>{_fmt(m.get('kl'))}</td>"
-                    f"<td>{_fmt(m.get('win_rate_vs_sft'))}</td><td>{'≤ ' if m.get('beyond_frontier') else ''}"
-                    f"{_fmt(m.get('gain_share'), 2)}</td></tr>")
+                    f"<td>{_fmt(m.get('win_rate_vs_sft'))}</td><td>{_share(m)}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _share(m: dict) -> str:
+    """'≤ ' past the trusted frontier, the share, '± SE' over prompts when known."""
+    se = _num(m.get("gain_share_se"))
+    return (f"{'≤ ' if m.get('beyond_frontier') or m.get('upper_bound') else ''}{_fmt(m.get('gain_share'), 2)}"
+            + (f" ± {se:.2f}" if se is not None and _num(m.get("gain_share")) is not None else ""))
 
 
 def _targets_table(results: dict) -> str:
@@ -176,7 +182,7 @@ def _targets_table(results: dict) -> str:
         where = ", ".join(f"{k} = {best[k]:g}" for k in ("beta", "n", "step") if best.get(k) is not None)
         bound = " (upper bound: past the frontier's KL range)" if best.get("upper_bound") else ""
         rows.append(f"<tr><td>best share of the optimum's gain: {html.escape(method)}</td>"
-                    f"<td>{_fmt(best.get('gain_share'), 2)} at KL {_fmt(best.get('kl'), 2)} ({html.escape(where)})"
+                    f"<td>{_share({**best, 'upper_bound': False})} at KL {_fmt(best.get('kl'), 2)} ({html.escape(where)})"
                     f"{bound}</td><td></td></tr>")
     return f"<table><tr><th>target</th><th>measured</th><th></th></tr>{''.join(rows)}</table>" if rows else ""
 
