@@ -140,6 +140,24 @@ def plot_curves(stage: str, rows: Sequence[dict], path: Path) -> Path | None:
     return path
 
 
+def lead_sentence(results: dict) -> str:
+    """What the lead figure shows, with the numbers a reader should take away (each method's best share)."""
+    n = results.get("settings", {}).get("heldout_prompts")
+    best = sorted(results.get("gain_share_by_method", {}).items(), key=lambda kv: -(kv[1].get("gain_share") or 0))
+    names = {"best-of-n": "best-of-n"}
+    shares = [f"{names.get(k, k.upper())} {'≤ ' if b.get('upper_bound') else ''}{b['gain_share']:.2f}"
+              + (f" ± {b['gain_share_se']:.2f}" if _num(b.get("gain_share_se")) is not None else "")
+              + f" (KL {b['kl']:.1f})" for k, b in best if _num(b.get("gain_share")) is not None]
+    where = f"the {n} held-out prompts" if n else "held-out prompts"
+    text = (f"Gold reward against KL(π ‖ π_SFT) on {where}: each method's curve over its own knob (DPO's β; the "
+            f"checkpoints of PPO and the other online methods), best-of-n, and the dashed optimum π*_β, the most "
+            f"any policy can reach at that KL (hollow: too few effective samples to trust).")
+    if shares:
+        text += (" Best share of the optimum's gain at equal KL (1 = on the optimum; ± a standard error over "
+                 f"prompts): {', '.join(shares)}.")
+    return text
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     v = _num(x)
     return "–" if v is None else f"{v:.{digits}f}"
@@ -223,7 +241,7 @@ def _samples_table(samples: Sequence[dict]) -> str:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;
 vertical-align:top}th{background:#f3f3f3}img{max-width:100%}table.samples td{max-width:320px;font-size:90%}
-pre{background:#f7f7f7;padding:.6em;overflow-x:auto}"""
+pre{background:#f7f7f7;padding:.6em;overflow-x:auto}p.lead{font-size:110%;max-width:760px}"""
 
 
 def _json_safe(x: Any) -> Any:
@@ -242,7 +260,8 @@ def write_report(out_dir, results: dict, curves: dict[str, list[dict]], samples:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
-    parts = ["<h2>Gold reward vs KL</h2>", _figure(plot_reward_vs_kl(results, out / "reward_vs_kl.png"), "reward vs KL"),
+    parts = [_figure(plot_reward_vs_kl(results, out / "reward_vs_kl.png"), "gold reward vs KL"),
+             f"<p class='lead'>{html.escape(lead_sentence(results))}</p>",
              "<h2>Methods</h2>", _methods_table(results.get("methods", [])),
              "<p>Share = (r<sub>method</sub> − r<sub>SFT</sub>) / (optimum at the method's KL − r<sub>SFT</sub>). "
              "The optimum π*<sub>β</sub> ∝ π<sub>SFT</sub> exp(r*/β) is estimated per prompt by self-normalised "
