@@ -91,7 +91,9 @@ def plot_reward_vs_kl(results: dict, path: Path) -> Path:
                 ax.annotate(tag, (m["kl"], m["gold_reward"]), textcoords="offset points", xytext=(5, -11), fontsize=8)
     _plot_dpo_targets(ax, results.get("dpo_targets", []))
     kls = [m["kl"] for m in results.get("methods", [])] + [p["mean_kl"] for p in pts if p["trusted"]]
-    if kls:   # the untrusted far end of the optimum (small beta) would squeeze every method to the left
+    kls += [t["target_kl"] for t in results.get("dpo_targets", []) if _num(t.get("target_kl")) is not None]
+    if kls:   # the untrusted far end of the optimum (small beta) would squeeze every method to the left;
+        # the axis ends a little past the methods, the trusted optimum and DPO's targets
         ax.set_xlim(left=-0.05 * max(kls), right=1.15 * max(kls))
     ax.set_xlabel("KL(π ‖ π_SFT)  [nats per completion]")
     ax.set_ylabel("gold reward r* (VADER, 0..1)")
