@@ -211,7 +211,8 @@ def test_rloo_and_grpo_are_recorded_only_where_they_run_with_other_sizes():
 
 def test_every_method_is_one_registry_entry_with_its_curve_of_settings():
     """DPO sweeps beta from SFT; PPO, RLOO and GRPO are checkpoints of one run each; the pool takes the
-    checkpoints the plan names and each method's last."""
+    checkpoints the plan names (none by default) and each method's last."""
+    import dataclasses
     from prefalign.lab.demo_methods import METHODS, in_pool
     from prefalign.lab.demo_plan import DEFAULT
     by_name = {m.name: m for m in METHODS}
@@ -220,7 +221,9 @@ def test_every_method_is_one_registry_entry_with_its_curve_of_settings():
     rloo = by_name["rloo"].settings(DEFAULT)
     assert [s.stage for s in rloo] == [f"rloo-{k}" for k in range(1, 6)]
     assert [s.knobs for s in rloo][:2] == [{"beta": 0.2, "step": 12}, {"beta": 0.2, "step": 24}]
-    assert [in_pool(s, len(rloo), DEFAULT) for s in rloo] == [False, False, True, False, True]
+    assert [in_pool(s, len(rloo), DEFAULT) for s in rloo] == [False, False, False, False, True]
+    assert [in_pool(s, len(rloo), dataclasses.replace(DEFAULT, frontier_pool_checkpoints=(3,))) for s in rloo] == [
+        False, False, True, False, True]
     assert all(in_pool(s, 0, DEFAULT) for s in by_name["dpo"].settings(DEFAULT))
 
 

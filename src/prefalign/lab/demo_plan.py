@@ -78,11 +78,11 @@ class DemoPlan:
     frontier_samples: int = 256          # SFT samples per held-out prompt for the optimum and best-of-n
     # The first frontier_pool_sft of them join the frontier's pool with every policy's evaluation samples,
     # each scored under pi_SFT and every policy (lab.demo_frontier): its forwards grow with this number.
-    frontier_pool_sft: int = 64
+    frontier_pool_sft: int = 32
     # Which checkpoints (segment numbers) of every method trained in segments (PPO, RLOO, GRPO) join the
-    # pool: each proposal adds a forward of every pooled sample, so not all of them (the others are still
-    # evaluated and plotted). Every DPO beta joins.
-    frontier_pool_checkpoints: tuple[int, ...] = (3, 5)
+    # pool besides each one's last: each proposal adds a forward of every pooled sample, so not all of
+    # them (the others are still evaluated and plotted). Every DPO beta joins.
+    frontier_pool_checkpoints: tuple[int, ...] = ()
     best_of_n: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)
     frontier_betas: tuple[float, ...] = field(default=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
                                                        0.2, 0.3, 0.5, 1.0, 3.0))
