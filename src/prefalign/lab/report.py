@@ -60,7 +60,7 @@ def _frontier_label(results: dict) -> str:
 def plot_reward_vs_kl(results: dict, path: Path) -> Path:
     """Gold reward vs KL(pi || pi_SFT): every method family as one series, plus the optimum, whose
     points with too few effective samples to trust (lab.frontier) are drawn hollow."""
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10.5, 5), dpi=110)
     pts = _frontier_points(results.get("frontier", []))
     if pts:
         xs, ys = [p["mean_kl"] for p in pts], [p["mean_reward"] for p in pts]
@@ -99,7 +99,7 @@ def plot_reward_vs_kl(results: dict, path: Path) -> Path:
     ax.set_ylabel("gold reward r* (VADER, 0..1)")
     ax.set_title("Gold reward vs KL on held-out prompts")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)   # beside the axes: never over a curve
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
