@@ -105,3 +105,42 @@ def test_report_survives_missing_curves(tmp_path, curves):
     results, _, samples = fake_inputs()
     page = write_report(tmp_path, results, curves, samples).read_text()
     assert "Training curves" in page
+
+
+def test_the_report_leads_with_the_reward_vs_kl_figure_and_what_it_shows(tmp_path):
+    """First the figure, then one sentence naming each method's best share (± its SE), then the rest."""
+    results, curves, samples = fake_inputs()
+    results["gain_share_by_method"] = {"ppo": {"gain_share": 0.61, "gain_share_se": 0.04, "kl": 2.4, "step": 200},
+                                       "dpo": {"gain_share": 0.55, "kl": 1.2, "beta": 0.1, "upper_bound": True}}
+    page = write_report(tmp_path, results, curves, samples).read_text(encoding="utf-8")
+    body = page[page.index("<body>"):]
+    first_figure, lead, methods = body.index("<figure>"), body.index("class='lead'"), body.index("<h2>Methods</h2>")
+    assert first_figure < lead < methods and body.count("<h2>", 0, lead) == 0
+    assert 'alt="gold reward vs KL"' in body[first_figure:lead]
+    sentence = body[lead:body.index("</p>", lead)]
+    assert "PPO 0.61 ± 0.04 (KL 2.4)" in sentence and "DPO ≤ 0.55 (KL 1.2)" in sentence
+    assert sentence.index("PPO 0.61") < sentence.index("DPO ≤")    # best first
+
+
+def test_dpo_runs_are_joined_to_the_optimum_they_target_on_the_plot(tmp_path, monkeypatch):
+    """Each DPO beta's target (the frontier at tau * beta) is an x on the plot, a dotted line from the run."""
+    from prefalign.lab import report
+    results, _, _ = fake_inputs()
+    figures = []
+    monkeypatch.setattr(report.plt, "close", figures.append)
+    report.plot_reward_vs_kl(results, tmp_path / "reward_vs_kl.png")
+    (ax,) = figures[0].axes
+    (target,) = [line for line in ax.lines if line.get_marker() == "x"]
+    assert list(zip(*target.get_data())) == [(2.6, 0.937)] and "τβ" in target.get_label()
+    (joined,) = [line for line in ax.lines if line.get_linestyle() == ":"]
+    assert list(zip(*joined.get_data())) == [(0.4, 0.62), (2.6, 0.937)]
+    dpo = next(line for line in ax.lines if line.get_label().startswith("DPO ("))
+    assert list(dpo.get_xdata()) == [0.4, 1.2, 2.0]                 # a curve from large beta to small
+
+
+def test_shares_are_shown_with_their_standard_error(tmp_path):
+    results, curves, samples = fake_inputs()
+    ppo = next(m for m in results["methods"] if m["method"] == "ppo")
+    ppo.update(gain_share=0.5, gain_share_se=0.034, beyond_frontier=True)
+    page = write_report(tmp_path, results, curves, samples).read_text(encoding="utf-8")
+    assert "<td>≤ 0.50 ± 0.03</td>" in page

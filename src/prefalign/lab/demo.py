@@ -12,7 +12,8 @@ The recipe, top to bottom:
   6. sft-samples N SFT samples per held-out prompt: the optimum frontier, best-of-n and the
                  reward model's held-out accuracy come from them
   7. dpo         `prefalign dpo` for each beta, then evaluated on the held-out prompts
-  8. ppo         `prefalign ppo` in segments (one evaluated checkpoint each), against the reward model
+  8. ppo, rloo,  `prefalign ppo|rloo|grpo` in segments (one evaluated checkpoint each), against the
+     grpo        reward model (steps 7-8 are lab.demo_methods.METHODS, one entry per method)
   9. frontier    SFT and policy samples pooled and scored under every policy: the optimum frontier by
                  importance sampling from their mixture (lab.demo_frontier)
  10. report      results.json and report.html
@@ -26,6 +27,7 @@ a rerun after a crash) continues where the last one stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -36,11 +38,13 @@ import numpy as np
 
 from prefalign.config import DemoConfig
 from prefalign.errors import ConfigError
+from prefalign.lab import demo_noise as N
 from prefalign.lab import demo_results as R
 from prefalign.lab import demo_stages as S
 from prefalign.lab.demo_data import make_preferences, prepare_data, smollm2_base
 from prefalign.lab.demo_eval import best_of_n_rows, evaluate, sft_samples
 from prefalign.lab.demo_frontier import Proposal, dpo_targets, load_pool, pool_frontier, pool_record, score_pool
+from prefalign.lab.demo_methods import METHODS, in_pool
 from prefalign.lab.demo_plan import DemoPlan, plan_for, recorded
 from prefalign.lab.report import write_report
 
@@ -77,16 +81,17 @@ def run_demo(cfg: DemoConfig) -> int:
     S.claim_output(out, json.loads(json.dumps(settings)))
     pick_threads()
     fixed_stages = 4 + (plan.pretrain_steps > 0) + (plan.sft_steps > 0)
-    pipe = S.Pipeline(out, fixed_stages + 2 * len(plan.dpo_betas) + 2 * plan.ppo_segments + 1)
+    pipe = S.Pipeline(out, fixed_stages + 2 * sum(len(m.settings(plan)) for m in METHODS) + 1)
     start = f"{plan.pretrain_steps} pretraining steps" if base_model is None else f"no pretraining (base {base_model})"
     print(f"prefalign demo ({plan.name}): {plan.base_params_hint}, {start}, "
           f"{plan.train_prompts} training prompts, {plan.heldout_prompts} held-out prompts -> {out}", flush=True)
     run = base_stages(pipe, plan, seed, base_model)
-    policies = dpo_policies(run) + ppo_policies(run)           # [(method, knobs, eval dir)]
+    policies = trained_policies(run)                   # [(method, knobs, eval dir, in the frontier's pool)]
     pool = frontier_pool(run, policies)
     results = collect_results(out, plan, seed, run.samples, pool, run.prefs, policies, time.perf_counter() - t0,
                               base_model or str((out / "pretrain").resolve()))
-    trained = [n for n in ("pretrain", "sft", "reward") if (out / n).is_dir()] + [e.name for _, _, e in policies]
+    trained = [(n, None) for n in ("pretrain", "sft", "reward") if (out / n).is_dir()]
+    trained += [(e.name, method if knobs.get("step") is not None else None) for method, knobs, e, _ in policies]
     report = write_report(out, results, R.curves(out, trained),
                           R.side_by_side(out, plan.shown_prompts, plan.frontier_samples, shown_policies(policies),
                                          max(plan.best_of_n) if plan.best_of_n else None))
@@ -125,40 +130,22 @@ def base_stages(pipe: S.Pipeline, plan: DemoPlan, seed: int, base_model: Optiona
     return Run(plan, seed, pipe, data, sft, prefs, rm, samples)
 
 
-def dpo_policies(run: Run) -> list[tuple[str, dict, Path]]:
-    """One `prefalign dpo` per beta, each evaluated."""
-    plan, out = run.plan, []
-    for beta in plan.dpo_betas:
-        name = f"dpo-beta{beta:g}"
-        if not S.available("dpo"):
-            run.pipe.skip(name, "prefalign.stages.dpo is not in this checkout")
-            run.pipe.skip(f"eval/{name}", "no policy")
-            continue
-        policy = run.pipe.stage(name, f"DPO beta={beta:g}, {plan.dpo_epochs:g} epoch(s){with_lora(plan)} "
-                                      f"({eta(plan, 'dpo')})",
-                                lambda d, r, b=beta: S.dpo(d, r, run.sft, run.prefs / "prefs.jsonl", b, plan, run.seed))
-        out.append(("dpo", {"beta": beta}, run.evaluate(name, policy)))
-    return out
-
-
-def ppo_policies(run: Run) -> list[tuple[str, dict, Path]]:
-    """PPO in plan.ppo_segments segments, each continuing the last; every segment is evaluated."""
-    plan, out = run.plan, []
-    policy, value = run.sft, None
-    for k in range(1, plan.ppo_segments + 1):
-        name, first, last = f"ppo-{k}", (k - 1) * plan.ppo_iterations + 1, k * plan.ppo_iterations
-        if not S.available("ppo"):
-            run.pipe.skip(name, "prefalign.stages.ppo is not in this checkout")
-            run.pipe.skip(f"eval/{name}", "no policy")
-            continue
-        policy = run.pipe.stage(
-            name, f"PPO iterations {first}-{last} of {plan.ppo_segments * plan.ppo_iterations}, "
-                  f"{plan.ppo_rollout_batch} prompts each, kl_coef={plan.ppo_kl_coef:g}{with_lora(plan)} "
-                  f"({eta(plan, 'ppo')})",
-            lambda d, r, p=policy, v=value, s=run.seed + k - 1:
-            S.ppo_segment(d, r, p, v, run.sft, run.reward, run.data / "prompts_train.jsonl", plan, s))
-        value = policy / "value_model"
-        out.append(("ppo", {"beta": plan.ppo_kl_coef, "step": last}, run.evaluate(name, policy)))
+def trained_policies(run: Run) -> list[tuple[str, dict, Path, bool]]:
+    """Every method of lab.demo_methods.METHODS, each setting trained and evaluated:
+    [(method, knobs, eval dir, joins the frontier's pool)]."""
+    out = []
+    for method in METHODS:
+        settings, previous = method.settings(run.plan), None
+        for setting in settings:
+            if not S.available(method.module):
+                run.pipe.skip(setting.stage, f"prefalign.stages.{method.module} is not in this checkout")
+                run.pipe.skip(f"eval/{setting.stage}", "no policy")
+                continue
+            policy = run.pipe.stage(setting.stage, f"{setting.header} ({eta(run.plan, method.name)})",
+                                    lambda d, r, s=setting, p=previous: method.train(d, r, run, s, p))
+            previous = policy if method.kind == "segments" else None
+            out.append((method.name, setting.knobs, run.evaluate(setting.stage, policy),
+                        in_pool(setting, len(settings), run.plan)))
     return out
 
 
@@ -167,9 +154,9 @@ def frontier_pool(run: Run, policies: list) -> Path:
     each scored under SFT and every policy."""
     plan = run.plan
     proposals = [Proposal("sft", run.sft, None)] + [Proposal(e.name, Path(R.summary(e)["policy"]), e)
-                                                    for _, _, e in policies]
+                                                    for _, _, e, pooled in policies if pooled]
     return run.pipe.stage("frontier", f"{plan.frontier_pool_sft} SFT + {plan.eval_samples_per_prompt} samples of each "
-                          f"of {len(policies)} policies per held-out prompt, scored under SFT and every policy for "
+                          f"of {len(proposals) - 1} policies per held-out prompt, scored under SFT and every policy for "
                           f"the optimum frontier ({eta(plan, 'frontier')})",
                           lambda d, r: score_pool(d, run.samples, proposals, run.data, plan))
 
@@ -194,11 +181,17 @@ def pick_threads() -> None:
 
 
 def shown_policies(policies: list) -> dict[str, str]:
-    """Report columns -> eval stage names: every DPO beta and the last PPO checkpoint."""
-    shown = {f"DPO β={knobs['beta']:g}": e.name for method, knobs, e in policies if method == "dpo"}
-    ppo = [(knobs, e) for method, knobs, e in policies if method == "ppo"]
-    if ppo:
-        shown[f"PPO iter {ppo[-1][0]['step']}"] = ppo[-1][1].name
+    """Report columns -> eval stage names: every setting of a sweep (DPO's betas) and the last
+    checkpoint of every method trained in segments."""
+    labels = {m.name: m.label for m in METHODS}
+    shown, last = {}, {}
+    for method, knobs, e, _ in policies:
+        if knobs.get("step") is None:
+            shown[f"{labels[method]} β={knobs['beta']:g}"] = e.name
+        else:
+            last[method] = (knobs, e)
+    for method, (knobs, e) in last.items():
+        shown[f"{labels[method]} iter {knobs['step']}"] = e.name
     return shown
 
 
@@ -218,9 +211,9 @@ def eta(plan: DemoPlan, stage: str) -> str:
 # faster). smollm2: the quiet machine with 2 torch threads (docs/demo.md gives the timings).
 ESTIMATED_MINUTES: dict[str, dict[str, float]] = {
     "default": {"pretrain": 12, "sft": 1, "preferences": 4, "reward": 3, "sft-samples": 6, "dpo": 5, "ppo": 1.5,
-                "eval": 1, "frontier": 6},
+                "rloo": 1.5, "grpo": 1.5, "eval": 1, "frontier": 6},
     "quick": {"pretrain": 2, "sft": 0.5, "preferences": 0.5, "reward": 0.5, "sft-samples": 0.5, "dpo": 0.5,
-              "ppo": 0.5, "eval": 0.5, "frontier": 1},
+              "ppo": 0.5, "rloo": 0.5, "grpo": 0.5, "eval": 0.5, "frontier": 1},
     # From 2-4 step timings (docs/demo.md): SFT 4.8 s/step, reward 1.7, DPO 2.1 (+2 min of reference
     # log-probs for the first beta), PPO 23.5 s/iteration, sampling 0.09-0.11 s per completion.
     # The frontier's pool: estimated, not measured (8,192 forwards at the DPO reference's 0.065 s each).
@@ -236,8 +229,9 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, poo
     sft_reward = float(samples["gold"].mean())
     frontier = pool_frontier(pool, plan.frontier_betas)
     methods = [{"method": "sft", "beta": None, "gold_reward": sft_reward, "kl": 0.0, "win_rate_vs_sft": 0.5}]
-    methods += [R.policy_row(method, eval_dir, **knobs) for method, knobs, eval_dir in policies]
+    methods += [R.policy_row(method, eval_dir, **knobs) for method, knobs, eval_dir, _ in policies]
     methods += best_of_n_rows(samples, plan)
+    add_share_errors(methods, policies, samples, pool, plan)
     by_method = R.add_gain_shares(methods, frontier, sft_reward)
     rm = R.summary(samples_dir)["reward_model"]
     results = {"methods": methods, "gain_share_by_method": by_method,
@@ -245,7 +239,7 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, poo
                "frontier": [p._asdict() for p in frontier],
                "frontier_pool": pool_record(pool),
                "dpo_targets": dpo_targets(pool, [m for m in methods if m["method"] == "dpo"], plan.tau),
-               "settings": {"plan": plan.name, **{k: v for k, v in vars(plan).items() if k != "name"}, "seed": seed,
+               "settings": {"plan": plan.name, **{k: v for k, v in dataclasses.asdict(plan).items() if k != "name"}, "seed": seed,
                             "base_model": base_model, "base_params_hint": plan.base_params_hint,
                             "frontier_samples": plan.frontier_samples,
                             "frontier_estimator": pool_record(pool)["estimator"],
@@ -254,6 +248,17 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, poo
                "sft_fluency": sft_fluency(out, samples)}
     results["targets"] = R.targets(results)
     return results
+
+
+def add_share_errors(methods: list[dict], policies: list, samples, pool, plan: DemoPlan) -> None:
+    """gain_share_se of every row but SFT's: the bootstrap over held-out prompts of lab.demo_noise.
+    methods: SFT's row, then one per policy in `policies`' order, then best-of-n's."""
+    gold, proxy = samples["gold"], samples["proxy"]
+    rows = [N.policy_per_prompt(e, gold.shape[0]) for _, _, e, _ in policies]
+    rows += [N.best_of_n_per_prompt(gold, proxy, n) for n in plan.best_of_n]
+    frontier = N.frontier_per_prompt(pool.rewards, pool.logps[:, :, 0], pool.logps, pool.counts, plan.frontier_betas)
+    for m, se in zip(methods[1:], N.share_standard_errors(rows, gold.mean(1), frontier)):
+        m["gain_share_se"] = se
 
 
 def sft_fluency(out: Path, samples) -> dict:
@@ -283,10 +288,8 @@ def print_summary(results: dict, report: Path) -> None:
     for m in results["methods"]:
         knob = (f"iteration {m['step']}" if m.get("step") is not None else f"n={m['n']}" if m.get("n") is not None
                 else f"beta={m['beta']:g}" if m.get("beta") is not None else "")
-        share = m.get("gain_share")
-        share_text = "" if share is None else ("<= " if m.get("beyond_frontier") else "") + f"{share:.2f}"
         print(f"{m['method']:<11} {knob:<15} {m['gold_reward']:>12.3f} {m['kl']:>11.2f} "
-              f"{m['win_rate_vs_sft']:>12.2f} {share_text:>15}")
+              f"{m['win_rate_vs_sft']:>12.2f} {R.share_text(m):>15}")
     rm = results["reward_model"]
     print(f"reward model held-out accuracy {rm['heldout_accuracy']:.3f} "
           f"(Bayes-optimal {rm['bayes_optimal_accuracy']:.3f} on the same {rm['heldout_pairs']} pairs)")
@@ -301,5 +304,6 @@ def print_summary(results: dict, report: Path) -> None:
     for name, t in results["targets"].items():
         values = ", ".join(f"{k}={v:.3f}" for k, v in t.items() if isinstance(v, float))
         print(f"target {name}: {'met' if t['met'] else 'MISSED'} ({values})")
-    print(f"(<= : past the KL of the frontier's last trusted point (ESS), an upper bound)\nreport: {report}\n"
+    print(f"(<= : past the KL of the frontier's last trusted point (ESS), an upper bound; +- : standard error "
+          f"over held-out prompts)\nreport: {report}\n"
           f"results: {report.parent / 'results.json'}")

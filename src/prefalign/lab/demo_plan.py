@@ -11,6 +11,26 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class GroupPlan:
+    """One critic-free online method (`prefalign rloo` / `prefalign grpo`) trained in segments, each
+    continuing the last from its policy: one evaluated checkpoint per segment (segments = 0: not run).
+    A rollout is prompts x generations completions; beta is the KL coefficient (RLOO: in the reward,
+    the sequence's summed log-ratio, as PPO's kl_coef; GRPO: k3 per token in the loss).
+
+    The stages sample group by group (one batch of K per prompt, so draws do not depend on the
+    batch): a rollout costs one sampling call per prompt. Measured on the default model under a load
+    average of 6: 16 prompts x 4 took 11-20 s to sample, 4 s to update; 8 x 8 halves the calls."""
+    segments: int = 5
+    iterations: int = 12                 # per segment
+    prompts: int = 8                     # per rollout, each sampled `generations` times
+    generations: int = 8                 # K
+    minibatch: int = 32                  # completions per optimizer step
+    epochs: int = 2                      # passes over each rollout
+    beta: float = 0.2
+    lr: float = 5e-5
+
+
+@dataclass(frozen=True)
 class DemoPlan:
     name: str
     # --- corpus and base model
@@ -50,12 +70,19 @@ class DemoPlan:
     ppo_epochs: int = 2
     ppo_kl_coef: float = 0.2
     ppo_lr: float = 5e-5
+    # --- RLOO and GRPO: as PPO, segments continuing the last, at PPO's completions per iteration
+    rloo: GroupPlan = GroupPlan(beta=0.2)
+    grpo: GroupPlan = GroupPlan(beta=0.04)
     # --- evaluation
     eval_samples_per_prompt: int = 4     # samples per held-out prompt per policy (for KL and gold)
     frontier_samples: int = 256          # SFT samples per held-out prompt for the optimum and best-of-n
     # The first frontier_pool_sft of them join the frontier's pool with every policy's evaluation samples,
     # each scored under pi_SFT and every policy (lab.demo_frontier): its forwards grow with this number.
-    frontier_pool_sft: int = 64
+    frontier_pool_sft: int = 32
+    # Which checkpoints (segment numbers) of every method trained in segments (PPO, RLOO, GRPO) join the
+    # pool besides each one's last: each proposal adds a forward of every pooled sample, so not all of
+    # them (the others are still evaluated and plotted). Every DPO beta joins.
+    frontier_pool_checkpoints: tuple[int, ...] = ()
     best_of_n: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)
     frontier_betas: tuple[float, ...] = field(default=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
                                                        0.2, 0.3, 0.5, 1.0, 3.0))
@@ -84,11 +111,17 @@ class DemoPlan:
 
 def recorded(plan: DemoPlan) -> dict:
     """The plan as OUTPUT/plan.json records it: every field, except those added later (for --base
-    smollm2, and the frontier's pool) while they hold their defaults, so output folders of runs made
-    before them still match (a stage that lacks what a later one needs says to delete it)."""
-    later = {"base", "lora", "lora_r", "packing", "shared_value_head", "frontier_pool_sft"}
+    smollm2, the frontier's pool, RLOO and GRPO) while they hold their defaults or name a method that
+    does not run, so output folders of runs made before them still match (a stage that lacks what a
+    later one needs says to delete it; a method added later just runs its stages)."""
+    later = {"base", "lora", "lora_r", "packing", "shared_value_head", "frontier_pool_sft", "rloo", "grpo",
+             "frontier_pool_checkpoints"}
     defaults = {f.name: f.default for f in dataclasses.fields(DemoPlan)}
-    return {k: v for k, v in dataclasses.asdict(plan).items() if k not in later or v != defaults[k]}
+
+    def inert(k: str) -> bool:   # holds its default, or is a method that does not run (no stage of it exists)
+        value = getattr(plan, k)
+        return value == defaults[k] or (isinstance(value, GroupPlan) and value.segments == 0)
+    return {k: v for k, v in dataclasses.asdict(plan).items() if k not in later or not inert(k)}
 
 
 DEFAULT = DemoPlan(name="default")
@@ -97,8 +130,11 @@ QUICK = dataclasses.replace(
     DEFAULT, name="quick", pretrain_reviews=6000, train_prompts=1200, heldout_prompts=64, vocab_size=1500,
     hidden=64, layers=2, heads=2, pretrain_steps=400, pretrain_lr=2e-3, sft_steps=80, sft_lr=5e-4,
     max_new_tokens=32, reward_epochs=2.0, reward_lr=1e-3, dpo_betas=(1.0,), dpo_lr=5e-4,
-    ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=2e-4, eval_samples_per_prompt=8, frontier_samples=32,
-    frontier_pool_sft=32, best_of_n=(4, 16), shown_prompts=4, save_steps=100)
+    ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=2e-4,
+    rloo=GroupPlan(segments=2, iterations=8, prompts=4, generations=8, minibatch=16, epochs=4, beta=0.2, lr=2e-4),
+    grpo=GroupPlan(segments=2, iterations=8, prompts=4, generations=8, minibatch=16, epochs=4, beta=0.04, lr=2e-4),
+    eval_samples_per_prompt=8, frontier_samples=32, frontier_pool_sft=32, frontier_pool_checkpoints=(2,),
+    best_of_n=(4, 16), shown_prompts=4, save_steps=100)
 
 # SmolLM2-135M-Instruct as the base: no pretraining (the pretraining fields are 0), a short LoRA SFT,
 # then every stage with LoRA. Sized from per-step timings on the 2-core build machine (docs/demo.md).
@@ -110,7 +146,8 @@ SMOLLM2 = dataclasses.replace(
     pairs_per_prompt=2, reward_epochs=1.0, reward_batch=8, reward_lr=5e-4,
     dpo_betas=(0.1, 0.5), dpo_epochs=1.0, dpo_batch=8, dpo_lr=5e-4,
     ppo_segments=3, ppo_iterations=8, ppo_rollout_batch=32, ppo_minibatch=8, ppo_epochs=2, ppo_kl_coef=0.1,
-    ppo_lr=2e-4, eval_samples_per_prompt=8, frontier_samples=64, frontier_pool_sft=16, best_of_n=(2, 4, 8, 16, 32),
+    ppo_lr=2e-4, rloo=GroupPlan(segments=0), grpo=GroupPlan(segments=0),
+    eval_samples_per_prompt=8, frontier_samples=64, frontier_pool_sft=16, best_of_n=(2, 4, 8, 16, 32),
     shown_prompts=6, save_steps=20)
 
 # The same recipe in a few minutes; the tests run it with a tiny stand-in for SmolLM2 (--base-model).

@@ -23,7 +23,7 @@ from prefalign.lab.frontier import gain_share, optimum_at_kl
 from prefalign.train.logger import read_metrics
 
 MIN_GAIN_FRACTION = 0.1
-TARGET_SHARE = 0.7            # DPO and PPO should reach 70 % of the optimum's gain at equal KL
+TARGET_SHARE = 0.7            # every trained method (DPO, PPO, RLOO, GRPO) should reach 70 % of the optimum's gain at equal KL
 TARGET_RM_GAP = 0.03          # reward model within 3 points of the Bayes-optimal accuracy
 # Curves worth a panel, by the key names the stages log; anything else is left to metrics.jsonl.
 SKIP_CURVE = ("perf/", "bad_steps", "epoch", "grad_norm", "policy/first_minibatch")
@@ -68,8 +68,19 @@ def add_gain_shares(methods: list[dict], frontier, sft_reward: float) -> dict:
         if best is None or rank > (not best["upper_bound"], best["gain_share"]):
             by_method[m["method"]] = {"gain_share": m["gain_share"], "kl": m["kl"], "gold_reward": m["gold_reward"],
                                       "upper_bound": m["beyond_frontier"],
-                                      **{k: m[k] for k in ("beta", "n", "step") if m.get(k) is not None}}
+                                      **{k: m[k] for k in ("beta", "n", "step", "gain_share_se")
+                                         if m.get(k) is not None}}
     return by_method
+
+
+def share_text(m: dict, plus_minus: str = "+-") -> str:
+    """A row's share as the table prints it: '<= ' past the trusted frontier, then the share and its
+    standard error over prompts ('' for SFT)."""
+    share, se = m.get("gain_share"), m.get("gain_share_se")
+    if share is None or not math.isfinite(share):
+        return ""
+    error = f" {plus_minus} {se:.2f}" if se is not None and math.isfinite(se) else ""
+    return ("<= " if m.get("beyond_frontier") or m.get("upper_bound") else "") + f"{share:.2f}{error}"
 
 
 def targets(results: dict) -> dict:
@@ -77,25 +88,28 @@ def targets(results: dict) -> dict:
     rm = results["reward_model"]
     gap = rm["bayes_optimal_accuracy"] - rm["heldout_accuracy"]
     out = {"reward_model_within_3_points_of_bayes": {"gap": gap, "met": gap <= TARGET_RM_GAP}}
-    for method in ("dpo", "ppo"):
+    trained = [m["method"] for m in results["methods"] if m["method"] not in ("sft", "best-of-n")]
+    for method in dict.fromkeys(trained):          # every trained method, in the order they ran
         best = results["gain_share_by_method"].get(method, {})
         share, bound = best.get("gain_share"), bool(best.get("upper_bound"))
         # An upper bound at or above the target does not show the target is reached.
-        out[f"{method}_at_least_70pct_of_optimum_gain"] = {"share": share, "upper_bound": bound,
+        out[f"{method}_at_least_70pct_of_optimum_gain"] = {"share": share, "share_se": best.get("gain_share_se"),
+                                                          "upper_bound": bound,
                                                           "met": share is not None and share >= TARGET_SHARE
                                                           and not bound}
     return out
 
 
-def curves(out: Path, stage_names: Sequence[str]) -> dict[str, list[dict]]:
-    """metrics.jsonl rows per training stage; consecutive PPO segments join into one curve."""
+def curves(out: Path, stages: Sequence[tuple[str, Optional[str]]]) -> dict[str, list[dict]]:
+    """metrics.jsonl rows per training stage: (stage name, curve name or None). Stages that share a
+    curve name (the segments of one PPO, RLOO or GRPO run) join into one curve, steps continued."""
     result: dict[str, list[dict]] = {}
-    for name in stage_names:
+    for name, joined in stages:
         rows = read_metrics(out / name / "metrics.jsonl")
         rows = [{k: v for k, v in r.items() if not k.startswith(SKIP_CURVE)} for r in rows]
-        if name.startswith("ppo-"):
-            offset = len(result.get("ppo", [])) and result["ppo"][-1]["step"]
-            result.setdefault("ppo", []).extend({**r, "step": r["step"] + offset} for r in rows)
+        if joined:
+            offset = len(result.get(joined, [])) and result[joined][-1]["step"]
+            result.setdefault(joined, []).extend({**r, "step": r["step"] + offset} for r in rows)
         elif rows:
             result[name] = rows
     return result

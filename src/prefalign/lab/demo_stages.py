@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from prefalign.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
+from prefalign.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, RLOOConfig, SFTConfig
 from prefalign.errors import ConfigError, DiskError, PrefalignError
-from prefalign.lab.demo_plan import DemoPlan
+from prefalign.lab.demo_plan import DemoPlan, GroupPlan
 from prefalign.train import diskio
 from prefalign.train.checkpoint import CKPT_DIR, MARKER
 
@@ -167,6 +167,23 @@ def ppo_segment(out: Path, resume: bool, start_model: Path, value_model: Optiona
                     **{**_common(plan, out, resume, seed), "save_steps": max(1, plan.ppo_iterations // 2),
                        "logging_steps": 1})
     _check(run_ppo(cfg), "ppo")
+
+
+def group_segment(out: Path, resume: bool, estimator: str, start_model: Path, sft_model: Path, reward_model: Path,
+                  prompts: Path, plan: DemoPlan, group: GroupPlan, seed: int) -> None:
+    """`prefalign rloo` or `prefalign grpo` (estimator) for group.iterations iterations from start_model,
+    against the reward model, with the SFT model as the KL reference; like PPO's segments, consecutive
+    segments at a constant learning rate are checkpoints of one run (only AdamW's moments restart)."""
+    from prefalign.stages.grpo import run_group
+    config = {"rloo": RLOOConfig, "grpo": GRPOConfig}[estimator]
+    cfg = config(model=str(start_model), ref_model=str(sft_model), reward_model=str(reward_model), prompts=str(prompts),
+                 iterations=group.iterations, rollout_batch_size=group.prompts, num_generations=group.generations,
+                 minibatch_size=group.minibatch, ppo_epochs=group.epochs, beta=group.beta, lr=group.lr,
+                 lr_schedule="constant", max_new_tokens=plan.max_new_tokens, max_prompt_length=plan.max_length // 2,
+                 sample_every=group.iterations, packing=plan.packing, **_tuning(plan),
+                 **{**_common(plan, out, resume, seed), "save_steps": max(1, group.iterations // 2),
+                    "logging_steps": 1})
+    _check(run_group(cfg), estimator)
 
 
 def available(stage: str) -> bool:

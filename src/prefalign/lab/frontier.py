@@ -139,6 +139,11 @@ def best_of_n(rewards: np.ndarray, n: int, proxy: np.ndarray | None = None) -> t
     the maximum of a random n-subset with probability C(i, n-1) / C(N, n).
     Returns (mean gold reward of the pick, best_of_n_kl(n)).
     """
+    return float(best_of_n_rewards(rewards, n, proxy).mean()), best_of_n_kl(n)
+
+
+def best_of_n_rewards(rewards: np.ndarray, n: int, proxy: np.ndarray | None = None) -> np.ndarray:
+    """(P,) expected gold reward of the best-of-n pick per prompt (``best_of_n`` averages it)."""
     rewards = np.asarray(rewards, dtype=np.float64)
     proxy = rewards if proxy is None else np.asarray(proxy, dtype=np.float64)
     if proxy.shape != rewards.shape:
@@ -149,7 +154,7 @@ def best_of_n(rewards: np.ndarray, n: int, proxy: np.ndarray | None = None) -> t
     order = np.argsort(proxy, axis=1, kind="stable")
     gold_sorted = np.take_along_axis(rewards, order, axis=1)                          # (P, N)
     p_max = np.array([math.comb(i, n - 1) for i in range(total)], dtype=np.float64) / math.comb(total, n)
-    return float((gold_sorted @ p_max).mean()), best_of_n_kl(n)
+    return gold_sorted @ p_max
 
 
 def optimum_at_kl(frontier: Sequence[FrontierPoint], kl: float) -> float:

@@ -35,6 +35,7 @@ from prefalign.plot import number as _num  # noqa: E402
 
 MAX_CURVES_PER_STAGE = 8
 STYLE = {"ppo": ("tab:blue", "o"), "dpo": ("tab:orange", "s"), "best-of-n": ("tab:green", "^"),
+         "rloo": ("tab:purple", "v"), "grpo": ("tab:red", "P"), "online-dpo": ("tab:brown", "X"),
          "sft": ("black", "*")}
 
 
@@ -59,7 +60,7 @@ def _frontier_label(results: dict) -> str:
 def plot_reward_vs_kl(results: dict, path: Path) -> Path:
     """Gold reward vs KL(pi || pi_SFT): every method family as one series, plus the optimum, whose
     points with too few effective samples to trust (lab.frontier) are drawn hollow."""
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10.5, 5), dpi=110)
     pts = _frontier_points(results.get("frontier", []))
     if pts:
         xs, ys = [p["mean_kl"] for p in pts], [p["mean_reward"] for p in pts]
@@ -77,24 +78,54 @@ def plot_reward_vs_kl(results: dict, path: Path) -> Path:
         families.setdefault(m["method"], []).append(m)
     for name, rows in families.items():
         color, marker = STYLE.get(name, (None, "D"))
-        rows = sorted(rows, key=lambda m: m.get("step", m.get("n", m["kl"])))
+        # Each method's curve over its own knob: checkpoints in training order, DPO from large beta to small.
+        rows = sorted(rows, key=lambda m: m["step"] if m.get("step") is not None else m["n"] if m.get("n") is not None
+                      else -m["beta"] if m.get("beta") is not None else m["kl"])
         xs, ys = [m["kl"] for m in rows], [m["gold_reward"] for m in rows]
-        ax.plot(xs, ys, marker=marker, color=color, ms=8 if name == "sft" else 6,
-                ls="-" if name in ("ppo", "best-of-n") else "none", label=name.upper() if len(name) <= 4 else name)
+        ax.plot(xs, ys, marker=marker, color=color, ms=8 if name == "sft" else 6, ls="none" if name == "sft" else "-",
+                label=_series_label(name, rows))
         for m in rows:   # annotate DPO beta and best-of-n n so points can be told apart
             tag = f"β={m['beta']:g}" if name == "dpo" and m.get("beta") is not None else (
                 f"n={m['n']}" if m.get("n") else None)
             if tag:
                 ax.annotate(tag, (m["kl"], m["gold_reward"]), textcoords="offset points", xytext=(5, -11), fontsize=8)
+    _plot_dpo_targets(ax, results.get("dpo_targets", []))
+    kls = [m["kl"] for m in results.get("methods", [])] + [p["mean_kl"] for p in pts if p["trusted"]]
+    kls += [t["target_kl"] for t in results.get("dpo_targets", []) if _num(t.get("target_kl")) is not None]
+    if kls:   # the untrusted far end of the optimum (small beta) would squeeze every method to the left;
+        # the axis ends a little past the methods, the trusted optimum and DPO's targets
+        ax.set_xlim(left=-0.05 * max(kls), right=1.15 * max(kls))
     ax.set_xlabel("KL(π ‖ π_SFT)  [nats per completion]")
     ax.set_ylabel("gold reward r* (VADER, 0..1)")
     ax.set_title("Gold reward vs KL on held-out prompts")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)   # beside the axes: never over a curve
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _series_label(name: str, rows: Sequence[dict]) -> str:
+    label = name.upper() if len(name) <= 4 else name
+    if name == "dpo" and len(rows) > 1:
+        return f"{label} (over β)"
+    if any(m.get("step") is not None for m in rows) and len(rows) > 1:
+        return f"{label} (checkpoints)"
+    return label
+
+
+def _plot_dpo_targets(ax, targets: Sequence[dict]) -> None:
+    """Each DPO beta's target, the optimum at tau * beta (labels ~ sigma((r1 - r2) / tau)), joined to the run."""
+    color = STYLE["dpo"][0]
+    for i, t in enumerate(targets):
+        if _num(t.get("target_kl")) is None or _num(t.get("target_reward")) is None:
+            continue
+        ax.plot([t["dpo_kl"], t["target_kl"]], [t["dpo_gold_reward"], t["target_reward"]], ":", color=color, lw=1)
+        ax.plot([t["target_kl"]], [t["target_reward"]], "x", color=color, ms=8, mew=2,
+                label=f"DPO β's target: optimum at τβ (τ = {t['tau']:g})" if i == 0 else None)
+        ax.annotate(f"τβ={t['frontier_beta']:g}", (t["target_kl"], t["target_reward"]), textcoords="offset points",
+                    xytext=(4, 5), fontsize=7, color=color)
 
 
 def plot_curves(stage: str, rows: Sequence[dict], path: Path) -> Path | None:
@@ -109,6 +140,24 @@ def plot_curves(stage: str, rows: Sequence[dict], path: Path) -> Path | None:
         style_panel(ax, key)
     save_figure(fig, f"{stage}: training curves", path)
     return path
+
+
+def lead_sentence(results: dict) -> str:
+    """What the lead figure shows, with the numbers a reader should take away (each method's best share)."""
+    n = results.get("settings", {}).get("heldout_prompts")
+    best = sorted(results.get("gain_share_by_method", {}).items(), key=lambda kv: -(kv[1].get("gain_share") or 0))
+    names = {"best-of-n": "best-of-n"}
+    shares = [f"{names.get(k, k.upper())} {'≤ ' if b.get('upper_bound') else ''}{b['gain_share']:.2f}"
+              + (f" ± {b['gain_share_se']:.2f}" if _num(b.get("gain_share_se")) is not None else "")
+              + f" (KL {b['kl']:.1f})" for k, b in best if _num(b.get("gain_share")) is not None]
+    where = f"the {n} held-out prompts" if n else "held-out prompts"
+    text = (f"Gold reward against KL(π ‖ π_SFT) on {where}: each method's curve over its own knob (DPO's β; the "
+            f"checkpoints of PPO and the other online methods), best-of-n, and the dashed optimum π*_β, the most "
+            f"any policy can reach at that KL (hollow: too few effective samples to trust).")
+    if shares:
+        text += (" Best share of the optimum's gain at equal KL (1 = on the optimum; ± a standard error over "
+                 f"prompts): {', '.join(shares)}.")
+    return text
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -131,9 +180,15 @@ def _methods_table(methods: Sequence[dict]) -> str:
                 else f"β = {m['beta']:g}" if m.get("beta") is not None else "")
         rows.append(f"<tr><td>{html.escape(str(m['method']))}</td><td>{html.escape(str(knob))}</td>"
                     f"<td>{_fmt(m.get('gold_reward'))}</td><td>{_fmt(m.get('kl'))}</td>"
-                    f"<td>{_fmt(m.get('win_rate_vs_sft'))}</td><td>{'≤ ' if m.get('beyond_frontier') else ''}"
-                    f"{_fmt(m.get('gain_share'), 2)}</td></tr>")
+                    f"<td>{_fmt(m.get('win_rate_vs_sft'))}</td><td>{_share(m)}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _share(m: dict) -> str:
+    """'≤ ' past the trusted frontier, the share, '± SE' over prompts when known."""
+    se = _num(m.get("gain_share_se"))
+    return (f"{'≤ ' if m.get('beyond_frontier') or m.get('upper_bound') else ''}{_fmt(m.get('gain_share'), 2)}"
+            + (f" ± {se:.2f}" if se is not None and _num(m.get("gain_share")) is not None else ""))
 
 
 def _targets_table(results: dict) -> str:
@@ -147,7 +202,7 @@ def _targets_table(results: dict) -> str:
         where = ", ".join(f"{k} = {best[k]:g}" for k in ("beta", "n", "step") if best.get(k) is not None)
         bound = " (upper bound: past the frontier's KL range)" if best.get("upper_bound") else ""
         rows.append(f"<tr><td>best share of the optimum's gain: {html.escape(method)}</td>"
-                    f"<td>{_fmt(best.get('gain_share'), 2)} at KL {_fmt(best.get('kl'), 2)} ({html.escape(where)})"
+                    f"<td>{_share({**best, 'upper_bound': False})} at KL {_fmt(best.get('kl'), 2)} ({html.escape(where)})"
                     f"{bound}</td><td></td></tr>")
     return f"<table><tr><th>target</th><th>measured</th><th></th></tr>{''.join(rows)}</table>" if rows else ""
 
@@ -188,7 +243,7 @@ def _samples_table(samples: Sequence[dict]) -> str:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;
 vertical-align:top}th{background:#f3f3f3}img{max-width:100%}table.samples td{max-width:320px;font-size:90%}
-pre{background:#f7f7f7;padding:.6em;overflow-x:auto}"""
+pre{background:#f7f7f7;padding:.6em;overflow-x:auto}p.lead{font-size:110%;max-width:760px}"""
 
 
 def _json_safe(x: Any) -> Any:
@@ -207,7 +262,8 @@ def write_report(out_dir, results: dict, curves: dict[str, list[dict]], samples:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
-    parts = ["<h2>Gold reward vs KL</h2>", _figure(plot_reward_vs_kl(results, out / "reward_vs_kl.png"), "reward vs KL"),
+    parts = [_figure(plot_reward_vs_kl(results, out / "reward_vs_kl.png"), "gold reward vs KL"),
+             f"<p class='lead'>{html.escape(lead_sentence(results))}</p>",
              "<h2>Methods</h2>", _methods_table(results.get("methods", [])),
              "<p>Share = (r<sub>method</sub> − r<sub>SFT</sub>) / (optimum at the method's KL − r<sub>SFT</sub>). "
              "The optimum π*<sub>β</sub> ∝ π<sub>SFT</sub> exp(r*/β) is estimated per prompt by self-normalised "
