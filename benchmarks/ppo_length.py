@@ -36,7 +36,7 @@ GOLD = f"{HERE / 'ppo_length_rewards.py'}"
 # the demo's PPO settings (src/prefalign/lab/demo_plan.py DEFAULT, lab/demo_stages.py ppo_segment)
 DEMO_PPO = ["--rollout-batch-size", "64", "--minibatch-size", "32", "--ppo-epochs", "2", "--kl-coef", "0.2",
             "--lr", "5e-5", "--lr-schedule", "constant", "--max-new-tokens", "48", "--max-prompt-length", "64",
-            "--seed", "0", "--device", "cpu", "--no-progress", "--no-packing"]
+            "--device", "cpu", "--no-progress", "--no-packing"]
 
 # one change each against the first (the demo as it is)
 # ({demo} is replaced by --demo)
@@ -44,6 +44,8 @@ VARIANTS = {
     "rm": ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0"],
     "rm_value_sft": ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0", "--value-model", "{demo}/sft"],
     "rm_at_eos": ["--reward-fn", f"{GOLD}:gold,{GOLD}:rm_at_eos", "--reward-weights", "0,0,1"],
+    "rm_at_eos_value_sft": ["--reward-fn", f"{GOLD}:gold,{GOLD}:rm_at_eos", "--reward-weights", "0,0,1",
+                            "--value-model", "{demo}/sft"],
     "rm_eos_penalty": ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0", "--missing-eos-penalty", "1.0"],
     "rm_kl0": ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0", "--kl-coef", "0"],
     "gold10": ["--reward-fn", f"{GOLD}:gold10", "--reward-weights", "0,1"],
@@ -113,6 +115,8 @@ def probe(args) -> dict:
                     "truncated": float(gold[~ended].mean()) if (~ended).any() else None},
            "corr_length_rm": float(np.corrcoef(lengths, as_ppo)[0, 1]),
            "corr_length_gold": float(np.corrcoef(lengths, gold)[0, 1]),
+           "corr_length_rm_at_eos": float(np.corrcoef(lengths, with_eos)[0, 1]),
+           "rm_at_eos_mean": float(with_eos.mean()), "gold_mean": float(gold.mean()),
            # the same text, scored at its last word token vs at an EOS after it
            "rm_without_minus_with_eos": summary(without_eos - with_eos),
            "rm_without_minus_with_eos_ended": summary((without_eos - with_eos)[ended]),
@@ -120,9 +124,10 @@ def probe(args) -> dict:
            if (~ended).any() else None}
     res["rm_score_std"] = float(as_ppo.std())
     res["prefix_cut"] = prefix_cuts(rm, rows, eos, pad)
-    res["first_iteration_advantages"] = {
-        "value_from_reward_model": first_advantages(demo / "reward", rows, as_ppo, eos, pad),
-        "value_new_head_on_sft": first_advantages(demo / "sft", rows, as_ppo, eos, pad)}
+    if not args.policy:  # PPO's first iteration starts from the SFT samples
+        res["first_iteration_advantages"] = {
+            "value_from_reward_model": first_advantages(demo / "reward", rows, as_ppo, eos, pad),
+            "value_new_head_on_sft": first_advantages(demo / "sft", rows, as_ppo, eos, pad)}
     if args.policy:
         res["kl_by_length"] = kl_by_length(args, demo, rows, lengths)
     return res
@@ -208,31 +213,65 @@ def kl_by_length(args, demo: Path, rows, lengths: np.ndarray) -> dict:
         if sel.any():
             bins[f"len_{lo}-{hi - 1}"] = {"n": int(sel.sum()), "kl_sum_mean": float(sums[sel].mean()),
                                           "kl_per_token": float(sums[sel].sum() / lengths[sel].sum())}
-    return {"bins": bins, "k1_mean_on_eos_token": float(np.mean(eos_k1)) if eos_k1 else None,
+    return {"kl_mean": float(sums.mean()), "bins": bins, "k1_mean_on_eos_token": float(np.mean(eos_k1)) if eos_k1 else None,
             "k1_mean_on_other_tokens": float(np.mean(other_k1)), "corr_length_klsum": float(np.corrcoef(lengths, sums)[0, 1])}
 
 
 # --------------------------------------------------------------------------- runs
 
+def run_dir(name: str, args) -> Path:
+    return Path(args.out) / (name if args.seed == 0 else f"{name}_seed{args.seed}")
+
+
 def run_variant(name: str, args) -> Path:
-    demo, out = Path(args.demo), Path(args.out) / name
+    demo, out = Path(args.demo), run_dir(name, args)
     cmd = [sys.executable, "-m", "prefalign", "ppo", "--model", str(demo / "sft"), "--ref-model", str(demo / "sft"),
            "--reward-model", str(demo / "reward"), "--prompts", str(demo / "data" / "prompts_train.jsonl"),
-           "--iterations", str(args.iterations), "--output", str(out), *DEMO_PPO,
+           "--iterations", str(args.iterations), "--output", str(out), "--seed", str(args.seed), *DEMO_PPO,
            *(a.replace("{demo}", str(demo)) for a in VARIANTS[name])]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PPO_LENGTH_RM": str(demo / "reward")})
     return out
 
 
+def run_segments(args) -> list[Path]:
+    """The demo's PPO as `make demo` runs it: --segments runs of --iterations each, segment k from the
+    last one's policy and value model with seed + k - 1 (lab/demo.py ppo_policies), reference = SFT."""
+    demo, outs = Path(args.demo), []
+    model, value = demo / "sft", None
+    for k in range(1, args.segments + 1):
+        out = Path(args.out) / f"segments_{k}"
+        cmd = [sys.executable, "-m", "prefalign", "ppo", "--model", str(model), "--ref-model", str(demo / "sft"),
+               "--reward-model", str(demo / "reward"), "--prompts", str(demo / "data" / "prompts_train.jsonl"),
+               "--iterations", str(args.iterations), "--output", str(out), "--seed", str(args.seed + k - 1),
+               *DEMO_PPO, *VARIANTS["rm"], *(["--value-model", str(value)] if value else [])]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        model, value = out, out / "value_model"
+        outs.append(out)
+    return outs
+
+
+def gold_of(row: dict) -> float:
+    """The gold reward r* in [0, 1] of an iteration's samples (gold10 runs log 10 r*)."""
+    return row["rewards/gold/mean"] if "rewards/gold/mean" in row else row["rewards/gold10/mean"] / 10
+
+
 def table(name: str, out: Path) -> str:
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    lines = [f"== {name}: {' '.join(VARIANTS[name])}",
+    lines = [f"== {out.name}: {' '.join(VARIANTS[name])}",
              "iter  eos   length  rm_score  gold   kl     s/iter"]
     for r in rows:
         lines.append(f"{r['step']:>4}  {r['eos_rate']:.2f}  {r['response_length']:6.1f}  {r['rewards/reward/mean']:+.3f}"
-                     f"    {r['rewards/gold/mean'] / (10 if name == 'gold10' else 1):.3f}  {r['objective/kl']:5.2f}"
+                     f"    {gold_of(r):.3f}  {r['objective/kl']:5.2f}"
                      f"  {r['perf/time_rollout_s'] + r['perf/time_score_s'] + r['perf/time_update_s']:5.1f}")
+    last = rows[-4:]  # one rollout of 64 is noisy (EOS share: se ~0.06), so the last 4 iterations' mean
+
+    def mean(key):
+        return sum(r[key] for r in last) / len(last)
+    lines.append(f"last {len(last)} mean: eos {mean('eos_rate'):.2f}  length {mean('response_length'):.1f}  "
+                 f"rm {mean('rewards/reward/mean'):+.3f}  gold {sum(map(gold_of, last)) / len(last):.3f}"
+                 f"  kl {mean('objective/kl'):.2f}")
     return "\n".join(lines)
 
 
@@ -250,14 +289,25 @@ def main() -> None:
     r.add_argument("--demo", required=True, help="folder with sft/, reward/, data/ of a demo run")
     r.add_argument("--out", required=True, help="where the runs go")
     r.add_argument("--iterations", type=int, default=16, help="PPO iterations per run")
+    r.add_argument("--seed", type=int, default=0, help="ppo --seed (runs of seed s > 0 go to NAME_seed<s>)")
     r.add_argument("--only", help="comma-separated variants (default: all): " + ", ".join(VARIANTS))
     r.add_argument("--table-only", action="store_true", help="print the tables of finished runs")
+    g = sub.add_parser("segments", help="the demo's PPO in segments (each a new ppo run continuing the last)")
+    g.add_argument("--demo", required=True, help="folder with sft/, reward/, data/ of a demo run")
+    g.add_argument("--out", required=True, help="where the segments go (segments_1, ...)")
+    g.add_argument("--segments", type=int, default=5, help="the demo's ppo_segments")
+    g.add_argument("--iterations", type=int, default=12, help="the demo's ppo_iterations per segment")
+    g.add_argument("--seed", type=int, default=0, help="the demo's seed (segment k uses seed + k - 1)")
     args = ap.parse_args()
+    if args.cmd == "segments":
+        for out in run_segments(args):
+            print(table("rm", out), flush=True)
+        return
     if args.cmd == "probe":
         print(json.dumps(probe(args), indent=1))
         return
     for name in (args.only.split(",") if args.only else VARIANTS):
-        out = Path(args.out) / name if args.table_only else run_variant(name, args)
+        out = run_dir(name, args) if args.table_only else run_variant(name, args)
         print(table(name, out), flush=True)
 
 
