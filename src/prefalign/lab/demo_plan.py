@@ -39,7 +39,10 @@ class OnlineDPOPlan:
     reward (`--reward-fn prefalign.lab.gold:gold_reward_fn`) with `--judge-temperature` = the plan's tau,
     so P(y1 > y2) = sigma((r*(y1) - r*(y2)) / tau) as for the offline pairs, and like offline DPO's
     target its fixed point is the optimum at tau * beta. minibatch: pairs per optimizer step.
-    MEASURED"""
+    The default is PPO's sampling budget (64 completions per iteration, 60 iterations). Measured on the
+    default run's SFT model (2026-12-02, load average 2.4-3.7): 32 prompts x 2 took 2.0-4.6 s per
+    iteration (rollout 1.0-3.0 s, update 0.7-2.0 s; 20 iterations in 71 s), the rollouts' gold
+    reward rising from 0.57 to 0.62-0.67 at KL 1.3 after 20 iterations with beta 0.3, lr 1e-4."""
     segments: int = 5
     iterations: int = 12                 # per segment
     prompts: int = 32                    # pairs per rollout: 64 completions, PPO's rollout
@@ -153,7 +156,7 @@ QUICK = dataclasses.replace(
     ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=2e-4,
     rloo=GroupPlan(segments=2, iterations=8, prompts=4, generations=8, minibatch=16, epochs=4, beta=0.2, lr=2e-4),
     grpo=GroupPlan(segments=2, iterations=8, prompts=4, generations=8, minibatch=16, epochs=4, beta=0.04, lr=2e-4),
-    online_dpo=OnlineDPOPlan(segments=2, iterations=8, prompts=16, minibatch=8, beta=1.0, lr=2e-4),
+    online_dpo=OnlineDPOPlan(segments=2, iterations=8, prompts=32, minibatch=16, beta=1.0, lr=2e-4),
     eval_samples_per_prompt=8, frontier_samples=32, frontier_pool_sft=32, frontier_pool_checkpoints=(2,),
     best_of_n=(4, 16), shown_prompts=4, save_steps=100)
 
