@@ -97,7 +97,7 @@ def test_demo_end_to_end_and_cached_rerun(tmp_path):
     rm = results["reward_model"]
     assert 0 <= rm["heldout_accuracy"] <= 1 and 0.5 <= rm["bayes_optimal_accuracy"] <= 1
     sft = next(m for m in results["methods"] if m["method"] == "sft")
-    for method in ("dpo", "ppo", "rloo", "grpo"):
+    for method in ("dpo", "ppo", "rloo", "grpo", "online-dpo"):
         rows = [m for m in results["methods"] if m["method"] == method]
         assert rows, f"no {method} rows"
         assert max(m["gold_reward"] for m in rows) > sft["gold_reward"], (method, rows, sft)
@@ -105,7 +105,8 @@ def test_demo_end_to_end_and_cached_rerun(tmp_path):
     for m in results["methods"][1:]:                             # every share with its standard error over prompts
         assert m["gain_share_se"] is None or m["gain_share_se"] > 0, m
     assert sum(m["gain_share_se"] is not None for m in results["methods"]) >= 6
-    assert set(results["frontier_pool"]["proposals"]) == {"sft", "dpo-beta1", "ppo-2", "rloo-2", "grpo-2"}
+    assert set(results["frontier_pool"]["proposals"]) == {"sft", "dpo-beta1", "ppo-2", "rloo-2", "grpo-2",
+                                                          "online-dpo-2"}
     # Policies are plain transformers checkpoints.
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(rows[-1]["policy"])
@@ -200,23 +201,25 @@ def test_tiny_plans_record_what_they_recorded_before_the_smollm2_fields():
 
 
 def test_rloo_and_grpo_are_recorded_only_where_they_run_with_other_sizes():
-    """A default folder made before RLOO and GRPO joined still matches (their stages just run); a plan
-    that does not run them (segments 0, the smollm2 plans) records nothing of them either."""
+    """A default folder made before RLOO, GRPO and online DPO joined still matches (their stages just
+    run); a plan that does not run them (segments 0, the smollm2 plans) records nothing of them either."""
     from prefalign.lab.demo_plan import DEFAULT, QUICK, SMOLLM2, SMOLLM2_QUICK, recorded
-    assert not {"rloo", "grpo", "frontier_pool_checkpoints"} & set(recorded(DEFAULT))
-    assert not {"rloo", "grpo", "frontier_pool_checkpoints"} & (set(recorded(SMOLLM2)) | set(recorded(SMOLLM2_QUICK)))
+    later = {"rloo", "grpo", "online_dpo", "frontier_pool_checkpoints"}
+    assert not later & set(recorded(DEFAULT))
+    assert not later & (set(recorded(SMOLLM2)) | set(recorded(SMOLLM2_QUICK)))
     assert recorded(QUICK)["rloo"]["segments"] == 2 and recorded(QUICK)["frontier_pool_checkpoints"] == (2,)
+    assert recorded(QUICK)["online_dpo"]["segments"] == 2
     json.dumps(recorded(QUICK))                                   # plan.json is plain JSON
 
 
 def test_every_method_is_one_registry_entry_with_its_curve_of_settings():
-    """DPO sweeps beta from SFT; PPO, RLOO and GRPO are checkpoints of one run each; the pool takes the
+    """DPO sweeps beta from SFT; PPO, RLOO, GRPO and online DPO are checkpoints of one run each; the pool takes the
     checkpoints the plan names (none by default) and each method's last."""
     import dataclasses
     from prefalign.lab.demo_methods import METHODS, in_pool
     from prefalign.lab.demo_plan import DEFAULT
     by_name = {m.name: m for m in METHODS}
-    assert list(by_name) == ["dpo", "ppo", "rloo", "grpo"]
+    assert list(by_name) == ["dpo", "ppo", "rloo", "grpo", "online-dpo"]
     assert [s.stage for s in by_name["dpo"].settings(DEFAULT)] == ["dpo-beta0.3", "dpo-beta1", "dpo-beta3"]
     rloo = by_name["rloo"].settings(DEFAULT)
     assert [s.stage for s in rloo] == [f"rloo-{k}" for k in range(1, 6)]
@@ -225,12 +228,16 @@ def test_every_method_is_one_registry_entry_with_its_curve_of_settings():
     assert [in_pool(s, len(rloo), dataclasses.replace(DEFAULT, frontier_pool_checkpoints=(3,))) for s in rloo] == [
         False, False, True, False, True]
     assert all(in_pool(s, 0, DEFAULT) for s in by_name["dpo"].settings(DEFAULT))
+    odpo = by_name["online-dpo"].settings(DEFAULT)
+    assert [s.stage for s in odpo] == [f"online-dpo-{k}" for k in range(1, 6)]
+    assert odpo[1].knobs == {"beta": DEFAULT.online_dpo.beta, "step": 2 * DEFAULT.online_dpo.iterations}
 
 
-def test_rloo_and_grpo_join_the_demo_as_curves_of_checkpoints(tmp_path, smollm2_stand_in, monkeypatch):
-    """The smollm2-quick plan (LoRA, packing) with 2 segments of RLOO and GRPO: each checkpoint is a
-    `prefalign rloo|grpo` run from the last one's policy with SFT as the reference, evaluated, in the
-    table and the pool, and its share has a standard error."""
+def test_rloo_grpo_and_online_dpo_join_the_demo_as_curves_of_checkpoints(tmp_path, smollm2_stand_in, monkeypatch):
+    """The smollm2-quick plan (LoRA, packing) with 2 segments of RLOO, GRPO and online DPO: each
+    checkpoint is a `prefalign rloo|grpo|online-dpo` run from the last one's policy with SFT as the
+    reference, evaluated, in the table and the pool, and its share has a standard error. Online DPO's
+    judge is the lab's labeler: the gold reward as --reward-fn, Bradley-Terry at the plan's tau."""
     import dataclasses
     from prefalign.config import DemoConfig
     from prefalign.lab import demo_plan
@@ -238,7 +245,8 @@ def test_rloo_and_grpo_join_the_demo_as_curves_of_checkpoints(tmp_path, smollm2_
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     group = demo_plan.GroupPlan(segments=2, iterations=2, prompts=4, generations=2, minibatch=4, epochs=1,
                                 beta=0.1, lr=1e-3)
-    plan = dataclasses.replace(demo_plan.SMOLLM2_QUICK, rloo=group, grpo=group, ppo_segments=1)
+    online = demo_plan.OnlineDPOPlan(segments=2, iterations=2, prompts=4, minibatch=2, beta=0.5, lr=1e-3)
+    plan = dataclasses.replace(demo_plan.SMOLLM2_QUICK, rloo=group, grpo=group, online_dpo=online, ppo_segments=1)
     monkeypatch.setitem(demo_plan.PLANS, ("smollm2", True), plan)
     out = tmp_path / "demo"
     run_demo(DemoConfig(base="smollm2", quick=True, base_model=str(smollm2_stand_in), output=str(out)))
@@ -250,10 +258,19 @@ def test_rloo_and_grpo_join_the_demo_as_curves_of_checkpoints(tmp_path, smollm2_
         assert second["model"] == str(out / f"{name}-1") and second["ref_model"] == str(out / "sft")
         assert second["num_generations"] == 2 and second["lora"]
         assert f"{name}_at_least_70pct_of_optimum_gain" in results["targets"]
-    assert {"rloo-2", "grpo-2"} <= set(results["frontier_pool"]["proposals"])
+    rows = [m for m in results["methods"] if m["method"] == "online-dpo"]
+    assert [(m["step"], m["beta"]) for m in rows] == [(2, 0.5), (4, 0.5)]
+    first, second = (json.loads((out / f"online-dpo-{k}" / "summary.json").read_text()) for k in (1, 2))
+    assert second["config"]["model"] == str(out / "online-dpo-1") and second["config"]["ref_model"] == str(out / "sft")
+    assert first["config"]["model"] == str(out / "sft") and first["config"]["lora"]
+    assert first["reward_sources"] == ["prefalign.lab.gold:gold_reward_fn"] and first["judge_temperature"] == plan.tau
+    assert first["pairs_per_iteration"] == 4 and first["config"]["minibatch_size"] == 2
+    assert "online-dpo_at_least_70pct_of_optimum_gain" in results["targets"]
+    assert {"rloo-2", "grpo-2", "online-dpo-2"} <= set(results["frontier_pool"]["proposals"])
     assert "rloo-1" not in results["frontier_pool"]["proposals"]
     assert all("gain_share_se" in m for m in results["methods"][1:])
-    assert "RLOO iter 4" in (out / "report.html").read_text()     # the last checkpoint's samples, side by side
+    html = (out / "report.html").read_text()
+    assert "RLOO iter 4" in html and "online DPO iter 4" in html  # the last checkpoint's samples, side by side
 
 
 def test_a_plan_without_sft_uses_the_base_as_the_reference(tmp_path, smollm2_stand_in, monkeypatch):

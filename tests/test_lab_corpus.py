@@ -65,3 +65,27 @@ def test_gold_reward_values():
 def test_third_person():
     assert [third_person(v) for v in ["discover", "search", "bury", "betray", "rescue", "fix"]] == \
         ["discovers", "searches", "buries", "betrays", "rescues", "fixes"]
+
+
+def test_gold_reward_fn_is_the_gold_reward_of_the_whole_review_as_a_reward_function():
+    """`--reward-fn prefalign.lab.gold:gold_reward_fn` scores prompt + completion, as lab.labeler scores
+    the offline pairs; chat messages are scored on their contents; the other columns are ignored."""
+    from prefalign.rl.reward_functions import load_function
+    spec, fn = load_function("prefalign.lab.gold:gold_reward_fn")
+    assert fn(["This film was ", "Bad"], ["wonderful.", " plot."], label=["x", "y"]) == [
+        gold_reward("This film was wonderful."), gold_reward("Bad plot.")]
+    chat = [[{"role": "user", "content": "This film was "}]]
+    assert fn(chat, [[{"role": "assistant", "content": "awful."}]]) == [gold_reward("This film was awful.")]
+
+
+def test_online_dpos_judge_at_tau_is_the_labs_labeler():
+    """online DPO's judge with --judge-temperature tau on gold rewards gives the lab labeler's P(y1 > y2)."""
+    import torch
+
+    from prefalign.lab.labeler import preference_probability as lab_p
+    from prefalign.rl.judge import judge_pairs
+    r1, r2 = np.array([0.9, 0.2, 0.5, 0.61]), np.array([0.1, 0.7, 0.5, 0.6])
+    j = judge_pairs(torch.tensor(r1), torch.tensor(r2), 0.1, torch.tensor([0.5, 0.5, 0.49, 0.51]))
+    np.testing.assert_allclose(j.p_first.numpy(), lab_p(r1, r2, 0.1), rtol=1e-12)
+    # sigma(8) = 0.99966, sigma(-5) = 0.0067, sigma(0) = 0.5, sigma(0.1) = 0.52498
+    assert j.first_chosen.tolist() == [True, False, True, True]

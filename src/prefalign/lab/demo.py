@@ -13,7 +13,8 @@ The recipe, top to bottom:
                  reward model's held-out accuracy come from them
   7. dpo         `prefalign dpo` for each beta, then evaluated on the held-out prompts
   8. ppo, rloo,  `prefalign ppo|rloo|grpo` in segments (one evaluated checkpoint each), against the
-     grpo        reward model (steps 7-8 are lab.demo_methods.METHODS, one entry per method)
+     grpo        reward model; `prefalign online-dpo` in segments, judged by the labeler of step 4
+     online-dpo  itself (steps 7-8 are lab.demo_methods.METHODS, one entry per method)
   9. frontier    SFT and policy samples pooled and scored under every policy: the optimum frontier by
                  importance sampling from their mixture (lab.demo_frontier)
  10. report      results.json and report.html
@@ -211,9 +212,9 @@ def eta(plan: DemoPlan, stage: str) -> str:
 # faster). smollm2: the quiet machine with 2 torch threads (docs/demo.md gives the timings).
 ESTIMATED_MINUTES: dict[str, dict[str, float]] = {
     "default": {"pretrain": 12, "sft": 1, "preferences": 4, "reward": 3, "sft-samples": 6, "dpo": 5, "ppo": 1.5,
-                "rloo": 1.5, "grpo": 1.5, "eval": 1, "frontier": 6},
+                "rloo": 1.5, "grpo": 1.5, "online-dpo": 1.5, "eval": 1, "frontier": 6},
     "quick": {"pretrain": 2, "sft": 0.5, "preferences": 0.5, "reward": 0.5, "sft-samples": 0.5, "dpo": 0.5,
-              "ppo": 0.5, "rloo": 0.5, "grpo": 0.5, "eval": 0.5, "frontier": 1},
+              "ppo": 0.5, "rloo": 0.5, "grpo": 0.5, "online-dpo": 0.5, "eval": 0.5, "frontier": 1},
     # From 2-4 step timings (docs/demo.md): SFT 4.8 s/step, reward 1.7, DPO 2.1 (+2 min of reference
     # log-probs for the first beta), PPO 23.5 s/iteration, sampling 0.09-0.11 s per completion.
     # The frontier's pool: estimated, not measured (8,192 forwards at the DPO reference's 0.065 s each).

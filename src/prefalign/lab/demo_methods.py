@@ -3,8 +3,8 @@
 Every method becomes a curve on the gold-reward-vs-KL plot, over its own knob:
 
   sweep     one run per setting, each from the SFT model (DPO: one run per beta)
-  segments  one run cut into segments, each continuing the last one's policy (PPO, RLOO, GRPO): the
-            segments' outputs are checkpoints along training, each evaluated
+  segments  one run cut into segments, each continuing the last one's policy (PPO, RLOO, GRPO, online
+            DPO): the segments' outputs are checkpoints along training, each evaluated
 
 Each setting is a stage (OUTPUT/<name>/) and an evaluation (OUTPUT/eval/<name>/). Adding a method
 is one entry: its name (results.json's "method", the stage folders' prefix), the stage module it
@@ -96,11 +96,29 @@ def group_method(name: str, label: str) -> Method:
     return Method(name, "grpo", "segments", settings, train, label)
 
 
+def online_dpo_settings(plan: DemoPlan) -> list[Setting]:
+    o = plan.online_dpo
+    total = o.segments * o.iterations
+    rows = _segments("online-dpo", o.segments, o.iterations,
+                     lambda a, b: f"online DPO iterations {a}-{b} of {total}, {o.prompts} prompts x 2 completions "
+                                  f"each, judged by the labeler (gold reward, tau={plan.tau:g}), beta={o.beta:g}"
+                                  f"{_lora(plan)}")
+    return [Setting(s.stage, {"beta": o.beta, **s.knobs}, s.header, s.segment) for s in rows]
+
+
+def online_dpo_train(d: Path, resume: bool, run, setting: Setting, previous: Optional[Path]) -> None:
+    """Each segment continues the last one's policy; the reference stays SFT (docs/demo.md)."""
+    S.online_dpo_segment(d, resume, run.sft if previous is None else previous, run.sft,
+                         run.data / "prompts_train.jsonl", run.plan, run.plan.online_dpo,
+                         run.seed + setting.segment - 1)
+
+
 METHODS: list[Method] = [
     Method("dpo", "dpo", "sweep", dpo_settings, dpo_train, "DPO"),
     Method("ppo", "ppo", "segments", ppo_settings, ppo_train, "PPO"),
     group_method("rloo", "RLOO"),
     group_method("grpo", "GRPO"),
+    Method("online-dpo", "online_dpo", "segments", online_dpo_settings, online_dpo_train, "online DPO"),
 ]
 
 

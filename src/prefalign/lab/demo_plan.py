@@ -17,9 +17,11 @@ class GroupPlan:
     A rollout is prompts x generations completions; beta is the KL coefficient (RLOO: in the reward,
     the sequence's summed log-ratio, as PPO's kl_coef; GRPO: k3 per token in the loss).
 
-    The stages sample group by group (one batch of K per prompt, so draws do not depend on the
-    batch): a rollout costs one sampling call per prompt. Measured on the default model under a load
-    average of 6: 16 prompts x 4 took 11-20 s to sample, 4 s to update; 8 x 8 halves the calls."""
+    The stages sample all of a rank's prompts in one generate call (rollout.sample_groups; each
+    group's draws from its own generator, so they do not depend on the batch). The sizes below were
+    chosen when the stages still made one sampling call per prompt (default model, load average 6:
+    16 prompts x 4 took 11-20 s to sample, 4 s to update; 8 x 8 halved the calls), so a rollout now
+    costs less than docs/demo.md's timings of the default run."""
     segments: int = 5
     iterations: int = 12                 # per segment
     prompts: int = 8                     # per rollout, each sampled `generations` times
@@ -28,6 +30,25 @@ class GroupPlan:
     epochs: int = 2                      # passes over each rollout
     beta: float = 0.2
     lr: float = 5e-5
+
+
+@dataclass(frozen=True)
+class OnlineDPOPlan:
+    """`prefalign online-dpo` trained in segments like GroupPlan (segments = 0: not run). Each iteration
+    samples two completions of each of `prompts` prompts; the judge is the lab's own labeler, the gold
+    reward (`--reward-fn prefalign.lab.gold:gold_reward_fn`) with `--judge-temperature` = the plan's tau,
+    so P(y1 > y2) = sigma((r*(y1) - r*(y2)) / tau) as for the offline pairs, and like offline DPO's
+    target its fixed point is the optimum at tau * beta. minibatch: pairs per optimizer step.
+    The default is PPO's sampling budget (64 completions per iteration, 60 iterations). Measured on the
+    default run's SFT model (2026-12-02, load average 2.4-3.7): 32 prompts x 2 took 2.0-4.6 s per
+    iteration (rollout 1.0-3.0 s, update 0.7-2.0 s; 20 iterations in 71 s), the rollouts' gold
+    reward rising from 0.57 to 0.62-0.67 at KL 1.3 after 20 iterations with beta 0.3, lr 1e-4."""
+    segments: int = 5
+    iterations: int = 12                 # per segment
+    prompts: int = 32                    # pairs per rollout: 64 completions, PPO's rollout
+    minibatch: int = 16                  # pairs per optimizer step
+    beta: float = 0.3
+    lr: float = 1e-4
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,8 @@ class DemoPlan:
     # --- RLOO and GRPO: as PPO, segments continuing the last, at PPO's completions per iteration
     rloo: GroupPlan = GroupPlan(beta=0.2)
     grpo: GroupPlan = GroupPlan(beta=0.04)
+    # --- online DPO: segments as RLOO/GRPO, judged by the labeler itself (gold reward, tau)
+    online_dpo: OnlineDPOPlan = OnlineDPOPlan()
     # --- evaluation
     eval_samples_per_prompt: int = 4     # samples per held-out prompt per policy (for KL and gold)
     frontier_samples: int = 256          # SFT samples per held-out prompt for the optimum and best-of-n
@@ -111,16 +134,16 @@ class DemoPlan:
 
 def recorded(plan: DemoPlan) -> dict:
     """The plan as OUTPUT/plan.json records it: every field, except those added later (for --base
-    smollm2, the frontier's pool, RLOO and GRPO) while they hold their defaults or name a method that
+    smollm2, the frontier's pool, RLOO, GRPO and online DPO) while they hold their defaults or name a method that
     does not run, so output folders of runs made before them still match (a stage that lacks what a
     later one needs says to delete it; a method added later just runs its stages)."""
     later = {"base", "lora", "lora_r", "packing", "shared_value_head", "frontier_pool_sft", "rloo", "grpo",
-             "frontier_pool_checkpoints"}
+             "frontier_pool_checkpoints", "online_dpo"}
     defaults = {f.name: f.default for f in dataclasses.fields(DemoPlan)}
 
     def inert(k: str) -> bool:   # holds its default, or is a method that does not run (no stage of it exists)
         value = getattr(plan, k)
-        return value == defaults[k] or (isinstance(value, GroupPlan) and value.segments == 0)
+        return value == defaults[k] or (isinstance(value, (GroupPlan, OnlineDPOPlan)) and value.segments == 0)
     return {k: v for k, v in dataclasses.asdict(plan).items() if k not in later or not inert(k)}
 
 
@@ -133,6 +156,7 @@ QUICK = dataclasses.replace(
     ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=2e-4,
     rloo=GroupPlan(segments=2, iterations=8, prompts=4, generations=8, minibatch=16, epochs=4, beta=0.2, lr=2e-4),
     grpo=GroupPlan(segments=2, iterations=8, prompts=4, generations=8, minibatch=16, epochs=4, beta=0.04, lr=2e-4),
+    online_dpo=OnlineDPOPlan(segments=2, iterations=8, prompts=32, minibatch=16, beta=1.0, lr=2e-4),
     eval_samples_per_prompt=8, frontier_samples=32, frontier_pool_sft=32, frontier_pool_checkpoints=(2,),
     best_of_n=(4, 16), shown_prompts=4, save_steps=100)
 
@@ -146,7 +170,7 @@ SMOLLM2 = dataclasses.replace(
     pairs_per_prompt=2, reward_epochs=1.0, reward_batch=8, reward_lr=5e-4,
     dpo_betas=(0.1, 0.5), dpo_epochs=1.0, dpo_batch=8, dpo_lr=5e-4,
     ppo_segments=3, ppo_iterations=8, ppo_rollout_batch=32, ppo_minibatch=8, ppo_epochs=2, ppo_kl_coef=0.1,
-    ppo_lr=2e-4, rloo=GroupPlan(segments=0), grpo=GroupPlan(segments=0),
+    ppo_lr=2e-4, rloo=GroupPlan(segments=0), grpo=GroupPlan(segments=0), online_dpo=OnlineDPOPlan(segments=0),
     eval_samples_per_prompt=8, frontier_samples=64, frontier_pool_sft=16, best_of_n=(2, 4, 8, 16, 32),
     shown_prompts=6, save_steps=20)
 

@@ -23,7 +23,8 @@ from prefalign.lab.frontier import gain_share, optimum_at_kl
 from prefalign.train.logger import read_metrics
 
 MIN_GAIN_FRACTION = 0.1
-TARGET_SHARE = 0.7            # every trained method (DPO, PPO, RLOO, GRPO) should reach 70 % of the optimum's gain at equal KL
+# every trained method (DPO, PPO, RLOO, GRPO, online DPO) should reach 70 % of the optimum's gain at equal KL
+TARGET_SHARE = 0.7
 TARGET_RM_GAP = 0.03          # reward model within 3 points of the Bayes-optimal accuracy
 # Curves worth a panel, by the key names the stages log; anything else is left to metrics.jsonl.
 SKIP_CURVE = ("perf/", "bad_steps", "epoch", "grad_norm", "policy/first_minibatch")
@@ -102,7 +103,7 @@ def targets(results: dict) -> dict:
 
 def curves(out: Path, stages: Sequence[tuple[str, Optional[str]]]) -> dict[str, list[dict]]:
     """metrics.jsonl rows per training stage: (stage name, curve name or None). Stages that share a
-    curve name (the segments of one PPO, RLOO or GRPO run) join into one curve, steps continued."""
+    curve name (the segments of one PPO, RLOO, GRPO or online DPO run) join into one curve, steps continued."""
     result: dict[str, list[dict]] = {}
     for name, joined in stages:
         rows = read_metrics(out / name / "metrics.jsonl")

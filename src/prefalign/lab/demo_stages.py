@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from prefalign.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, RLOOConfig, SFTConfig
+from prefalign.config import DPOConfig, GRPOConfig, OnlineDPOConfig, PPOConfig, RewardConfig, RLOOConfig, SFTConfig
 from prefalign.errors import ConfigError, DiskError, PrefalignError
-from prefalign.lab.demo_plan import DemoPlan, GroupPlan
+from prefalign.lab.demo_plan import DemoPlan, GroupPlan, OnlineDPOPlan
 from prefalign.train import diskio
 from prefalign.train.checkpoint import CKPT_DIR, MARKER
 
@@ -184,6 +184,29 @@ def group_segment(out: Path, resume: bool, estimator: str, start_model: Path, sf
                  **{**_common(plan, out, resume, seed), "save_steps": max(1, group.iterations // 2),
                     "logging_steps": 1})
     _check(run_group(cfg), estimator)
+
+
+# The lab's labeler as online DPO's judge: the gold reward as a reward function, Bradley-Terry at plan.tau.
+GOLD_REWARD_FN = "prefalign.lab.gold:gold_reward_fn"
+
+
+def online_dpo_segment(out: Path, resume: bool, start_model: Path, sft_model: Path, prompts: Path, plan: DemoPlan,
+                       o: OnlineDPOPlan, seed: int) -> None:
+    """`prefalign online-dpo` for o.iterations iterations from start_model, the SFT model as the DPO
+    reference, judged by the lab's labeler itself: `--reward-fn` the gold reward and `--judge-temperature`
+    plan.tau, so each pair is labelled with P = sigma((r*(y1) - r*(y2)) / tau) as the offline pairs are
+    (offline DPO, too, learns from this labeler; PPO, RLOO and GRPO from the reward model). Segments at a
+    constant learning rate are checkpoints of one run, as PPO's; sampled at temperature 1 as theirs."""
+    from prefalign.stages.online_dpo import run_online_dpo
+    cfg = OnlineDPOConfig(model=str(start_model), ref_model=str(sft_model), prompts=str(prompts),
+                          reward_fn=GOLD_REWARD_FN, judge_temperature=plan.tau, beta=o.beta, lr=o.lr,
+                          lr_schedule="constant", iterations=o.iterations, rollout_batch_size=o.prompts,
+                          minibatch_size=o.minibatch, max_new_tokens=plan.max_new_tokens,
+                          max_prompt_length=plan.max_length // 2, temperature=1.0, sample_every=o.iterations,
+                          packing=plan.packing, **_tuning(plan),
+                          **{**_common(plan, out, resume, seed), "save_steps": max(1, o.iterations // 2),
+                             "logging_steps": 1})
+    _check(run_online_dpo(cfg), "online-dpo")
 
 
 def available(stage: str) -> bool:
