@@ -235,7 +235,9 @@ def test_forward_logps_chunked_equals_full_logits(tok, arch, chunks, monkeypatch
         torch.testing.assert_close(ent, ent_f, rtol=0, atol=1e-5)
         assert bool((lp[~seq[3]] == 0).all() and (ent[~seq[3]] == 0).all())
         for a, c in zip(grads_f, grads):
-            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+            # atol scales with the tensor: chunks and BLAS threads reorder sums, so an entry near 0 in a
+            # tensor whose largest entry is ~13 (GPT-2's projection biases) differs by its rounding, ~2e-6
+            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6 * max(1.0, a.abs().max().item()))
     torch.testing.assert_close(chunked[1][0], full[0][0], rtol=0, atol=2e-5)  # packed chunked == padded full
 
 
