@@ -252,12 +252,13 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, poo
 
 
 def add_share_errors(methods: list[dict], policies: list, samples, pool, plan: DemoPlan) -> None:
-    """gain_share_se of every row but SFT's: the bootstrap over held-out prompts of lab.demo_noise.
+    """gain_share_se of every row (SFT's null): the bootstrap over held-out prompts of lab.demo_noise.
     methods: SFT's row, then one per policy in `policies`' order, then best-of-n's."""
     gold, proxy = samples["gold"], samples["proxy"]
     rows = [N.policy_per_prompt(e, gold.shape[0]) for _, _, e, _ in policies]
     rows += [N.best_of_n_per_prompt(gold, proxy, n) for n in plan.best_of_n]
     frontier = N.frontier_per_prompt(pool.rewards, pool.logps[:, :, 0], pool.logps, pool.counts, plan.frontier_betas)
+    methods[0]["gain_share_se"] = None  # SFT: the share's zero point, no error
     for m, se in zip(methods[1:], N.share_standard_errors(rows, gold.mean(1), frontier)):
         m["gain_share_se"] = se
 
