@@ -326,6 +326,11 @@ def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int 
         chunk = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch_size]]
         out = sample(model, chunk, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=pad, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        for ids, mask in zip(out.response_ids, out.response_mask):
-            texts.append(tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True))
+        texts += completion_texts(tokenizer, out)
     return texts
+
+
+def completion_texts(tokenizer, r: Rollout) -> list[str]:
+    """Each row's sampled completion decoded, special tokens (EOS included) dropped."""
+    return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+            for ids, mask in zip(r.response_ids, r.response_mask)]

@@ -36,14 +36,15 @@ from prefalign.models import lora_summary, save_pretrained
 from prefalign.rl.forwards import policy_forward
 from prefalign.rl.judge import Judgement, judge_pairs
 from prefalign.rl.reward_functions import as_completions, combine
+from prefalign.rollout import completion_texts
 from prefalign.stages.common import finish, save_final, start
 from prefalign.stages.online_rewards import (batch_columns, columns_of, load_sources, metric_names, plan_rewards,
                                              score, scores_or_stop)
 from prefalign.stages.online_steps import ReplicaCheck, global_minibatches, take_step
-from prefalign.stages.policy_rollout import (SEQ_KEYS, PolicyModels, length_metrics, load_policy, mixed_seed,
-                                             packed_rows, plan_iterations, prompt_shard, reference_logprobs,
-                                             reference_name, rollout, rollout_batch, take)
-from prefalign.train.dist import DistInfo, all_gather_object
+from prefalign.stages.policy_rollout import (SEQ_KEYS, PolicyModels, gathered_lengths, length_metrics, load_policy,
+                                             mixed_seed, packed_rows, plan_iterations, reference_logprobs,
+                                             reference_name, rollout_batch, shard_rollout, take)
+from prefalign.train.dist import DistInfo
 from prefalign.train.harness import Meter, Run
 from prefalign.train.loop import autocast_for
 from prefalign.train.optim import make_optimizer, make_scheduler
@@ -174,14 +175,10 @@ def run_online_dpo(cfg) -> int:
         while run.step < total:
             t_iter = time.perf_counter()
             # 1. rollout: this rank's prompts, two completions each
-            mine = prompt_shard(len(examples), run.step, per_epoch, cfg, dist)
-            first_place = (run.step % per_epoch) * B * dist.world_size + dist.rank * B
-            places = [first_place + j for j in range(len(mine))]
-            r = rollout(cfg, m, [query_ids[i] for i in mine], places, run.step, dist.device)  # (2B, ...)
+            mine, places, r = shard_rollout(cfg, m, query_ids, run.step, per_epoch, dist)  # (2B, ...)
             t_rollout = time.perf_counter()
             prompts = [examples[i].prompt for i in mine for _ in range(2)]
-            texts = [m.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
-                     for ids, mask in zip(r.response_ids, r.response_mask)]
+            texts = completion_texts(m.tokenizer, r)
             # 2. scores and the judge; a failing reward function stops every rank after a checkpoint
             cols = batch_columns(columns, mine, 2, r)
             per_source = scores_or_stop(run, out, partial(score, sources, prompts, as_completions(prompts, texts),
@@ -195,8 +192,7 @@ def run_online_dpo(cfg) -> int:
             batch = {**rollout_batch(r), "scores": scores}
             batch["ref_logprobs"] = reference_logprobs(cfg, m, batch, dist.device, temperature=1.0)
             # 4. DPO steps
-            gathered = all_gather_object((r.response_mask.sum(1).cpu(), r.ended_with_eos.cpu()))
-            lengths, ended = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+            lengths, ended = gathered_lengths(r)
             t_update = time.perf_counter()
             bad = update(cfg, m, batch, rows, run.step, optimizer, scheduler, dist, run.meter)
             # 5. log and checkpoint

@@ -23,6 +23,7 @@ from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, loa
 from prefalign.models.attention import uses_packed_attention
 from prefalign.rl.forwards import policy_forward
 from prefalign.rollout import PackedSequences, Rollout, pack_sequences, sample_groups
+from prefalign.train.dist import all_gather_object
 from prefalign.train.loop import autocast_for, epoch_order
 
 SEQ_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask")
@@ -125,6 +126,23 @@ def rollout(cfg, m: PolicyModels, query_ids: list[list[int]], places: list[int],
         return sample_groups(m.policy, query_ids, cfg.num_generations, generators, max_new_tokens=cfg.max_new_tokens,
                              eos_token_id=m.tokenizer.eos_token_id, pad_token_id=m.tokenizer.pad_token_id,
                              temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+
+
+def shard_rollout(cfg, m: PolicyModels, query_ids: list[list[int]], iteration: int, per_epoch: int,
+                  dist) -> tuple[list[int], list[int], Rollout]:
+    """This rank's prompts at ``iteration`` (indices into the prompt file), their places in the global
+    batch (which seed their draws), and their rollout (rollout above)."""
+    mine = prompt_shard(len(query_ids), iteration, per_epoch, cfg, dist)
+    B = cfg.rollout_batch_size
+    first_place = (iteration % per_epoch) * B * dist.world_size + dist.rank * B
+    places = [first_place + j for j in range(len(mine))]
+    return mine, places, rollout(cfg, m, [query_ids[i] for i in mine], places, iteration, dist.device)
+
+
+def gathered_lengths(r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion lengths (N_global,) long and whether each ended with EOS (N_global,) bool, over every rank."""
+    gathered = all_gather_object((r.response_mask.sum(1).cpu(), r.ended_with_eos.cpu()))
+    return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
 
 
 def rollout_batch(r: Rollout) -> dict:

@@ -39,7 +39,7 @@ from prefalign.rl.forwards import policy_forward, token_values
 from prefalign.rl.kl_control import make_kl_controller
 from prefalign.rl.reward_functions import RewardModel, as_completions, combine
 from prefalign.rl.scores import RunningMoments, final_scores
-from prefalign.rollout import PackedSequences, Rollout, sample
+from prefalign.rollout import PackedSequences, Rollout, completion_texts, sample
 from prefalign.stages.common import finish, save_final, start
 from prefalign.stages.online_rewards import batch_columns, columns_of, metric_names, plan_rewards, scores_or_stop
 from prefalign.stages.online_steps import ReplicaCheck
@@ -95,8 +95,7 @@ def sample_rollout(cfg, m: Models, query_ids: list[list[int]], generator: torch.
         r = sample(m.policy, query_ids, max_new_tokens=cfg.max_new_tokens, eos_token_id=m.tokenizer.eos_token_id,
                    pad_token_id=m.tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
                    top_p=cfg.top_p, generator=generator)
-    completions = [m.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
-                   for ids, mask in zip(r.response_ids, r.response_mask)]
+    completions = completion_texts(m.tokenizer, r)
     seq = (r.query_ids, r.query_mask, r.response_ids, r.response_mask)
     return Sampled(r, completions, pack_rows(m, seq) if cfg.packing else None)
 
