@@ -318,7 +318,7 @@ def test_reward_rises(fixture, tmp_path, cls):
 
 def test_packed_run_equals_padded(fixture, tmp_path):
     """Two iterations with a reference (k3 in the loss) and prompts of different lengths (left
-    padding in the padded layout): --packing gives the padded run's metrics and weights."""
+    padding in the padded layout): the default, which packs, gives the --no-packing run's metrics and weights."""
     from transformers import AutoTokenizer
     d = fixture
     tok = AutoTokenizer.from_pretrained(d / "base")
@@ -327,8 +327,11 @@ def test_packed_run_equals_padded(fixture, tmp_path):
     # A larger Adam epsilon keeps the comparison about the gradients, not Adam's amplification of
     # rounding on near-zero gradients (as in test_ppo's packed == padded run).
     kw = dict(beta=0.1, max_new_tokens=6, temperature=0.8, adam_eps=1e-5, rollout_batch_size=2)
-    run_group(config(d, tmp_path / "padded", **kw))
-    run_group(config(d, tmp_path / "packed", packing=True, **kw))
+    run_group(config(d, tmp_path / "padded", packing=False, **kw))
+    run_group(config(d, tmp_path / "packed", **kw))  # auto: the tiny Llama runs per-example attention
+    assert json.loads((tmp_path / "packed" / "summary.json").read_text())["layout"]["rows"] == "packed"
+    assert json.loads((tmp_path / "padded" / "summary.json").read_text())["layout"] == {
+        "rows": "padded", "packing": "--no-packing", "why": "--no-packing given"}
     padded, packed = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("padded", "packed"))
     for a, b in zip(padded, packed):
         for key, value in a.items():

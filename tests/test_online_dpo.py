@@ -270,12 +270,14 @@ def test_constant_judge_ties_and_lora_outputs(fixture, tmp_path):
 
 def test_packed_run_equals_padded(fixture, tmp_path):
     """Two iterations of two minibatches each, prompts of different lengths (left padding in the padded
-    layout), a noisy judge: --packing gives the padded run's metrics and weights."""
+    layout), a noisy judge: the default, which packs, gives the --no-packing run's metrics and weights."""
     from safetensors.torch import load_file
     d = fixture
     kw = dict(max_new_tokens=6, temperature=0.8, adam_eps=1e-5, judge_temperature=0.3, beta=0.5)
-    run_online_dpo(config(d, tmp_path / "padded", **kw))
-    run_online_dpo(config(d, tmp_path / "packed", packing=True, **kw))
+    run_online_dpo(config(d, tmp_path / "padded", packing=False, **kw))
+    run_online_dpo(config(d, tmp_path / "packed", **kw))  # auto: the tiny Llama runs per-example attention
+    assert json.loads((tmp_path / "packed" / "summary.json").read_text())["layout"]["rows"] == "packed"
+    assert json.loads((tmp_path / "padded" / "summary.json").read_text())["layout"]["rows"] == "padded"
     padded, packed = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("padded", "packed"))
     assert len(padded) == len(packed) == 2
     for a, b in zip(padded, packed):

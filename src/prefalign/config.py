@@ -382,8 +382,10 @@ class GRPOConfig(ModelArgs, SourceArgs, TrainArgs):
     top_p: float = opt(1.0, "Nucleus sampling p (1: off).")
     sample_every: int = opt(10, "Write sample completions to samples.jsonl every N iterations (and at the first and "
                                 "the last; 0: never).")
-    packing: bool = opt(False, "Run the reference and training forwards on packed rows of real tokens (no padding): "
-                                "same results, less compute when lengths vary.")
+    packing: Optional[bool] = opt(
+        None, "Run the reference and training forwards on packed rows of real tokens (no prompt padding, nothing "
+              "after EOS): same results, less compute when lengths vary. Unset (auto): packed when the policy and "
+              "the reference run per-example attention; --packing packs with any model; --no-packing pads.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -475,8 +477,10 @@ class OnlineDPOConfig(ModelArgs, SourceArgs, TrainArgs):
     top_p: float = opt(1.0, "Nucleus sampling p (1: off).")
     sample_every: int = opt(10, "Write sample pairs to samples.jsonl every N iterations (and at the first and the "
                                 "last; 0: never).")
-    packing: bool = opt(False, "Run the reference and training forwards on packed rows of real tokens (no padding): "
-                                "same results, less compute when lengths vary.")
+    packing: Optional[bool] = opt(
+        None, "Run the reference and training forwards on packed rows of real tokens (no prompt padding, nothing "
+              "after EOS): same results, less compute when lengths vary. Unset (auto): packed when the policy and "
+              "the reference run per-example attention; --packing packs with any model; --no-packing pads.")
 
     def __post_init__(self):
         super().__post_init__()

@@ -44,8 +44,8 @@ from prefalign.stages.common import finish, save_final, start
 from prefalign.stages.online_rewards import (batch_columns, columns_of, load_sources, metric_names, plan_rewards,
                                              score, scores_or_stop)
 from prefalign.stages.online_steps import ReplicaCheck, global_minibatches, take_step
-from prefalign.stages.policy_rollout import (SEQ_KEYS, PolicyModels, gathered_lengths, length_metrics, load_policy,
-                                             mixed_seed, packed_rows, plan_iterations, reference_logprobs,
+from prefalign.stages.policy_rollout import (SEQ_KEYS, PolicyModels, choose_rows, gathered_lengths, length_metrics,
+                                             load_policy, mixed_seed, packed_rows, plan_iterations, reference_logprobs,
                                              reference_name, rollout_batch, shard_rollout, take)
 from prefalign.train.dist import DistInfo
 from prefalign.train.harness import Meter, Run
@@ -147,6 +147,7 @@ def run_group(cfg) -> int:
     columns = columns_of(plan, cfg, len(examples))
     per_epoch, total = plan_iterations(cfg, len(examples), dist.world_size)
     m = load_policy(cfg, dist.device)
+    cfg, layout = choose_rows(cfg, m, cfg.estimator, dist)
     sources, weights = load_sources(plan, m.tokenizer, cfg, dist.device), plan.weights
     names = metric_names(sources)
     query_ids = [encode_prompt(m.tokenizer, ex.prompt, cfg.max_prompt_length) for ex in examples]
@@ -209,7 +210,8 @@ def run_group(cfg) -> int:
     summary = finish(cfg, out, dist, cfg.estimator, t0, run.result(), global_batch_size=cfg.minibatch_size *
                      dist.world_size, prompts=len(examples), completions_per_iteration=B * K * dist.world_size,
                      iterations_time_s=train_time, reward_sources=[s.name for s in sources], reward_weights=weights,
-                     reference=reference_name(cfg, m), replica_checks=replicas.checks, parameter_sha256=digests,
+                     reference=reference_name(cfg, m), layout=layout.info(), replica_checks=replicas.checks,
+                     parameter_sha256=digests,
                      **lora_summary(m.policy, cfg.model, cfg.merge_lora))
     if dist.is_main:
         keys = ("reward", "reward_std", "kl", "completions/mean_length")

@@ -11,6 +11,7 @@ what an uninterrupted one did.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -23,6 +24,7 @@ from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, loa
 from prefalign.models.attention import uses_packed_attention
 from prefalign.rl.forwards import policy_forward
 from prefalign.rollout import PackedSequences, Rollout, pack_sequences, sample_groups
+from prefalign.stages.packing import announce, choose_layout
 from prefalign.train.dist import all_gather_object
 from prefalign.train.loop import autocast_for, epoch_order
 
@@ -82,6 +84,16 @@ def load_policy(cfg, device) -> PolicyModels:
     trainable = nn.ModuleDict({"policy": policy})
     trainable.eval()  # no dropout: the recorded log-probs must equal the recomputed ones
     return PolicyModels(policy, tok, ref, use_ref, trainable)
+
+
+def choose_rows(cfg, m: PolicyModels, stage: str, dist):
+    """The layout of the reference and training forwards (stages/packing.py): --packing unset packs
+    when the policy and the reference run per-example attention. Announced once; returns cfg with
+    ``packing`` resolved (the loops read cfg.packing) and the layout for summary.json."""
+    readers = {"policy": m.policy, **({"reference": m.ref} if m.ref is not None else {})}
+    layout = choose_layout(cfg.packing, readers)
+    announce(stage, layout, show=dist.is_main)
+    return dataclasses.replace(cfg, packing=layout.packed), layout
 
 
 def reference_name(cfg, m: PolicyModels) -> str:
