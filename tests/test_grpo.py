@@ -1,6 +1,7 @@
 """prefalign rloo / grpo: the group advantages and the clipped loss by hand and against plain loops,
 reward functions (loading, columns, clear errors with a checkpoint), option checks before any
-model loads, both CLIs on a tiny model, the reward rising, packed == padded.
+model loads, both CLIs on a tiny model, the reward rising, packed == padded, --gradient-checkpointing
+== without it (the mechanism: tests/test_online_checkpointing.py).
 
 Resume after SIGKILL is in tests/test_resume.py (stages grpo and rloo); 2 processes == 1 process
 with twice the prompts in tests/test_distributed.py.
@@ -20,7 +21,7 @@ from prefalign.rl.reward_functions import RewardFunction, RewardFunctionError, l
 from prefalign.stages.grpo import run_group
 from prefalign.tiny import SAMPLE_TEXTS, save_tiny_model
 from prefalign.train.logger import read_metrics
-from conftest import run_cli
+from conftest import assert_same_run, num_layers, run_cli
 
 STD_EPS = 1e-4
 
@@ -351,3 +352,36 @@ def test_lora_without_merge_writes_the_adapter_only(fixture, tmp_path):
     assert summary["lora"]["adapter"] and "--no-merge-lora" in summary["lora"]["note"]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kw", [{}, {"lora": True, "lora_r": 4, "lora_dropout": 0.5, "beta": 0.1}],
+                         ids=["full", "lora-dropout-reference"])
+def test_gradient_checkpointing_equals_a_run_without(fixture, tmp_path, checkpoint_calls, kw):
+    """--gradient-checkpointing: the metrics (rel 1e-5 / abs 1e-6) and final weights (atol 1e-6) of the
+    run without it; every layer of every update forward ran checkpointed, and nothing else did (not the
+    sampling, not the reference or the LoRA-off reference). --lora-dropout 0.5 stays off in both runs."""
+    d = fixture
+    run_group(config(d, tmp_path / "plain", **kw))
+    assert checkpoint_calls == []
+    cfg = config(d, tmp_path / "gc", gradient_checkpointing=True, **kw)
+    run_group(cfg)
+    forwards = cfg.iterations * cfg.ppo_epochs * cfg.rollout_batch_size * cfg.num_generations // cfg.minibatch_size
+    assert len(checkpoint_calls) == forwards * num_layers(d / "base")
+    assert_same_run(tmp_path / "plain", tmp_path / "gc")
+
+
+def test_gradient_checkpointing_refuses_a_model_with_dropout(fixture, tmp_path, capsys):
+    d = fixture
+    model = tmp_path / "dropout-model"
+    model.mkdir()
+    for f in (d / "base").iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    config_json = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config_json, "attention_dropout": 0.1}))
+    out = tmp_path / "out"
+    code = cli_main(["grpo", "--model", str(model), "--prompts", str(d / "prompts.jsonl"), "--output", str(out),
+                     "--reward-fn", f"{d / 'rewards.py'}:low_half", "--gradient-checkpointing", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"the policy ({model}) sets attention_dropout = 0.1" in err, err
+    assert "or drop --gradient-checkpointing" in err and "Traceback" not in err
+    assert not (out / "metrics.jsonl").exists()

@@ -1,7 +1,7 @@
 """prefalign online-dpo: the judge by hand (deterministic and Bradley-Terry), its draws independent
 of how the prompts are sharded, the first step's loss by hand, option checks before any model loads,
-a failing judge function stopping with a checkpoint, the CLI on a tiny model (with LoRA too), and
-packed == padded.
+a failing judge function stopping with a checkpoint, the CLI on a tiny model (with LoRA too),
+packed == padded, and --gradient-checkpointing == without it.
 
 Resume after SIGKILL is in tests/test_resume.py (stage online-dpo); 2 processes == 1 process with
 twice the prompts in tests/test_distributed.py.
@@ -19,7 +19,7 @@ from prefalign.rl.judge import judge_pairs, preference_probability
 from prefalign.stages.online_dpo import judge, pair_rows, run_online_dpo
 from prefalign.tiny import SAMPLE_TEXTS, save_tiny_model
 from prefalign.train.logger import read_metrics
-from conftest import run_cli
+from conftest import assert_same_run, num_layers, run_cli
 
 REWARDS = '''
 def low_half(prompts, completions, completion_ids, **columns):
@@ -289,6 +289,22 @@ def test_packed_run_equals_padded(fixture, tmp_path):
     assert any((a[k] - base[k]).abs().max() > 1e-4 for k in a)  # it trained
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("kw", [{}, {"lora": True, "lora_r": 4}], ids=["full", "lora"])
+def test_gradient_checkpointing_equals_a_run_without(fixture, tmp_path, checkpoint_calls, kw):
+    """--gradient-checkpointing: the metrics (rel 1e-5 / abs 1e-6) and final weights (atol 1e-6) of the
+    run without it (a noisy judge, two minibatches an iteration); every layer of every update forward
+    ran checkpointed, and neither the sampling nor the reference's forwards did."""
+    d = fixture
+    kw = dict(judge_temperature=0.3, beta=0.5, **kw)
+    run_online_dpo(config(d, tmp_path / "plain", **kw))
+    assert checkpoint_calls == []
+    cfg = config(d, tmp_path / "gc", gradient_checkpointing=True, **kw)
+    run_online_dpo(cfg)
+    forwards = cfg.iterations * cfg.rollout_batch_size // cfg.minibatch_size
+    assert len(checkpoint_calls) == forwards * num_layers(d / "base")
+    assert_same_run(tmp_path / "plain", tmp_path / "gc")
 
 
 @pytest.mark.slow

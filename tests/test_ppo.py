@@ -1,6 +1,6 @@
 """prefalign ppo: controller and reward maths, sampled == recomputed log-probs, learning against a
 reward a test can compute, the KL leash, adaptive beta, exact resume, a reward model with another
-tokenizer through the CLI."""
+tokenizer through the CLI, --gradient-checkpointing == without it."""
 import json
 
 import pytest
@@ -13,7 +13,7 @@ from prefalign.rl.kl_control import AdaptiveKLController, FixedKLController
 from prefalign.rl.scores import RunningMoments, final_scores
 from prefalign.tiny import SAMPLE_TEXTS, save_tiny_model
 from prefalign.train.logger import read_metrics
-from conftest import run_cli
+from conftest import assert_same_run, num_layers, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -362,3 +362,45 @@ def test_shared_value_head_continues_from_an_earlier_runs_value_model(fixture, t
         with pytest.raises(ModelError, match=message):
             load_models(config(d, tmp_path / "x", shared_value_head=True, value_model=str(tmp_path / bad)),
                         torch.device("cpu"), low_half_reward(vocab))
+
+
+@pytest.mark.parametrize("kw,models", [({}, 2), ({"shared_value_head": True}, 1)],
+                         ids=["value-model", "shared-value-head"])
+def test_gradient_checkpointing_equals_a_run_without(fixture, tmp_path, checkpoint_calls, kw, models):
+    """--gradient-checkpointing: the metrics (rel 1e-5 / abs 1e-6) and final policy (atol 1e-6) of the
+    run without it, with a separate value model (a new head on the policy's backbone, checkpointed too)
+    or a shared value head; the value models match too. Every layer of every update forward (policy and
+    value model: ``models`` backbones) ran checkpointed, and no sampling or scoring forward did."""
+    d, _ = fixture
+    train(fixture, tmp_path / "plain", **kw)
+    assert checkpoint_calls == []
+    train(fixture, tmp_path / "gc", gradient_checkpointing=True, **kw)
+    cfg = config(d, tmp_path / "gc")
+    forwards = cfg.iterations * cfg.ppo_epochs * cfg.rollout_batch_size // cfg.minibatch_size
+    assert len(checkpoint_calls) == forwards * models * num_layers(d / "sft")
+    assert_same_run(tmp_path / "plain", tmp_path / "gc")
+    a, b = (saved_value_model(tmp_path / run / "value_model") for run in ("plain", "gc"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(b[k], a[k], rtol=0, atol=1e-6), k
+
+
+def saved_value_model(folder) -> dict:
+    """The tensors of a saved value model (safetensors) or shared value head (value_head.pt)."""
+    from safetensors.torch import load_file
+    files = list(folder.glob("*.safetensors"))
+    return load_file(files[0]) if files else torch.load(folder / "value_head.pt")
+
+
+def test_gradient_checkpointing_refuses_a_value_model_with_dropout(fixture, tmp_path):
+    d, _ = fixture
+    value = tmp_path / "value"
+    value.mkdir()
+    for f in (d / "sft").iterdir():
+        (value / f.name).write_bytes(f.read_bytes())
+    config_json = json.loads((value / "config.json").read_text())
+    (value / "config.json").write_text(json.dumps({**config_json, "attention_dropout": 0.1}))
+    from prefalign.errors import ConfigError
+    with pytest.raises(ConfigError, match=rf"the value model \({value}\) sets attention_dropout = 0.1"):
+        train(fixture, tmp_path / "out", value_model=str(value), gradient_checkpointing=True)
+    train(fixture, tmp_path / "plain", value_model=str(value), iterations=1)  # accepted without the option

@@ -50,7 +50,11 @@ class ModelArgs:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Weights dtype: auto = float32 on CPU, bfloat16 autocast on CUDA.")
     device: str = opt("auto", "Device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
-    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = opt(
+        False, "Recompute activations in backward to save memory (non-reentrant, every decoder layer). ppo, rloo, "
+               "grpo, online-dpo: only the update's gradient forward is checkpointed (sampling and scoring are "
+               "unchanged); there the checkpointed layers run in training mode, their submodules in eval mode (LoRA "
+               "dropout stays off), and a trainable model whose config.json sets a nonzero dropout is refused.")
     attn_implementation: Optional[str] = opt(
         None, "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); default sdpa.")
     lora: bool = opt(False, "Train LoRA adapters (needs the peft extra) instead of all weights.")
@@ -267,9 +271,9 @@ def refuse_offline_options(cfg, command: str) -> None:
     for name, (default, instead) in ONLINE_UNUSED.items():
         if getattr(cfg, name) != default:
             raise ConfigError(f"`prefalign {command}` does not use --{name.replace('_', '-')}; {instead}.")
-    if cfg.gradient_checkpointing or cfg.distributed == "fsdp":
-        raise ConfigError(f"`prefalign {command}` supports neither --gradient-checkpointing nor --distributed fsdp; "
-                          f"drop the option (torchrun runs it data-parallel with gradients averaged over ranks).")
+    if cfg.distributed == "fsdp":
+        raise ConfigError(f"`prefalign {command}` does not support --distributed fsdp; drop the option (torchrun runs "
+                          f"it data-parallel with gradients averaged over ranks).")
 
 
 @dataclass

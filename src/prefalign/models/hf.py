@@ -60,6 +60,17 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def enable_activation_checkpointing(model, kwargs: Optional[dict] = None) -> None:
+    """Activation checkpointing on a transformers model, non-reentrant unless ``kwargs`` (those of
+    torch.utils.checkpoint) say otherwise. transformers 5 renamed gradient_checkpointing_enable (now a
+    deprecated alias) to activation_checkpointing_enable, with its keyword renamed too."""
+    kwargs = {"use_reentrant": False} if kwargs is None else kwargs
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """Silence transformers' expected load-time notices (e.g. "score.weight newly initialised")."""

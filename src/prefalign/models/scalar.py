@@ -18,8 +18,8 @@ from torch import nn
 from prefalign.errors import ModelError
 from prefalign.models.attention import packed_kwargs, use_packed_attention
 from prefalign.models.causal_lm import load_tokenizer
-from prefalign.models.hf import (check_causal_lm_config, check_vocab, ensure_pad_token, load_config, quiet_transformers,
-                                 resolve_device, resolve_dtype)
+from prefalign.models.hf import (check_causal_lm_config, check_vocab, enable_activation_checkpointing, ensure_pad_token,
+                                 load_config, quiet_transformers, resolve_device, resolve_dtype)
 from prefalign.models.paths import resolve_model_path
 
 SHIFT_KEY, SCALE_KEY = "prefalign_reward_shift", "prefalign_reward_scale"
@@ -90,11 +90,10 @@ class ScalarModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def gradient_checkpointing_enable(self, **kwargs):
-        """Recompute activations in backward (transformers 5 calls it activation checkpointing)."""
-        hf = self._hf
-        enable = getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable
-        enable(**kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None):
+        """Recompute activations in backward (transformers 5 calls it activation checkpointing);
+        ``gradient_checkpointing_kwargs`` go to torch.utils.checkpoint (default: non-reentrant)."""
+        enable_activation_checkpointing(self._hf, gradient_checkpointing_kwargs)
 
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

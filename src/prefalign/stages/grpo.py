@@ -23,6 +23,8 @@ Every iteration:
   6. log       metrics.jsonl row in TRL's names, samples.jsonl, checkpoint.
 
 The models run in eval mode (no dropout), so sampled and recomputed log-probs agree.
+With --gradient-checkpointing the trainable models' decoder layers alone switch to training mode, in the
+update's gradient forward only, so that transformers recomputes them in backward (models/checkpointing.py).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import torch
 from prefalign.data import encode_prompt, load_prompts, source_options
 from prefalign.losses import global_moments
 from prefalign.losses.group import clipped_policy_loss, group_advantages, group_std
-from prefalign.models import lora_summary, save_pretrained
+from prefalign.models import lora_summary, recompute_in_backward, save_pretrained
 from prefalign.rl.forwards import policy_forward
 from prefalign.rl.reward_functions import as_completions, combine
 from prefalign.rollout import completion_texts
@@ -104,7 +106,7 @@ def update(cfg, m: PolicyModels, batch: dict, lengths: torch.Tensor, iteration: 
             n_tokens = int(lengths[members].sum())
             loss_value, metrics, finite = 0.0, {}, True
             if len(mine):
-                with autocast_for(device, cfg.dtype):
+                with autocast_for(device, cfg.dtype), recompute_in_backward(m.trainable):  # --gradient-checkpointing
                     loss, loss_value, metrics = minibatch_loss(cfg, m, take(batch, mine.to(device)), len(members),
                                                                n_tokens, world)
                 loss.backward()

@@ -20,6 +20,8 @@ Every iteration:
   5. log       metrics.jsonl row in TRL's OnlineDPOTrainer names, samples.jsonl, checkpoint.
 
 The policy runs in eval mode (no dropout): the log-ratio of a policy equal to its reference is 0.
+With --gradient-checkpointing the policy's decoder layers alone switch to training mode, in the
+update's gradient forward only, so that transformers recomputes them in backward (models/checkpointing.py).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 
 from prefalign.data import encode_prompt, load_prompts, source_options
 from prefalign.losses import dpo_loss
-from prefalign.models import lora_summary, save_pretrained
+from prefalign.models import lora_summary, recompute_in_backward, save_pretrained
 from prefalign.rl.forwards import policy_forward
 from prefalign.rl.judge import Judgement, judge_pairs
 from prefalign.rl.reward_functions import as_completions, combine
@@ -129,7 +131,7 @@ def update(cfg, m: PolicyModels, batch: dict, rows: PairRows, iteration: int, op
     for members, mine in global_minibatches(len(rows.chosen), cfg.minibatch_size, dist, mixed_seed(cfg.seed, iteration)):
         loss_value, metrics, finite = 0.0, {}, True
         if len(mine):
-            with autocast_for(device, cfg.dtype):
+            with autocast_for(device, cfg.dtype), recompute_in_backward(m.trainable):  # --gradient-checkpointing
                 loss, loss_value, metrics = minibatch_loss(cfg, m, batch, rows, mine.to(device), len(members),
                                                            dist.world_size)
             loss.backward()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from prefalign.errors import ConfigError
-from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm
+from prefalign.models import apply_lora, check_same_vocab, disabled_adapter, load_causal_lm, prepare_checkpointing
 from prefalign.models.attention import uses_packed_attention
 from prefalign.rl.forwards import policy_forward
 from prefalign.rollout import PackedSequences, Rollout, pack_sequences, sample_groups
@@ -71,12 +71,15 @@ class PolicyModels:
 
 
 def load_policy(cfg, device) -> PolicyModels:
-    """The trainable policy (from --model, LoRA-wrapped with --lora) and, when --beta > 0, its frozen
-    reference (--ref-model or --model; none with --lora: the adapters are switched off instead)."""
+    """The trainable policy (from --model, LoRA-wrapped with --lora; checkpointed in the update with
+    --gradient-checkpointing) and, when --beta > 0, its frozen reference (--ref-model or --model; none
+    with --lora: the adapters are switched off instead)."""
     kw = {"dtype": cfg.dtype, "device": device, "attn_implementation": cfg.attn_implementation}
     policy, tok = load_causal_lm(cfg.model, **kw)
     if cfg.lora:
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    if cfg.gradient_checkpointing:
+        prepare_checkpointing(policy, "policy", cfg.model)
     ref, use_ref = None, cfg.beta > 0
     if use_ref and (cfg.ref_model or not cfg.lora):
         ref, ref_tok = load_causal_lm(cfg.ref_model or cfg.model, trainable=False, **kw)

@@ -17,6 +17,8 @@ Every iteration:
                --target-kl is set.
 
 The models run in eval mode (no dropout), so sampled and recomputed log-probs agree.
+With --gradient-checkpointing the trainable models' decoder layers alone switch to training mode, in the
+update's gradient forward only, so that transformers recomputes them in backward (models/checkpointing.py).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from prefalign.config import refuse_offline_options
 from prefalign.data import encode_prompt, load_prompts, source_options
 from prefalign.errors import ConfigError
 from prefalign.losses import gae, global_moments, kl_estimate, ppo_policy_loss, ppo_value_loss, whiten
-from prefalign.models import disabled_adapter, lora_summary
+from prefalign.models import disabled_adapter, lora_summary, recompute_in_backward
 from prefalign.ops import masked_mean
 from prefalign.rl.forwards import policy_forward, token_values
 from prefalign.rl.kl_control import make_kl_controller
@@ -218,7 +220,7 @@ def update(cfg, m: Models, batch: dict, optimizer, scheduler, shuffle: torch.Gen
         for first in range(0, n, cfg.minibatch_size):
             idx = order[first:first + cfg.minibatch_size].to(device)
             mb = {k: v[idx] for k, v in batch.items() if torch.is_tensor(v)}
-            with autocast_for(device, cfg.dtype):
+            with autocast_for(device, cfg.dtype), recompute_in_backward(m.trainable):  # --gradient-checkpointing
                 loss, metrics = minibatch_loss(cfg, m, mb)
             gap = metrics.pop("_logprob_gap")[0]
             first_gap = gap if first_gap is None else first_gap

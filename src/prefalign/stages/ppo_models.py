@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from prefalign.errors import ModelError
-from prefalign.models import apply_lora, check_same_vocab, load_causal_lm, load_scalar_model, save_pretrained
+from prefalign.models import (apply_lora, check_same_vocab, load_causal_lm, load_scalar_model, prepare_checkpointing,
+                              save_pretrained)
 from prefalign.rl.reward_functions import RewardModel
 from prefalign.rl.reward_scoring import same_tokenizer
 from prefalign.stages.online_rewards import RewardPlan, load_sources, plan_rewards
@@ -42,11 +43,14 @@ class Models:
 
 def load_models(cfg, device, reward_fn: Optional[RewardFn], plan: Optional[RewardPlan] = None) -> Models:
     """Policy (trainable, from --model), frozen reference, the reward sources of ``plan`` (default: the
-    options' plan_rewards; none with a ``reward_fn`` hook), trainable value model."""
+    options' plan_rewards; none with a ``reward_fn`` hook), trainable value model. With
+    --gradient-checkpointing the trainable models are checkpointed in the update (models.prepare_checkpointing)."""
     kw = {"dtype": cfg.dtype, "device": device, "attn_implementation": cfg.attn_implementation}
     policy, tok = load_causal_lm(cfg.model, **kw)
     if cfg.lora:
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    if cfg.gradient_checkpointing:  # the shared value head reads this backbone too
+        prepare_checkpointing(policy, "policy", cfg.model)
     ref = None
     if cfg.ref_model or not cfg.lora:
         ref, ref_tok = load_causal_lm(cfg.ref_model or cfg.model, trainable=False, **kw)
@@ -74,6 +78,8 @@ def load_models(cfg, device, reward_fn: Optional[RewardFn], plan: Optional[Rewar
         # Values estimate returns of PPO's rewards, the reward model's *normalised* scores: a value model
         # read from a normalised reward model (or an earlier run's value_model) predicts on that scale.
         value_model.fold_normalization()
+        if cfg.gradient_checkpointing:
+            prepare_checkpointing(value_model, "value model", path)
     trainable = nn.ModuleDict({"policy": policy, "value": value_model if value_model is not None else value_head})
     trainable.eval()  # no dropout: the recorded log-probs must equal the recomputed ones
     return Models(policy, tok, ref, sources, plan.weights, rm, rm_tok, retokenize, value_model, value_head, trainable)
