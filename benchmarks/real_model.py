@@ -173,13 +173,15 @@ def measure(a, task: str, tool: str, variant: str, fx: Path, rows: list[dict], s
     return res
 
 
-PPO = [("trl", "default", ()), ("ours", "default", ()), ("ours", "fastest", ("--shared-value-head",))]
+PPO = [("trl", "default", ()), ("ours", "default", ()), ("ours", "fastest", ("--shared-value-head",)),
+       ("ours", "gradient-checkpointing", ("--gradient-checkpointing",))]
 
 
 def ppo_runs(a, fx: Path) -> list[dict]:
     """trl 1.9.2 PPOTrainer vs prefalign ppo, via ppo_bench: our defaults (packed forwards, a separate
-    value model as TRL's) and our fastest documented setting (--shared-value-head: the value head on
-    the policy, one model's forward and backward less per update)."""
+    value model as TRL's), our fastest documented setting (--shared-value-head: the value head on
+    the policy, one model's forward and backward less per update) and the defaults with
+    --gradient-checkpointing (memory against time)."""
     import ppo_bench
     episodes = a.ppo_iterations * a.ppo_batch
     runs = []

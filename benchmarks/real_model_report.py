@@ -112,7 +112,8 @@ def ppo_lines(runs: list[dict]) -> list[str]:
              "iterations/s vs trl 1.9.2 (target >= 2x on defaults) | peak RSS vs trl |", "|---|---|---|---|---|---|---|---|",
              f"| trl 1.9.2 | default | {t['s_per_iter']:.1f} | | {t['rss_mib']:.0f} | {t['wall_s']:.0f} | | |"]
     for o in ours:
-        what = "default" if o["variant"] == "default" else f"{o['variant']} (--shared-value-head)"
+        what = {"default": "default", "fastest": "fastest (--shared-value-head)",
+                "gradient-checkpointing": "--gradient-checkpointing"}.get(o["variant"], o["variant"])
         lines.append(f"| prefalign | {what} | {o['s_per_iter']:.1f} | {o.get('rollout', 0):.1f} / {o.get('score', 0):.1f} / "
                      f"{o.get('update', 0):.1f} | {o['rss_mib']:.0f} | {o['wall_s']:.0f} | "
                      f"**{t['s_per_iter'] / o['s_per_iter']:.2f}x** | {o['rss_mib'] / t['rss_mib']:.2f}x |")
@@ -139,7 +140,7 @@ def section(head: dict, runs: list[dict]) -> str:
            f"batch 1",
            f"- commands: {head.get('note') or '`python benchmarks/real_model.py --json R.json` then `python benchmarks/real_model_report.py R.json`'}",
            "- raw output: `benchmarks/results/cpu-2026-12-02-real-model.txt` and `.json`; targets, where prefalign's "
-           "peak comes from, and why ppo/rloo/grpo refuse checkpointing: docs/real-model.md, section d",
+           "peak comes from, and checkpointing in ppo/rloo/grpo: docs/real-model.md, section d",
            "", *run_table(runs), ""]
     for length in lengths:
         out += [*ratio_lines(runs, length), ""]
