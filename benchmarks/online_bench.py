@@ -128,7 +128,8 @@ def compare(name: str, tool: str, trl: list[dict], ours: list[dict]) -> str:
 def header(a, ours_python: str) -> list[str]:
     v = versions(ours_python, a.trl_python, env_for(a.threads))
     return [f"# online_bench.py {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: "
-            f"{machine_line()}, shared with other engineers' jobs (numbers are under that load)",
+            f"{machine_line()}; load average at the start {load()} (a machine shared with other jobs puts its "
+            f"load in the numbers)",
             f"# prefalign: torch {v['ours']['torch']}, transformers {v['ours']['transformers']}; peer: trl "
             f"{v['peer']['trl']}, torch {v['peer']['torch']}, transformers {v['peer']['transformers']}",
             f"# threads per process: {a.threads} (OMP_NUM_THREADS); max_new_tokens {MAX_NEW_TOKENS}; lr {LR}; "

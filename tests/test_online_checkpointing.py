@@ -190,6 +190,17 @@ def test_dropout_fields_and_the_refusal(tiny_dir):
     assert checkpointed_layers(vm) == []  # refused before anything was enabled
 
 
+def test_a_model_class_without_checkpointing_is_a_clear_error(tiny_dir, monkeypatch):
+    """transformers raises a plain ValueError for classes with supports_gradient_checkpointing = False
+    (e.g. JetMoE); the stage says which model and what to do instead of a traceback."""
+    from prefalign.errors import ModelError
+    policy, _ = load_causal_lm(str(tiny_dir))
+    monkeypatch.setattr(type(policy), "supports_gradient_checkpointing", False)
+    with pytest.raises(ModelError, match=r"the policy \(.*m, LlamaForCausalLM\) has no decoder layer .*does not "
+                                         r"support .*checkpointing.*drop --gradient-checkpointing"):
+        prepare_checkpointing(policy, "policy", str(tiny_dir))
+
+
 def test_scalar_model_checkpointing_takes_the_offline_loops_keyword(tiny_dir):
     """fit() (sft, reward, dpo) calls gradient_checkpointing_enable(gradient_checkpointing_kwargs=...);
     a ScalarModel (`prefalign reward --gradient-checkpointing`) passed it on under a name transformers 5

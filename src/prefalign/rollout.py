@@ -296,7 +296,7 @@ def forward_logps_packed(model, packed: PackedSequences, response_ids: torch.Ten
     from transformers import modeling_utils
     K = int(response_mask.sum())
     refuse = (f"{type(model).__name__} does not take a boolean logits_to_keep (transformers' "
-              f"slice_logits_to_keep); run ppo without --packing for this model.")
+              f"slice_logits_to_keep); rerun with --no-packing for this model.")
     if hasattr(modeling_utils, "slice_logits_to_keep"):
         try:
             logits = model(**kwargs, logits_to_keep=packed.keep).logits  # (K, V)

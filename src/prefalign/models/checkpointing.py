@@ -75,11 +75,15 @@ def prepare_checkpointing(model: nn.Module, role: str, path: str) -> None:
             f"without dropout; with checkpointing the decoder layers run in training mode in the update's forward, "
             f"and some architectures apply that dropout in the layer itself. Set {' and '.join(fields)} to 0 in "
             f"{path}/config.json (or in a copy of the model), or drop --gradient-checkpointing.")
-    enable_activation_checkpointing(transformers_model(model))
-    if not checkpointed_layers(model):
+    unsupported = ""
+    try:
+        enable_activation_checkpointing(transformers_model(model))
+    except ValueError as e:  # transformers: the model class "does not support activation checkpointing"
+        unsupported = f" ({e})"
+    if unsupported or not checkpointed_layers(model):
         raise ModelError(f"--gradient-checkpointing: the {role} ({path}, {type(transformers_model(model)).__name__}) "
-                         f"has no decoder layer transformers can checkpoint (GradientCheckpointingLayer); drop "
-                         f"--gradient-checkpointing for this model.")
+                         f"has no decoder layer transformers can checkpoint (GradientCheckpointingLayer){unsupported}; "
+                         f"drop --gradient-checkpointing for this model.")
 
 
 @contextlib.contextmanager

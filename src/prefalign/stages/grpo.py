@@ -106,10 +106,11 @@ def update(cfg, m: PolicyModels, batch: dict, lengths: torch.Tensor, iteration: 
             n_tokens = int(lengths[members].sum())
             loss_value, metrics, finite = 0.0, {}, True
             if len(mine):
-                with autocast_for(device, cfg.dtype), recompute_in_backward(m.trainable):  # --gradient-checkpointing
-                    loss, loss_value, metrics = minibatch_loss(cfg, m, take(batch, mine.to(device)), len(members),
-                                                               n_tokens, world)
-                loss.backward()
+                with recompute_in_backward(m.trainable):  # --gradient-checkpointing: forward and recompute alike
+                    with autocast_for(device, cfg.dtype):
+                        loss, loss_value, metrics = minibatch_loss(cfg, m, take(batch, mine.to(device)),
+                                                                   len(members), n_tokens, world)
+                    loss.backward()
                 finite = math.isfinite(loss_value)
             bad += 0 if take_step(cfg, params, optimizer, scheduler, dist, meter, finite, loss_value, metrics) else 1
     return bad

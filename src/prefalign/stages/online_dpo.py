@@ -131,10 +131,11 @@ def update(cfg, m: PolicyModels, batch: dict, rows: PairRows, iteration: int, op
     for members, mine in global_minibatches(len(rows.chosen), cfg.minibatch_size, dist, mixed_seed(cfg.seed, iteration)):
         loss_value, metrics, finite = 0.0, {}, True
         if len(mine):
-            with autocast_for(device, cfg.dtype), recompute_in_backward(m.trainable):  # --gradient-checkpointing
-                loss, loss_value, metrics = minibatch_loss(cfg, m, batch, rows, mine.to(device), len(members),
-                                                           dist.world_size)
-            loss.backward()
+            with recompute_in_backward(m.trainable):  # --gradient-checkpointing: forward and recompute alike
+                with autocast_for(device, cfg.dtype):
+                    loss, loss_value, metrics = minibatch_loss(cfg, m, batch, rows, mine.to(device), len(members),
+                                                               dist.world_size)
+                loss.backward()
             finite = math.isfinite(loss_value)
         bad += 0 if take_step(cfg, params, optimizer, scheduler, dist, meter, finite, loss_value, metrics) else 1
     return bad

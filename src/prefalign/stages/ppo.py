@@ -220,11 +220,12 @@ def update(cfg, m: Models, batch: dict, optimizer, scheduler, shuffle: torch.Gen
         for first in range(0, n, cfg.minibatch_size):
             idx = order[first:first + cfg.minibatch_size].to(device)
             mb = {k: v[idx] for k, v in batch.items() if torch.is_tensor(v)}
-            with autocast_for(device, cfg.dtype), recompute_in_backward(m.trainable):  # --gradient-checkpointing
-                loss, metrics = minibatch_loss(cfg, m, mb)
+            with recompute_in_backward(m.trainable):  # --gradient-checkpointing: forward and recompute alike
+                with autocast_for(device, cfg.dtype):
+                    loss, metrics = minibatch_loss(cfg, m, mb)
+                loss.backward()
             gap = metrics.pop("_logprob_gap")[0]
             first_gap = gap if first_gap is None else first_gap
-            loss.backward()
             average_gradients(params, world_size)
             grad_norm, finite = clip_and_check(params, cfg.max_grad_norm)
             finite, _ = agree(finite and math.isfinite(loss.item()), None, dist)  # all ranks skip, or none
