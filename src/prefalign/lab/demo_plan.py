@@ -91,6 +91,10 @@ class DemoPlan:
     ppo_epochs: int = 2
     ppo_kl_coef: float = 0.2
     ppo_lr: float = 5e-5
+    # Subtracted from the reward model's score of a completion cut at max_new_tokens: the demo's reward
+    # model scores cut completions higher than the same text ending in EOS, and without this PPO drifts
+    # to the length cap (docs/ppo-length.md: EOS share 0.89 with it, 0.25 without, equal gold at equal KL).
+    ppo_missing_eos_penalty: float = 1.0
     # --- RLOO and GRPO: as PPO, segments continuing the last, at PPO's completions per iteration
     rloo: GroupPlan = GroupPlan(beta=0.2)
     grpo: GroupPlan = GroupPlan(beta=0.04)

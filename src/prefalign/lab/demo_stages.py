@@ -162,6 +162,7 @@ def ppo_segment(out: Path, resume: bool, start_model: Path, value_model: Optiona
                     iterations=plan.ppo_iterations, rollout_batch_size=plan.ppo_rollout_batch,
                     minibatch_size=plan.ppo_minibatch, ppo_epochs=plan.ppo_epochs, kl_coef=plan.ppo_kl_coef,
                     lr=plan.ppo_lr, lr_schedule="constant", max_new_tokens=plan.max_new_tokens,
+                    missing_eos_penalty=plan.ppo_missing_eos_penalty,
                     max_prompt_length=plan.max_length // 2, sample_every=plan.ppo_iterations,
                     shared_value_head=plan.shared_value_head, packing=plan.packing, **_tuning(plan),
                     **{**_common(plan, out, resume, seed), "save_steps": max(1, plan.ppo_iterations // 2),
