@@ -201,11 +201,14 @@ def test_tiny_plans_record_what_they_recorded_before_the_smollm2_fields():
 
 
 def test_rloo_and_grpo_are_recorded_only_where_they_run_with_other_sizes():
-    """A default folder made before RLOO, GRPO and online DPO joined still matches (their stages just
-    run); a plan that does not run them (segments 0, the smollm2 plans) records nothing of them either."""
+    """A default folder made before online DPO joined still matches (its stages just run); RLOO and GRPO
+    are recorded wherever they run, since their EOS penalty changed how they train, so a folder trained
+    without it is refused; a plan that does not run them (segments 0, the smollm2 plans) records nothing
+    of them."""
     from prefalign.lab.demo_plan import DEFAULT, QUICK, SMOLLM2, SMOLLM2_QUICK, recorded
     later = {"rloo", "grpo", "online_dpo", "frontier_pool_checkpoints"}
-    assert not later & set(recorded(DEFAULT))
+    assert later & set(recorded(DEFAULT)) == {"rloo", "grpo"}
+    assert recorded(DEFAULT)["grpo"]["missing_eos_penalty"] == 1.0
     assert not later & (set(recorded(SMOLLM2)) | set(recorded(SMOLLM2_QUICK)))
     assert recorded(QUICK)["rloo"]["segments"] == 2 and recorded(QUICK)["frontier_pool_checkpoints"] == (2,)
     assert recorded(QUICK)["online_dpo"]["segments"] == 2

@@ -290,6 +290,25 @@ def test_grpo_cli_in_process_with_k3_in_the_loss(fixture, tmp_path):
     assert json.loads((out / "summary.json").read_text())["stage"] == "grpo"
 
 
+@pytest.mark.parametrize("cls", [GRPOConfig, RLOOConfig], ids=["grpo", "rloo"])
+def test_missing_eos_penalty_lowers_the_reward_of_cut_completions(fixture, tmp_path, cls):
+    """--missing-eos-penalty p: the reward is the sources' sum minus p for each completion cut at
+    --max-new-tokens, so the mean reward drops by p x the clipped share; the other metrics stay."""
+    d = fixture
+    rows = {}
+    for p in (None, 2.5):
+        run_group(config(d, tmp_path / f"out-{p}", cls, iterations=1, rollout_batch_size=4, num_generations=4,
+                         minibatch_size=16, max_new_tokens=4, lr=1e-3, missing_eos_penalty=p))
+        rows[p] = read_metrics(tmp_path / f"out-{p}" / "metrics.jsonl")
+    plain, penalised = rows[None][0], rows[2.5][0]  # the first rollouts are the same draws
+    assert 0 < plain["completions/clipped_ratio"] == penalised["completions/clipped_ratio"]
+    assert penalised["rewards/low_half/mean"] == plain["rewards/low_half/mean"]
+    assert plain["reward"] == pytest.approx(plain["rewards/low_half/mean"], abs=1e-6)
+    assert penalised["reward"] == pytest.approx(plain["reward"] - 2.5 * plain["completions/clipped_ratio"], abs=1e-6)
+    with pytest.raises(ConfigError, match="--missing-eos-penalty must be a finite number"):
+        cls(missing_eos_penalty=float("nan"))
+
+
 def test_sources_with_one_name_are_logged_apart(fixture, tmp_path):
     """Two files' functions both named low_half (the second scores 0.25 everywhere): logged as
     rewards/low_half/mean and rewards/low_half_2/mean in the order given, neither overwriting the other."""

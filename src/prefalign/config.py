@@ -358,6 +358,9 @@ class GRPOConfig(ModelArgs, SourceArgs, TrainArgs):
                                          "-> list[float].")
     reward_weights: Optional[str] = opt(None, "Comma-separated weights of the reward sources, reward models first "
                                               "then functions, in the order given (default: 1 each).")
+    missing_eos_penalty: Optional[float] = opt(
+        None, "Subtract this from the reward of a completion that did not end with EOS (cut at --max-new-tokens), "
+              "before the advantages (TRL: missing_eos_penalty of the older RLOOTrainer; TRL's GRPO has none).")
     num_generations: int = opt(4, "Completions sampled per prompt, K (at least 2; the group of each advantage).")
     rollout_batch_size: int = opt(8, "Prompts per iteration per process; each is sampled --num-generations times "
                                      "(TRL's generation_batch_size = this x K x processes).")
@@ -431,6 +434,8 @@ def validate_group(cfg: GRPOConfig) -> None:
         raise ConfigError(f"--epsilon must lie in (0, 1) and --epsilon-high be positive; got {cfg.epsilon} and {high}.")
     if not 0 <= cfg.beta < float("inf"):
         raise ConfigError(f"--beta must be a finite number >= 0 (0 turns the KL term off), got {cfg.beta}.")
+    if cfg.missing_eos_penalty is not None and not abs(cfg.missing_eos_penalty) < float("inf"):
+        raise ConfigError(f"--missing-eos-penalty must be a finite number, got {cfg.missing_eos_penalty}.")
     refuse_offline_options(cfg, cfg.estimator)
 
 

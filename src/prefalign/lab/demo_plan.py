@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class GroupPlan:
     epochs: int = 2                      # passes over each rollout
     beta: float = 0.2
     lr: float = 5e-5
+    # Subtracted from the reward model's score of a completion cut at max_new_tokens, as PPO's
+    # (DemoPlan.ppo_missing_eos_penalty): without it GRPO drifted to the length cap in the default run
+    # of 2026-12-02 (EOS share 0.30 -> 0.07, KL 21 nats after 60 iterations).
+    missing_eos_penalty: Optional[float] = 1.0
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,8 @@ class DemoPlan:
 def recorded(plan: DemoPlan) -> dict:
     """The plan as OUTPUT/plan.json records it: every field, except those added later (for --base
     smollm2, the frontier's pool, RLOO, GRPO and online DPO) while they hold their defaults or name a method that
-    does not run, so output folders of runs made before them still match (a stage that lacks what a
+    does not run (RLOO and GRPO are recorded whenever they run: their default changed), so output folders of
+    runs made before them still match (a stage that lacks what a
     later one needs says to delete it; a method added later just runs its stages)."""
     later = {"base", "lora", "lora_r", "packing", "shared_value_head", "frontier_pool_sft", "rloo", "grpo",
              "frontier_pool_checkpoints", "online_dpo"}
@@ -147,7 +153,11 @@ def recorded(plan: DemoPlan) -> dict:
 
     def inert(k: str) -> bool:   # holds its default, or is a method that does not run (no stage of it exists)
         value = getattr(plan, k)
-        return value == defaults[k] or (isinstance(value, (GroupPlan, OnlineDPOPlan)) and value.segments == 0)
+        if isinstance(value, (GroupPlan, OnlineDPOPlan)) and value.segments == 0:
+            return True
+        # RLOO and GRPO trained without an EOS penalty before GroupPlan.missing_eos_penalty: a running
+        # GroupPlan is recorded, so a folder of theirs made before it is refused rather than mixed
+        return value == defaults[k] and not isinstance(value, GroupPlan)
     return {k: v for k, v in dataclasses.asdict(plan).items() if k not in later or not inert(k)}
 
 

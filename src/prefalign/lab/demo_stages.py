@@ -180,6 +180,7 @@ def group_segment(out: Path, resume: bool, estimator: str, start_model: Path, sf
     cfg = config(model=str(start_model), ref_model=str(sft_model), reward_model=str(reward_model), prompts=str(prompts),
                  iterations=group.iterations, rollout_batch_size=group.prompts, num_generations=group.generations,
                  minibatch_size=group.minibatch, ppo_epochs=group.epochs, beta=group.beta, lr=group.lr,
+                 missing_eos_penalty=group.missing_eos_penalty,
                  lr_schedule="constant", max_new_tokens=plan.max_new_tokens, max_prompt_length=plan.max_length // 2,
                  sample_every=group.iterations, packing=plan.packing, **_tuning(plan),
                  **{**_common(plan, out, resume, seed), "save_steps": max(1, group.iterations // 2),

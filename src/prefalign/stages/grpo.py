@@ -179,6 +179,8 @@ def run_group(cfg) -> int:
             per_source = scores_or_stop(run, out, partial(score, sources, prompts, as_completions(prompts, texts),
                                                           cols, r, cfg.dtype))  # (S, N)
             reward = combine(per_source.float(), weights)  # (N,)
+            if cfg.missing_eos_penalty is not None:
+                reward = reward - cfg.missing_eos_penalty * (~r.ended_with_eos).float()
             batch = rollout_batch(r)
             # 3. reference log-probs; with --kl-mode reward, the KL leaves the reward
             seq_kl = None
