@@ -62,13 +62,22 @@ def lab(tmp_path_factory):
                 pool_dir=pool_dir, sft_ids=ids, sft_gold=gold)
 
 
-def test_every_pooled_sample_is_scored_under_every_policy_as_a_plain_loop_would(lab):
-    """Pool layout per prompt: 3 SFT samples, then 2 of dpo-beta1, then 2 of ppo-1; logps[p, m, j] is
-    log q_j(y | x) of that sample, whether this stage computed it or the evaluation did."""
+def test_every_pooled_sample_over_the_threshold_is_scored_under_every_policy_as_a_plain_loop_would(lab):
+    """Pool layout per prompt: the 4 SFT samples, then 2 of dpo-beta1, then 2 of ppo-1; the threshold is
+    each prompt's 3rd best SFT gold reward (frontier_pool_sft = 3). logps[p, m, j] is log q_j(y | x) of a
+    sample at or above it, whether this stage computed it or the evaluation did; under it only what the
+    evaluations computed (each policy's samples under itself and SFT) is there, the rest NaN."""
     pool, tok = load_pool(lab["pool_dir"]), lab["tok"]
-    assert pool.names == ["sft", "dpo-beta1", "ppo-1"] and pool.counts.tolist() == [3, 2, 2]
-    assert pool.rewards.shape == (3, 7) and pool.logps.shape == (3, 7, 3) and np.isfinite(pool.logps).all()
-    samples = [[lab["sft_ids"][p * 4 + i] for i in range(3)] for p in range(3)]            # (P, 3) SFT part
+    assert pool.names == ["sft", "dpo-beta1", "ppo-1"] and pool.counts.tolist() == [4, 2, 2]
+    assert pool.rewards.shape == (3, 8) and pool.logps.shape == (3, 8, 3)
+    np.testing.assert_array_equal(pool.threshold, np.sort(lab["sft_gold"].reshape(3, 4), axis=1)[:, 1])
+    needed = pool.rewards >= pool.threshold[:, None]                                        # (P, M)
+    assert needed[:, :4].sum(axis=1).min() >= 3 and np.isfinite(pool.logps[needed]).all()
+    assert np.isnan(pool.logps[:, :4][~needed[:, :4]]).all()                               # SFT under t: unscored
+    own = np.zeros((8, 3), bool)
+    own[4:6, 1] = own[6:8, 2] = own[4:, 0] = True                 # what the evaluations scored (own policy, SFT)
+    assert (np.isfinite(pool.logps) == (needed[:, :, None] | own[None])).all()
+    samples = [[lab["sft_ids"][p * 4 + i] for i in range(4)] for p in range(3)]            # (P, 4) SFT part
     for name in ("dpo-beta1", "ppo-1"):
         rows = [json.loads(line) for line in (lab["evals"][name] / "samples.jsonl").read_text().splitlines()]
         flat = ids_lists(np.load(lab["evals"][name] / "samples.npz")["completion_ids"])       # sample-major
@@ -80,12 +89,15 @@ def test_every_pooled_sample_is_scored_under_every_policy_as_a_plain_loop_would(
     for p, prompt in enumerate(PROMPTS):
         for m, completion in enumerate(samples[p]):
             for j, model in enumerate(models):
-                expected = sequence_logprob(model, prompt_ids(tok, prompt), completion)
-                assert pool.logps[p, m, j] == pytest.approx(expected, abs=1e-4), (p, m, j)
-    np.testing.assert_allclose(pool.rewards[:, :3], lab["sft_gold"].reshape(3, 4)[:, :3])
+                if np.isfinite(pool.logps[p, m, j]):
+                    expected = sequence_logprob(model, prompt_ids(tok, prompt), completion)
+                    assert pool.logps[p, m, j] == pytest.approx(expected, abs=1e-4), (p, m, j)
+    np.testing.assert_allclose(pool.rewards[:, :4], lab["sft_gold"].reshape(3, 4))
     summary = json.loads((lab["pool_dir"] / "summary.json").read_text())
-    # 3 prompts x (3 SFT samples x 3 policies + 4 policy samples x 1 other policy); 2 x 4 x 3 reused.
-    assert summary["forwards"] == 3 * (3 * 3 + 4 * 1) and summary["forwards_reused_from_evaluations"] == 24
+    # SFT samples over t under all 3 models, policy samples over t under the 1 other policy; 2 x 4 x 3 reused.
+    assert summary["forwards"] == 3 * needed[:, :4].sum() + needed[:, 4:].sum()
+    assert summary["forwards_reused_from_evaluations"] == 24
+    assert summary["sft_scored_per_prompt"] == pytest.approx(needed[:, :4].sum() / 3)
 
 
 def test_pool_frontier_and_dpo_target_beta(lab):
@@ -93,7 +105,7 @@ def test_pool_frontier_and_dpo_target_beta(lab):
     pool = load_pool(lab["pool_dir"])
     points = pool_frontier(pool, PLAN.frontier_betas)
     assert all(np.isfinite([p.mean_reward, p.mean_kl, p.ess_hmean]).all() for p in points)
-    assert all(1 <= p.ess_min <= p.ess_hmean <= p.ess_mean <= 7 + 1e-9 for p in points)
+    assert all(1 <= p.ess_min <= p.ess_hmean <= p.ess_mean <= 8 + 1e-9 for p in points)
     (target,) = dpo_targets(pool, [{"beta": 1.0, "gold_reward": 0.6, "kl": 2.0}], tau=0.1)
     (expected,) = pool_frontier(pool, [0.1])
     assert target["frontier_beta"] == pytest.approx(0.1) and target["dpo_beta"] == 1.0

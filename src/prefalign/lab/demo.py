@@ -156,9 +156,10 @@ def frontier_pool(run: Run, policies: list) -> Path:
     plan = run.plan
     proposals = [Proposal("sft", run.sft, None)] + [Proposal(e.name, Path(R.summary(e)["policy"]), e)
                                                     for _, _, e, pooled in policies if pooled]
-    return run.pipe.stage("frontier", f"{plan.frontier_pool_sft} SFT + {plan.eval_samples_per_prompt} samples of each "
-                          f"of {len(proposals) - 1} policies per held-out prompt, scored under SFT and every policy for "
-                          f"the optimum frontier ({eta(plan, 'frontier')})",
+    return run.pipe.stage("frontier", f"{plan.frontier_samples} SFT + {plan.eval_samples_per_prompt} samples of each "
+                          f"of {len(proposals) - 1} policies per held-out prompt; those at or above the "
+                          f"{plan.frontier_pool_sft}th best SFT sample's gold reward scored under SFT and every policy "
+                          f"for the optimum frontier ({eta(plan, 'frontier')})",
                           lambda d, r: score_pool(d, run.samples, proposals, run.data, plan))
 
 

@@ -1,12 +1,16 @@
 """The frontier's pool: SFT samples and every policy's evaluation samples, each scored under every policy.
 
 The optimum pi*_beta is estimated by importance sampling from the mixture of pi_SFT and the trained
-policies (lab.frontier: the balance heuristic needs log q_j(y | x) of every pooled sample under every
-proposal). No new sample is drawn: per held-out prompt the pool is the first ``plan.frontier_pool_sft``
-of the N SFT samples (sft-samples/samples.npz) and the K samples each policy's evaluation drew
-(eval/<name>/samples.npz). The evaluation already scored its own samples under its policy and under
-pi_SFT (for the KL); this stage adds the remaining forwards: the SFT part of the pool under pi_SFT and
-every policy, and each policy's samples under the other policies.
+policies (lab.frontier: the balance heuristic needs log q_j(y | x) of a pooled sample under every
+proposal). No new sample is drawn: per held-out prompt the pool is the N SFT samples
+(sft-samples/samples.npz) and the K samples each policy's evaluation drew (eval/<name>/samples.npz).
+Only the samples whose gold reward reaches the prompt's threshold t(x), the reward of its
+``plan.frontier_pool_sft``-th best SFT sample, are weighed by the whole mixture; under it pi_SFT's own
+samples count alone and need no log-prob (lab.frontier, ``threshold``). The evaluation already scored
+its own samples under its policy and under pi_SFT (for the KL); this stage adds the remaining forwards
+of the samples at or above t: the SFT ones under pi_SFT and every policy, each policy's under the
+other policies. (t is an order statistic of the pooled SFT samples, so the estimate is consistent
+rather than exactly unbiased; with a fixed t it would be unbiased for Z.)
 
 A DPO run with beta targets pi*_{tau * beta} under the lab's labeler: labels follow
 sigma((r1 - r2) / tau), a Bradley-Terry model with reward r / tau, and DPO's optimum is
@@ -39,11 +43,13 @@ class Proposal(NamedTuple):
 
 
 class Pool(NamedTuple):
-    """rewards (P, M), logps (P, M, J) with column 0 = log pi_SFT, counts (J,), names (J,)."""
+    """rewards (P, M), logps (P, M, J) with column 0 = log pi_SFT (NaN under the threshold where not
+    needed), counts (J,), names (J,), threshold (P,) or None (a pool scored in full, before it had one)."""
     rewards: np.ndarray
     logps: np.ndarray
     counts: np.ndarray
     names: list[str]
+    threshold: np.ndarray | None = None
 
 
 def _load(path: Path, keys: Sequence[str], stage_dir: Path) -> dict:
@@ -56,11 +62,16 @@ def _load(path: Path, keys: Sequence[str], stage_dir: Path) -> dict:
     return {k: data[k] for k in keys}
 
 
-def gather_pool(samples_dir: Path, proposals: Sequence[Proposal], n_prompts: int, n_sft: int):
+def sft_threshold(sft_gold: np.ndarray, n_scored: int) -> np.ndarray:
+    """(P,) the reward of each prompt's n_scored-th best SFT sample: the pool's threshold t(x)."""
+    return -np.sort(-sft_gold, axis=1)[:, min(n_scored, sft_gold.shape[1]) - 1]
+
+
+def gather_pool(samples_dir: Path, proposals: Sequence[Proposal], n_prompts: int):
     """Token ids (P, M) as lists, rewards (P, M), logps (P, M, J) with NaN where still unscored, counts (J,)."""
     sft = _load(samples_dir / "samples.npz", ("completion_ids", "gold"), samples_dir)
-    ids = [[ids_lists(row[:n_sft]) for row in sft["completion_ids"]]]                  # [(P, n_sft) lists]
-    rewards, counts = [sft["gold"][:, :n_sft]], [n_sft]
+    ids = [[ids_lists(row) for row in sft["completion_ids"]]]                           # [(P, N) lists]
+    rewards, counts = [sft["gold"]], [sft["gold"].shape[1]]
     known = []                                                   # (pool part, proposal column, (P, K) logps)
     for j, prop in enumerate(proposals[1:], start=1):
         ev = _load(prop.eval_dir / "samples.npz", ("completion_ids", "gold", "policy_logps", "sft_logps"),
@@ -83,15 +94,18 @@ def gather_pool(samples_dir: Path, proposals: Sequence[Proposal], n_prompts: int
 
 
 def score_pool(d: Path, samples_dir: Path, proposals: Sequence[Proposal], data_dir: Path, plan: DemoPlan) -> None:
-    """Fill every (sample, proposal) log-prob the evaluations did not compute; write pool.npz + summary.json."""
+    """Fill every (sample, proposal) log-prob of the samples at or above the threshold that the evaluations
+    did not compute; write pool.npz + summary.json."""
     prompts = heldout_prompts(data_dir)
-    pool_ids, rewards, logps, counts = gather_pool(samples_dir, proposals, len(prompts), plan.frontier_pool_sft)
+    pool_ids, rewards, logps, counts = gather_pool(samples_dir, proposals, len(prompts))
+    threshold = sft_threshold(rewards[:, :counts[0]], plan.frontier_pool_sft)
+    needed = rewards >= threshold[:, None]                                              # (P, M)
     _, tokenizer = load_causal_lm(str(proposals[0].policy))
     p_ids = [prompt_ids(tokenizer, p) for p in prompts]
     # Jobs: (proposal, batch of missing entries), shortest sequences first so a batch pads little.
     jobs = []
     for j in range(len(proposals)):
-        todo = sorted(zip(*np.nonzero(np.isnan(logps[:, :, j]))), key=lambda pm: len(pool_ids[pm[0]][pm[1]]))
+        todo = sorted(zip(*np.nonzero(np.isnan(logps[:, :, j]) & needed)), key=lambda pm: len(pool_ids[pm[0]][pm[1]]))
         jobs += [(j, todo[s:s + SCORE_BATCH]) for s in range(0, len(todo), SCORE_BATCH)]
     model, loaded = None, None
     for j, batch in iter_progress(jobs, len(jobs), f"pool scores under {len(proposals)} policies", unit="batch"):
@@ -103,9 +117,11 @@ def score_pool(d: Path, samples_dir: Path, proposals: Sequence[Proposal], data_d
                                    batch_size=SCORE_BATCH, pad_id=tokenizer.pad_token_id)
         for (p, m), value in zip(batch, scores.tolist()):
             logps[p, m, j] = value
-    np.savez_compressed(d / "pool.npz", rewards=rewards, logps=logps, counts=counts,
+    np.savez_compressed(d / "pool.npz", rewards=rewards, logps=logps, counts=counts, threshold=threshold,
                         names=np.array([prop.name for prop in proposals]))
     write_summary(d, {"stage": "frontier-pool", "prompts": len(prompts), "samples_per_prompt": int(counts.sum()),
+                      "scored_per_prompt": float(needed.sum() / len(prompts)),
+                      "sft_scored_per_prompt": float(needed[:, :counts[0]].sum() / len(prompts)),
                       "proposals": [{"name": prop.name, "policy": str(prop.policy), "samples_per_prompt": int(n)}
                                     for prop, n in zip(proposals, counts)],
                       "forwards": int(sum(len(b) for _, b in jobs)),
@@ -114,12 +130,14 @@ def score_pool(d: Path, samples_dir: Path, proposals: Sequence[Proposal], data_d
 
 def load_pool(pool_dir: Path) -> Pool:
     data = np.load(pool_dir / "pool.npz")
-    return Pool(data["rewards"], data["logps"], data["counts"], [str(n) for n in data["names"]])
+    return Pool(data["rewards"], data["logps"], data["counts"], [str(n) for n in data["names"]],
+                data["threshold"] if "threshold" in data else None)
 
 
 def pool_frontier(pool: Pool, betas: Sequence[float]) -> list[FrontierPoint]:
     """lab.frontier.mixture_frontier over the pool, pi_SFT (column 0) as the reference."""
-    return mixture_frontier(pool.rewards, pool.logps[:, :, 0], pool.logps, pool.counts, betas)
+    return mixture_frontier(pool.rewards, pool.logps[:, :, 0], pool.logps, pool.counts, betas,
+                            threshold=pool.threshold, ref_proposal=0)
 
 
 def dpo_targets(pool: Pool, dpo_rows: Sequence[dict], tau: float) -> list[dict]:
@@ -136,8 +154,16 @@ def dpo_targets(pool: Pool, dpo_rows: Sequence[dict], tau: float) -> list[dict]:
 
 def pool_record(pool: Pool) -> dict:
     """results.json's description of the estimator and its pool."""
-    return {"estimator": "self-normalised importance sampling from the mixture of pi_SFT and the trained policies "
-                         "(balance heuristic); a point is trusted when the harmonic mean of its prompts' ESS "
-                         f">= {MIN_ESS:g}",
-            "min_ess": MIN_ESS, "samples_per_prompt": int(pool.counts.sum()),
-            "proposals": {name: int(n) for name, n in zip(pool.names, pool.counts)}}
+    region = ("" if pool.threshold is None else
+              " over the samples whose gold reward reaches the prompt's threshold (its frontier_pool_sft-th best "
+              "SFT sample's), pi_SFT's samples alone under it")
+    record = {"estimator": "self-normalised importance sampling from the mixture of pi_SFT and the trained policies "
+                           f"(balance heuristic{region}); a point is trusted when the harmonic mean of its prompts' ESS "
+                           f">= {MIN_ESS:g}",
+              "min_ess": MIN_ESS, "samples_per_prompt": int(pool.counts.sum()),
+              "proposals": {name: int(n) for name, n in zip(pool.names, pool.counts)}}
+    if pool.threshold is not None:
+        needed = pool.rewards >= pool.threshold[:, None]
+        record["scored_per_prompt"] = float(needed.mean(axis=0).sum())
+        record["sft_scored_per_prompt"] = float(needed[:, :pool.counts[0]].mean(axis=0).sum())
+    return record

@@ -108,8 +108,9 @@ class DemoPlan:
     # --- evaluation
     eval_samples_per_prompt: int = 4     # samples per held-out prompt per policy (for KL and gold)
     frontier_samples: int = 256          # SFT samples per held-out prompt for the optimum and best-of-n
-    # The first frontier_pool_sft of them join the frontier's pool with every policy's evaluation samples,
-    # each scored under pi_SFT and every policy (lab.demo_frontier): its forwards grow with this number.
+    # All of them join the frontier's pool with every policy's evaluation samples; the pooled samples whose
+    # gold reward reaches that of the prompt's frontier_pool_sft-th best SFT sample are scored under pi_SFT
+    # and every policy, the rest count as pi_SFT's alone (lab.demo_frontier): the forwards grow with this.
     frontier_pool_sft: int = 32
     # Which checkpoints (segment numbers) of every method trained in segments (PPO, RLOO, GRPO) join the
     # pool besides each one's last: each proposal adds a forward of every pooled sample, so not all of

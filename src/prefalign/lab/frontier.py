@@ -14,7 +14,22 @@ scored under every proposal: the balance heuristic of multiple importance sampli
     KL(pi* || pi_SFT) = E*[log pi* - log pi_SFT] = E*[r] / beta - log Z.
 
 With pi_SFT as the only proposal this is plain SNIS (w_i = exp(r_i / beta)), whose KL can never
-exceed log M: one sample taking all the weight. A mixture's KL can reach about
+exceed log M: one sample taking all the weight.
+
+A reward threshold t(x) saves most of the scoring (``threshold``): every weighting of the samples
+whose shares sum to 1 over the proposals at every y is unbiased for Z (Veach & Guibas 1995), so the
+balance heuristic can be kept to the region r(y) >= t and pi_SFT alone can cover the rest. There a
+sample drawn from pi_SFT weighs pi_SFT(y) exp(r / beta) / (n_SFT pi_SFT(y)) = exp(r / beta) / n_SFT,
+which needs no log-prob at all, and a sample of any other proposal weighs 0. Only the samples above
+t need scoring under every proposal, so many more pi_SFT samples can join than the scoring budget
+would allow (the demo pools all 256 per prompt and scores the best 32 of them); small beta, where
+pi* sits on the highest rewards, is what the threshold keeps exact. In general, with the n_j inside:
+
+    w(y) = pi_SFT(y) exp(r / beta) / sum_j n_j q_j(y)   if r(y) >= t (any proposal drew it),
+           exp(r / beta) / n_SFT                         if r(y) < t and pi_SFT drew it,
+           0                                             otherwise;      Z ~ sum_i w_i.
+
+(No threshold: the first line for every sample, the same estimate as above.) A mixture's KL can reach about
 log(sum_j n_j q_j(y) / pi_SFT(y)) of its best samples, so proposals far from pi_SFT (the trained
 policies) carry the estimate to the KL the methods reach.
 
@@ -65,7 +80,8 @@ def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
         return np.squeeze(top, axis) + np.log(np.exp(x - top).sum(axis=axis))
 
 
-def _check_pool(rewards: np.ndarray, ref_logps: np.ndarray, proposal_logps: np.ndarray, counts: np.ndarray) -> None:
+def _check_pool(rewards: np.ndarray, ref_logps: np.ndarray, proposal_logps: np.ndarray, counts: np.ndarray,
+                scored: np.ndarray) -> None:
     if rewards.ndim != 2 or ref_logps.shape != rewards.shape:
         raise ValueError(f"rewards {rewards.shape} and ref_logps {ref_logps.shape} must both be (prompts, samples)")
     if proposal_logps.shape[:2] != rewards.shape or proposal_logps.ndim != 3:
@@ -74,37 +90,52 @@ def _check_pool(rewards: np.ndarray, ref_logps: np.ndarray, proposal_logps: np.n
     if counts.shape != proposal_logps.shape[2:] or (counts <= 0).any() or counts.sum() != rewards.shape[1]:
         raise ValueError(f"counts {counts.tolist()} must give each of the {proposal_logps.shape[2]} proposals a "
                          f"positive number of samples per prompt, summing to the pool's {rewards.shape[1]}")
+    if np.isnan(rewards).any():
+        raise ValueError("rewards hold NaN: every pooled sample needs its reward")
+    unscored = scored & (np.isnan(proposal_logps).any(axis=2) | np.isnan(ref_logps))
+    if unscored.any():
+        p, i = map(int, np.argwhere(unscored)[0])
+        raise ValueError(f"{int(unscored.sum())} sample(s) at or above the threshold lack a log-prob (first: prompt "
+                         f"{p}, sample {i}): each needs log q_j under every proposal and log pi_SFT")
 
 
-def tilted_estimates(rewards, ref_logps, proposal_logps, counts, beta: float) -> TiltedEstimate:
+def tilted_estimates(rewards, ref_logps, proposal_logps, counts, beta: float, threshold=None,
+                     ref_proposal: int = 0) -> TiltedEstimate:
     """Balance-heuristic SNIS of pi*_beta for every prompt (module docstring).
 
     rewards: (P, M) gold rewards of the pooled samples; ref_logps: (P, M) log pi_SFT(y | x) of each;
     proposal_logps: (P, M, J) log q_j(y | x) of each sample under each proposal (pi_SFT among them
     when it was sampled from); counts: (J,) samples drawn per prompt from each proposal, summing
-    to M. Which proposal drew which sample does not matter: only the mixture does.
+    to M. Without a threshold, which proposal drew which sample does not matter: only the mixture does.
+
+    threshold: (P,) rewards t(x), or None (every sample in the balance heuristic). With one, the
+    samples lie in blocks of counts[j] in proposal order, proposal ``ref_proposal`` is pi_SFT, and
+    a sample under t needs no log-prob (NaN is fine): pi_SFT's count there, the others weigh 0.
     """
     rewards, ref_logps = np.asarray(rewards, np.float64), np.asarray(ref_logps, np.float64)
     proposal_logps, counts = np.asarray(proposal_logps, np.float64), np.asarray(counts, np.int64)
-    _check_pool(rewards, ref_logps, proposal_logps, counts)
-    m = counts.sum()
-    log_mix = _logsumexp(proposal_logps + np.log(counts / m), axis=2)           # (P, M) log q_mix(y)
-    log_w = ref_logps + rewards / beta - log_mix                                # (P, M) log w(y)
-    log_sum = _logsumexp(log_w, axis=1)                                         # (P,)
-    w_bar = np.exp(log_w - log_sum[:, None])                                    # (P, M), rows sum to 1
+    scored = (np.ones(rewards.shape, bool) if threshold is None
+              else rewards >= np.asarray(threshold, np.float64).reshape(-1, 1))            # (P, M)
+    _check_pool(rewards, ref_logps, proposal_logps, counts, scored)
+    log_mix = _logsumexp(np.where(scored[:, :, None], proposal_logps, 0.0) + np.log(counts), axis=2)  # log sum n_j q_j
+    log_w = np.where(scored, np.where(scored, ref_logps, 0.0) + rewards / beta - log_mix, -np.inf)   # (P, M) log w(y)
+    if threshold is not None:
+        from_ref = np.repeat(np.arange(len(counts)) == ref_proposal, counts)                          # (M,)
+        log_w = np.where(~scored & from_ref, rewards / beta - math.log(counts[ref_proposal]), log_w)
+    log_z = _logsumexp(log_w, axis=1)                                           # (P,) log of sum w
+    w_bar = np.exp(log_w - log_z[:, None])                                      # (P, M), rows sum to 1
     mean_reward = (w_bar * rewards).sum(axis=1)                                 # E*[r]
-    log_z = log_sum - math.log(m)                                               # log of (1/M) sum w
     kl = mean_reward / beta - log_z                                             # E*[r] / beta - log Z
     return TiltedEstimate(mean_reward, kl, log_z, 1.0 / (w_bar ** 2).sum(axis=1))
 
 
 def mixture_frontier(rewards, ref_logps, proposal_logps, counts, betas: Sequence[float],
-                     min_ess: float = MIN_ESS) -> list[FrontierPoint]:
+                     min_ess: float = MIN_ESS, threshold=None, ref_proposal: int = 0) -> list[FrontierPoint]:
     """(beta, E*[r], KL, ESS) of pi*_beta for each beta, averaged over prompts; shapes as in
     ``tilted_estimates``. A point is trusted when the harmonic mean of its prompts' ESS >= min_ess."""
     points = []
     for beta in betas:
-        est = tilted_estimates(rewards, ref_logps, proposal_logps, counts, beta)
+        est = tilted_estimates(rewards, ref_logps, proposal_logps, counts, beta, threshold, ref_proposal)
         hmean = float(1.0 / np.mean(1.0 / est.ess))
         points.append(FrontierPoint(float(beta), float(est.mean_reward.mean()), float(est.kl.mean()),
                                     float(est.ess.mean()), float(est.ess.min()), hmean, bool(hmean >= min_ess)))

@@ -49,8 +49,9 @@ def _frontier_points(frontier: Sequence) -> list[dict]:
 def _frontier_label(results: dict) -> str:
     pool = results.get("frontier_pool")
     if pool and len(pool.get("proposals", {})) > 1:
+        scored = f", {pool['scored_per_prompt']:.0f} scored" if "scored_per_prompt" in pool else ""
         return (f"KL-regularised optimum (IS from SFT + {len(pool['proposals']) - 1} policies, "
-                f"{pool.get('samples_per_prompt')} samples/prompt)")
+                f"{pool.get('samples_per_prompt')} samples/prompt{scored})")
     if pool:
         return f"KL-regularised optimum (SNIS, N={pool.get('samples_per_prompt')})"
     n = results.get("settings", {}).get("frontier_samples")
