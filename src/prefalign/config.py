@@ -412,6 +412,12 @@ class RLOOConfig(GRPOConfig):
         "none", "Divide advantages by the group's reward std, the whole batch's, or not at all (plain RLOO).")
 
 
+def check_missing_eos_penalty(penalty: Optional[float]) -> None:
+    """--missing-eos-penalty of rloo, grpo and online-dpo: unset or a finite number."""
+    if penalty is not None and not abs(penalty) < float("inf"):
+        raise ConfigError(f"--missing-eos-penalty must be a finite number, got {penalty}.")
+
+
 def validate_group(cfg: GRPOConfig) -> None:
     """The rloo/grpo options, checked before any model or data loads."""
     k = cfg.num_generations
@@ -434,8 +440,7 @@ def validate_group(cfg: GRPOConfig) -> None:
         raise ConfigError(f"--epsilon must lie in (0, 1) and --epsilon-high be positive; got {cfg.epsilon} and {high}.")
     if not 0 <= cfg.beta < float("inf"):
         raise ConfigError(f"--beta must be a finite number >= 0 (0 turns the KL term off), got {cfg.beta}.")
-    if cfg.missing_eos_penalty is not None and not abs(cfg.missing_eos_penalty) < float("inf"):
-        raise ConfigError(f"--missing-eos-penalty must be a finite number, got {cfg.missing_eos_penalty}.")
+    check_missing_eos_penalty(cfg.missing_eos_penalty)
     refuse_offline_options(cfg, cfg.estimator)
 
 
@@ -513,8 +518,7 @@ def validate_online_dpo(cfg: OnlineDPOConfig) -> None:
     if not 0 <= cfg.judge_temperature < float("inf"):
         raise ConfigError(f"--judge-temperature must be a finite number >= 0 (0: the higher score wins; tau > 0: "
                           f"a Bradley-Terry labeler), got {cfg.judge_temperature}.")
-    if cfg.missing_eos_penalty is not None and not abs(cfg.missing_eos_penalty) < float("inf"):
-        raise ConfigError(f"--missing-eos-penalty must be a finite number, got {cfg.missing_eos_penalty}.")
+    check_missing_eos_penalty(cfg.missing_eos_penalty)
     if not 0 < cfg.beta < float("inf"):
         raise ConfigError(f"--beta must be a positive number (the KL strength; 0.1 is usual), got {cfg.beta}.")
     check_label_smoothing(cfg.loss, cfg.label_smoothing)

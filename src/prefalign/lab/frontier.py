@@ -118,7 +118,7 @@ def tilted_estimates(rewards, ref_logps, proposal_logps, counts, beta: float, th
               else rewards >= np.asarray(threshold, np.float64).reshape(-1, 1))            # (P, M)
     _check_pool(rewards, ref_logps, proposal_logps, counts, scored)
     log_mix = _logsumexp(np.where(scored[:, :, None], proposal_logps, 0.0) + np.log(counts), axis=2)  # log sum n_j q_j
-    log_w = np.where(scored, np.where(scored, ref_logps, 0.0) + rewards / beta - log_mix, -np.inf)   # (P, M) log w(y)
+    log_w = np.where(scored, ref_logps + rewards / beta - log_mix, -np.inf)                         # (P, M) log w(y)
     if threshold is not None:
         from_ref = np.repeat(np.arange(len(counts)) == ref_proposal, counts)                          # (M,)
         log_w = np.where(~scored & from_ref, rewards / beta - math.log(counts[ref_proposal]), log_w)

@@ -47,6 +47,9 @@ def final_scores(raw: torch.Tensor, ended_with_eos: torch.Tensor, cfg, stats: Ru
         scores = stats.normalize(scores)
     if cfg.score_clip is not None:
         scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-    if cfg.missing_eos_penalty is not None:
-        scores = scores - cfg.missing_eos_penalty * (~ended_with_eos).float()
-    return scores
+    return penalise_missing_eos(scores, ended_with_eos, cfg.missing_eos_penalty)
+
+
+def penalise_missing_eos(scores: torch.Tensor, ended_with_eos: torch.Tensor, penalty) -> torch.Tensor:
+    """(B,) scores less `penalty` where a completion did not end with EOS (TRL's missing_eos_penalty; None: off)."""
+    return scores if penalty is None else scores - penalty * (~ended_with_eos).float()

@@ -41,6 +41,7 @@ from prefalign.losses.group import clipped_policy_loss, group_advantages, group_
 from prefalign.models import lora_summary, recompute_in_backward, save_pretrained
 from prefalign.rl.forwards import policy_forward
 from prefalign.rl.reward_functions import as_completions, combine
+from prefalign.rl.scores import penalise_missing_eos
 from prefalign.rollout import completion_texts
 from prefalign.stages.common import finish, save_final, start
 from prefalign.stages.online_rewards import (batch_columns, columns_of, load_sources, metric_names, plan_rewards,
@@ -178,9 +179,8 @@ def run_group(cfg) -> int:
             # 2. rewards; a failing reward function stops every rank after a checkpoint
             per_source = scores_or_stop(run, out, partial(score, sources, prompts, as_completions(prompts, texts),
                                                           cols, r, cfg.dtype))  # (S, N)
-            reward = combine(per_source.float(), weights)  # (N,)
-            if cfg.missing_eos_penalty is not None:
-                reward = reward - cfg.missing_eos_penalty * (~r.ended_with_eos).float()
+            reward = penalise_missing_eos(combine(per_source.float(), weights), r.ended_with_eos,
+                                          cfg.missing_eos_penalty)  # (N,)
             batch = rollout_batch(r)
             # 3. reference log-probs; with --kl-mode reward, the KL leaves the reward
             seq_kl = None

@@ -38,6 +38,7 @@ from prefalign.models import lora_summary, recompute_in_backward, save_pretraine
 from prefalign.rl.forwards import policy_forward
 from prefalign.rl.judge import Judgement, judge_pairs
 from prefalign.rl.reward_functions import as_completions, combine
+from prefalign.rl.scores import penalise_missing_eos
 from prefalign.rollout import completion_texts
 from prefalign.stages.common import finish, save_final, start
 from prefalign.stages.online_rewards import (batch_columns, columns_of, load_sources, metric_names, plan_rewards,
@@ -187,9 +188,8 @@ def run_online_dpo(cfg) -> int:
             cols = batch_columns(columns, mine, 2, r)
             per_source = scores_or_stop(run, out, partial(score, sources, prompts, as_completions(prompts, texts),
                                                           cols, r, cfg.dtype)).float()  # (S, 2B)
-            scores = combine(per_source, plan.weights)  # (2B,)
-            if cfg.missing_eos_penalty is not None:
-                scores = scores - cfg.missing_eos_penalty * (~r.ended_with_eos).float()
+            scores = penalise_missing_eos(combine(per_source, plan.weights), r.ended_with_eos,
+                                          cfg.missing_eos_penalty)  # (2B,)
             j = judge(cfg, scores, places, run.step)
             rows = pair_rows(j.first_chosen)
             # 3. the reference's log-probs of every completion
