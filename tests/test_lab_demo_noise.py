@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from prefalign.lab.demo_noise import PerPrompt, best_of_n_per_prompt, share_standard_errors
-from prefalign.lab.frontier import best_of_n, gain_share, FrontierPoint
+from prefalign.lab.demo_noise import PerPrompt, best_of_n_per_prompt, frontier_per_prompt, share_standard_errors
+from prefalign.lab.frontier import best_of_n, gain_share, FrontierPoint, mixture_frontier
 
 
 def test_with_only_the_methods_reward_varying_the_se_is_its_standard_error_over_the_gain():
@@ -54,3 +54,20 @@ def test_best_of_n_per_prompt_averages_to_best_of_n():
     per = best_of_n_per_prompt(gold, proxy, 4)
     assert per.reward.mean() == pytest.approx(best_of_n(gold, 4, proxy=proxy)[0], abs=1e-12)
     assert (per.kl == math.log(4) - 3 / 4).all()
+
+
+def test_frontier_per_prompt_averages_to_the_pools_frontier_with_a_threshold():
+    """The bootstrap's per-prompt optimum is the frontier's, threshold included: a pool whose samples
+    under the threshold carry no log-prob (NaN, as the demo stores them) gives finite per-prompt
+    estimates whose means are mixture_frontier's points."""
+    rng = np.random.default_rng(0)
+    counts, betas = [6, 3, 3], (0.05, 0.3, 1.0)
+    rewards = rng.uniform(size=(4, 12))
+    logps = rng.normal(-10, 2, size=(4, 12, 3))
+    threshold = np.sort(rewards[:, :6], axis=1)[:, 3]                  # the 3rd best of the 6 pi_SFT draws
+    logps[rewards < threshold[:, None]] = np.nan
+    per_prompt = frontier_per_prompt(rewards, logps[:, :, 0], logps, counts, betas, threshold)
+    assert np.isfinite(per_prompt.reward).all() and np.isfinite(per_prompt.kl).all()
+    for b, point in enumerate(mixture_frontier(rewards, logps[:, :, 0], logps, counts, betas, threshold=threshold)):
+        assert per_prompt.reward[b].mean() == pytest.approx(point.mean_reward, abs=1e-12)
+        assert per_prompt.kl[b].mean() == pytest.approx(point.mean_kl, abs=1e-12)

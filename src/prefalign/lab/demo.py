@@ -258,7 +258,8 @@ def add_share_errors(methods: list[dict], policies: list, samples, pool, plan: D
     gold, proxy = samples["gold"], samples["proxy"]
     rows = [N.policy_per_prompt(e, gold.shape[0]) for _, _, e, _ in policies]
     rows += [N.best_of_n_per_prompt(gold, proxy, n) for n in plan.best_of_n]
-    frontier = N.frontier_per_prompt(pool.rewards, pool.logps[:, :, 0], pool.logps, pool.counts, plan.frontier_betas)
+    frontier = N.frontier_per_prompt(pool.rewards, pool.logps[:, :, 0], pool.logps, pool.counts, plan.frontier_betas,
+                                     pool.threshold)
     methods[0]["gain_share_se"] = None  # SFT: the share's zero point, no error
     for m, se in zip(methods[1:], N.share_standard_errors(rows, gold.mean(1), frontier)):
         m["gain_share_se"] = se

@@ -40,9 +40,11 @@ def best_of_n_per_prompt(gold: np.ndarray, proxy: np.ndarray, n: int) -> PerProm
     return PerPrompt(best_of_n_rewards(gold, n, proxy), np.full(gold.shape[0], best_of_n_kl(n)))
 
 
-def frontier_per_prompt(rewards, ref_logps, proposal_logps, counts, betas: Sequence[float]) -> PerPrompt:
-    """(B, P) per-prompt reward and KL of pi*_beta for each beta (the pool's estimates, not averaged)."""
-    est = [tilted_estimates(rewards, ref_logps, proposal_logps, counts, b) for b in betas]
+def frontier_per_prompt(rewards, ref_logps, proposal_logps, counts, betas: Sequence[float],
+                        threshold=None) -> PerPrompt:
+    """(B, P) per-prompt reward and KL of pi*_beta for each beta (the pool's estimates, not averaged);
+    threshold as lab.frontier.tilted_estimates' (pi_SFT the first proposal)."""
+    est = [tilted_estimates(rewards, ref_logps, proposal_logps, counts, b, threshold) for b in betas]
     return PerPrompt(np.stack([e.mean_reward for e in est]), np.stack([e.kl for e in est]))
 
 
