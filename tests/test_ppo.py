@@ -337,6 +337,83 @@ def test_cli_with_reward_model_of_another_tokenizer(fixture, tmp_path):
     assert (out / "value_model" / "config.json").exists()
 
 
+def test_with_eos_on_cut_fixed_values():
+    """Left-padded queries + right-padded responses: a row cut at the cap gets EOS after its last real
+    token (one column wider), an ended row only the extra padding."""
+    from types import SimpleNamespace
+    from prefalign.rl.reward_scoring import with_eos_on_cut
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=9)
+    ids = torch.tensor([[0, 5, 6, 7, 9, 0],      # ended: EOS already there, then padding
+                        [5, 6, 7, 8, 8, 8],      # cut at the cap, no padding
+                        [0, 0, 5, 7, 0, 0]])     # cut after fewer tokens (a shorter cap in its batch)
+    mask = ids != 0
+    out_ids, out_mask = with_eos_on_cut(ids, mask, torch.tensor([True, False, False]), tok)
+    assert out_ids.tolist() == [[0, 5, 6, 7, 9, 0, 0], [5, 6, 7, 8, 8, 8, 9], [0, 0, 5, 7, 9, 0, 0]]
+    assert out_mask.tolist() == [[False, True, True, True, True, False, False], [True] * 7,
+                                 [False, False, True, True, True, False, False]]
+
+
+@pytest.mark.parametrize("retokenize", [False, True])
+def test_reward_model_scores_a_cut_completion_at_an_eos(fixture, retokenize):
+    """RewardModel(score_cut_at_eos=True) on a rollout of one ended and one cut completion: the cut one
+    scores as the reward model on its ids + EOS, the ended one as it is; without it the cut one is scored
+    at its last token. Both the policy's own ids and the re-encoded text (retokenize) give this."""
+    from prefalign.data import encode_prompt_completion
+    from prefalign.models import load_scalar_model
+    from prefalign.rl.reward_functions import RewardModel
+    from prefalign.rollout import Rollout
+    d, _ = fixture
+    rm, tok = load_scalar_model(str(d / "sft"), seed=5)
+    rm.eval()
+    prompts, texts = ["a good", "the film"], [" one", " was quite"]
+    rows = [encode_prompt_completion(tok, p, c, max_length=1000) for p, c in zip(prompts, texts)]
+    q = [r.input_ids[:r.prompt_len] for r in rows]
+    resp = [rows[0].input_ids[rows[0].prompt_len:], rows[1].input_ids[rows[1].prompt_len:-1]]   # ended; cut (no EOS)
+    assert resp[0][-1] == tok.eos_token_id and resp[1][-1] != tok.eos_token_id
+    P, R = max(map(len, q)), max(map(len, resp))
+    query = torch.tensor([[tok.pad_token_id] * (P - len(x)) + x for x in q])
+    response = torch.tensor([x + [tok.pad_token_id] * (R - len(x)) for x in resp])
+    qmask = torch.tensor([[False] * (P - len(x)) + [True] * len(x) for x in q])
+    rmask = torch.tensor([[True] * len(x) + [False] * (R - len(x)) for x in resp])
+    rollout = Rollout(query, qmask, response, rmask, torch.zeros(2, R), torch.tensor([True, False]))
+    with torch.no_grad():
+        def alone(ids):
+            return rm.normalized(rm(torch.tensor([ids]))).item()
+        got = RewardModel("rm", rm, tok, retokenize, score_cut_at_eos=True)(prompts, texts, {}, rollout).tolist()
+        as_is = RewardModel("rm", rm, tok, retokenize)(prompts, texts, {}, rollout).tolist()
+    assert got[0] == pytest.approx(alone(q[0] + resp[0]), abs=1e-5)
+    assert got[1] == pytest.approx(alone(q[1] + resp[1] + [tok.eos_token_id]), abs=1e-5)
+    assert as_is[0] == pytest.approx(got[0], abs=1e-6) and as_is[1] == pytest.approx(alone(q[1] + resp[1]), abs=1e-5)
+    assert abs(as_is[1] - got[1]) > 1e-4
+
+
+def test_score_cut_at_eos_in_ppo_packed_equals_padded(fixture, tmp_path):
+    """prefalign ppo --score-cut-at-eos with a reward model of the policy's tokenizer: the first
+    iteration's logged scores are the same on packed rows as padded (packed rows cannot take the
+    appended EOS, so that source is scored padded) and differ from the run without it exactly on the
+    completions cut at --max-new-tokens."""
+    from prefalign.models import load_scalar_model, save_pretrained
+    d, _ = fixture
+    rm, rm_tok = load_scalar_model(str(d / "sft"), seed=5)
+    rm.set_normalization(0.25, 2.0)
+    save_pretrained(rm, rm_tok, tmp_path / "rm")
+
+    def first_samples(name, *flags):
+        out = tmp_path / name
+        run_cli("ppo", "--model", d / "sft", "--reward-model", tmp_path / "rm", "--prompts", d / "prompts.jsonl",
+                "--output", out, "--iterations", 1, "--rollout-batch-size", 8, "--minibatch-size", 4,
+                "--max-new-tokens", 3, "--sample-every", 1, "--no-progress", *flags)
+        return read_metrics(out / "samples.jsonl")[0]["samples"]
+    padded = first_samples("padded", "--score-cut-at-eos", "--no-packing")
+    packed = first_samples("packed", "--score-cut-at-eos", "--packing")
+    plain = first_samples("plain", "--no-packing")
+    assert [s["completion"] for s in packed] == [s["completion"] for s in padded] == [s["completion"] for s in plain]
+    assert any(not s["ended_with_eos"] for s in padded)
+    for a, b, c in zip(padded, packed, plain):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+        assert (a["score"] == pytest.approx(c["score"], abs=1e-5)) == a["ended_with_eos"]
+
+
 def test_shared_value_head_continues_from_an_earlier_runs_value_model(fixture, tmp_path):
     """--value-model with --shared-value-head loads the earlier run's head (how the demo chains segments);
     a folder without value_head.pt, or a head of another width, is refused with what to pass."""

@@ -35,6 +35,9 @@ class GroupPlan:
     # (DemoPlan.ppo_missing_eos_penalty): without it GRPO drifted to the length cap in the default run
     # of 2026-12-02 (EOS share 0.30 -> 0.07, KL 21 nats after 60 iterations).
     missing_eos_penalty: Optional[float] = 1.0
+    # The reward model scores a completion cut at max_new_tokens with an EOS after it, as PPO's
+    # (DemoPlan.ppo_score_cut_at_eos).
+    score_cut_at_eos: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,13 @@ class DemoPlan:
     # model scores cut completions higher than the same text ending in EOS, and without this PPO drifts
     # to the length cap (docs/ppo-length.md: EOS share 0.89 with it, 0.25 without, equal gold at equal KL).
     ppo_missing_eos_penalty: float = 1.0
+    # The reward model scores a completion cut at max_new_tokens as an ended text, with an EOS after it
+    # (--score-cut-at-eos): scored at its last word token, an input it never saw in training, the reward
+    # model of the 2026-12-03 default run gave the same text +3.6 more without its EOS (sd of its scores
+    # 3.3), the penalty of 1.0 did not outweigh it, and PPO's EOS share fell 0.75 -> 0.01. Over 24 PPO
+    # iterations from SFT (docs/ppo-length.md): EOS 0.02, gold 0.703 at KL 4.0 with the penalty alone;
+    # EOS 0.71, gold 0.681 at KL 1.1 with both.
+    ppo_score_cut_at_eos: bool = True
     # --- RLOO and GRPO: as PPO, segments continuing the last, at PPO's completions per iteration
     rloo: GroupPlan = GroupPlan(beta=0.2)
     grpo: GroupPlan = GroupPlan(beta=0.04)
@@ -186,6 +196,7 @@ SMOLLM2 = dataclasses.replace(
     dpo_betas=(0.1, 0.5), dpo_epochs=1.0, dpo_batch=8, dpo_lr=5e-4,
     ppo_segments=3, ppo_iterations=8, ppo_rollout_batch=32, ppo_minibatch=8, ppo_epochs=2, ppo_kl_coef=0.1,
     ppo_lr=2e-4, rloo=GroupPlan(segments=0), grpo=GroupPlan(segments=0), online_dpo=OnlineDPOPlan(segments=0),
+    ppo_score_cut_at_eos=False,   # as measured on 2026-11-28 (docs/demo.md): not rerun with it
     eval_samples_per_prompt=8, frontier_samples=64, frontier_pool_sft=16, best_of_n=(2, 4, 8, 16, 32),
     shown_prompts=6, save_steps=20)
 

@@ -128,11 +128,13 @@ class RewardFunction:
 class RewardModel:
     """A frozen sequence-classification reward model as one reward source: its normalised score
     (config.json's prefalign_reward_shift/scale) at the last real token, re-tokenised when its
-    tokenizer differs from the policy's."""
+    tokenizer differs from the policy's. score_cut_at_eos: a completion cut at the length cap is scored
+    with an EOS after it, as an ended text (--score-cut-at-eos)."""
     name: str  # the directory
     model: torch.nn.Module
     tokenizer: object
     retokenize: bool
+    score_cut_at_eos: bool = False
 
     @property
     def metric_name(self) -> str:
@@ -141,15 +143,17 @@ class RewardModel:
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list, columns: dict[str, list], rollout: Rollout) -> torch.Tensor:
         texts = [text_of(c) for c in completions]
-        scores = self.model(*reward_inputs(rollout, prompts, texts, self.tokenizer, self.retokenize))
+        scores = self.model(*reward_inputs(rollout, prompts, texts, self.tokenizer, self.retokenize,
+                                           end_cut=self.score_cut_at_eos))
         return self.model.normalized(scores).float()
 
 
-def load_reward_models(paths: list[str], policy_tokenizer, **load_kw) -> list[RewardModel]:
+def load_reward_models(paths: list[str], policy_tokenizer, score_cut_at_eos: bool = False,
+                       **load_kw) -> list[RewardModel]:
     out = []
     for path in paths:
         model, tok = load_scalar_model(path, trainable=False, **load_kw)
-        out.append(RewardModel(path, model, tok, not same_tokenizer(policy_tokenizer, tok)))
+        out.append(RewardModel(path, model, tok, not same_tokenizer(policy_tokenizer, tok), score_cut_at_eos))
     return out
 
 

@@ -46,7 +46,8 @@ def columns_of(plan: RewardPlan, cfg, n_prompts: int) -> list[dict]:
 
 def load_sources(plan: RewardPlan, policy_tokenizer, cfg, device) -> list:
     """Reward models (loaded, frozen), then the functions: the order of the weights."""
-    return load_reward_models(plan.rm_paths, policy_tokenizer, dtype=cfg.dtype, device=device,
+    return load_reward_models(plan.rm_paths, policy_tokenizer, score_cut_at_eos=cfg.score_cut_at_eos,
+                              dtype=cfg.dtype, device=device,
                               attn_implementation=cfg.attn_implementation, seed=cfg.seed) + plan.functions
 
 

@@ -151,8 +151,9 @@ def raw_scores(m: Models, r: Rollout, prompts: list, completions: list[str], pac
 def source_scores(source, r: Rollout, prompts: list, completions: list[str], packed: Optional[PackedSequences],
                   columns: dict) -> torch.Tensor:
     """(B,) one source's scores: a reward model's normalised score at the last real token (on the packed
-    rows when it shares the policy's tokenizer, else re-tokenised as needed), or a function's values."""
-    if isinstance(source, RewardModel) and packed is not None and not source.retokenize:
+    rows when it shares the policy's tokenizer and scores cut completions as they are, else re-tokenised
+    or given an EOS as needed), or a function's values."""
+    if isinstance(source, RewardModel) and packed is not None and not source.retokenize and not source.score_cut_at_eos:
         rm = source.model
         return rm.normalized(rm(packed.input_ids, position_ids=packed.position_ids, segment_ids=packed.segment_ids,
                                 n_segments=len(prompts)))
