@@ -200,6 +200,15 @@ def test_tiny_plans_record_what_they_recorded_before_the_smollm2_fields():
     assert {"base", "lora", "packing", "shared_value_head"} <= set(recorded(SMOLLM2))
 
 
+def test_score_cut_at_eos_is_recorded_only_where_on():
+    """The default plans record ppo_score_cut_at_eos (it changed how PPO trains: older default folders are
+    refused); the smollm2 plans, which keep it off, record nothing, so their older folders still match."""
+    from prefalign.lab.demo_plan import DEFAULT, QUICK, SMOLLM2, SMOLLM2_QUICK, recorded
+    assert recorded(DEFAULT)["ppo_score_cut_at_eos"] is True and recorded(QUICK)["ppo_score_cut_at_eos"] is True
+    assert "ppo_score_cut_at_eos" not in recorded(SMOLLM2) and "ppo_score_cut_at_eos" not in recorded(SMOLLM2_QUICK)
+    assert recorded(DEFAULT)["rloo"]["score_cut_at_eos"] is True
+
+
 def test_rloo_and_grpo_are_recorded_only_where_they_run_with_other_sizes():
     """A default folder made before online DPO joined still matches (its stages just run); RLOO and GRPO
     are recorded wherever they run, since their EOS penalty changed how they train, so a folder trained

@@ -223,6 +223,7 @@ def test_rloo_and_grpo_defaults():
     (["--reward-fn", "nowhere_module_xyz:score"], "cannot import module 'nowhere_module_xyz'"),
     (["--reward-fn", "statistics:mean", "--reward-weights", "1,2"], "--reward-weights has 2 value"),
     ([], "give a reward"),
+    (["--reward-fn", "statistics:mean", "--score-cut-at-eos"], "--score-cut-at-eos changes how a reward model"),
 ])
 def test_bad_options_refused_before_any_model_loads(tmp_path, capsys, extra, message):
     # --model names nothing: these errors must come first.

@@ -169,7 +169,10 @@ def recorded(plan: DemoPlan) -> dict:
         # RLOO and GRPO trained without an EOS penalty before GroupPlan.missing_eos_penalty: a running
         # GroupPlan is recorded, so a folder of theirs made before it is refused rather than mixed
         return value == defaults[k] and not isinstance(value, GroupPlan)
-    return {k: v for k, v in dataclasses.asdict(plan).items() if k not in later or not inert(k)}
+    # ppo_score_cut_at_eos: recorded when on (the default since 2026-12-03, so older default folders are
+    # refused), left out when off (how every plan trained before it, so their folders still match)
+    return {k: v for k, v in dataclasses.asdict(plan).items()
+            if (k not in later or not inert(k)) and not (k == "ppo_score_cut_at_eos" and not v)}
 
 
 DEFAULT = DemoPlan(name="default")

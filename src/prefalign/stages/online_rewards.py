@@ -11,7 +11,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 
 from prefalign.data import source_options
-from prefalign.errors import PrefalignError
+from prefalign.errors import ConfigError, PrefalignError
 from prefalign.rl.reward_functions import (RewardFunction, RewardFunctionError, check_sources, load_function,
                                            load_reward_models, prompt_columns, split_list)
 from prefalign.rollout import Rollout
@@ -34,6 +34,9 @@ def plan_rewards(cfg) -> RewardPlan:
     that cannot be imported, or weights that do not match."""
     rm_paths, fn_specs = split_list(cfg.reward_model), split_list(cfg.reward_fn)
     weights = check_sources(len(rm_paths), fn_specs, cfg.reward_weights)
+    if cfg.score_cut_at_eos and not rm_paths:
+        raise ConfigError("--score-cut-at-eos changes how a reward model scores a completion cut at "
+                          "--max-new-tokens, and no --reward-model is given: leave it out, or add the reward model.")
     return RewardPlan(rm_paths, [RewardFunction(*load_function(spec)) for spec in fn_specs], weights)
 
 
