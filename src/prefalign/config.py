@@ -276,6 +276,13 @@ def refuse_offline_options(cfg, command: str) -> None:
                           f"it data-parallel with gradients averaged over ranks).")
 
 
+# --score-cut-at-eos of ppo, rloo/grpo and online-dpo (rl.reward_scoring.reward_inputs' end_cut)
+SCORE_CUT_AT_EOS_HELP = ("Score a completion cut at --max-new-tokens with an EOS after it, as the ended texts "
+                         "`prefalign reward` trains on (else at its last token, an input the reward model never saw; "
+                         "the demo's reward model scored texts +3.6 higher without their EOS). Reward models only; "
+                         "combine with --missing-eos-penalty.")
+
+
 @dataclass
 class PPOConfig(ModelArgs, SourceArgs, TrainArgs):
     """prefalign ppo: RLHF with PPO against a reward model, KL-shaped reward and GAE."""
@@ -326,10 +333,7 @@ class PPOConfig(ModelArgs, SourceArgs, TrainArgs):
     top_k: int = opt(0, "Top-k sampling (0: off).")
     top_p: float = opt(1.0, "Nucleus sampling p (1: off).")
     missing_eos_penalty: Optional[float] = opt(None, "Subtract this from the score of completions without EOS.")
-    score_cut_at_eos: bool = opt(
-        False, "Score a completion cut at --max-new-tokens with an EOS after it, as the ended texts "
-              "`prefalign reward` trains on (else at its last token, an input the reward model never saw; the "
-              "demo's reward model scored texts +3.6 higher without their EOS). Reward models only; combine with --missing-eos-penalty.")
+    score_cut_at_eos: bool = opt(False, SCORE_CUT_AT_EOS_HELP)
     normalize_scores: bool = opt(False, "Whiten reward-model scores with running statistics.")
     score_clip: Optional[float] = opt(None, "Clip (normalised) scores to [-c, c].")
     sample_every: int = opt(10, "Write a few sample completions to samples.jsonl every N iterations (and always at "
@@ -365,10 +369,7 @@ class GRPOConfig(ModelArgs, SourceArgs, TrainArgs):
     missing_eos_penalty: Optional[float] = opt(
         None, "Subtract this from the reward of a completion that did not end with EOS (cut at --max-new-tokens), "
               "before the advantages (TRL: missing_eos_penalty of the older RLOOTrainer; TRL's GRPO has none).")
-    score_cut_at_eos: bool = opt(
-        False, "Score a completion cut at --max-new-tokens with an EOS after it, as the ended texts "
-              "`prefalign reward` trains on (else at its last token, an input the reward model never saw; the "
-              "demo's reward model scored texts +3.6 higher without their EOS). Reward models only; combine with --missing-eos-penalty.")
+    score_cut_at_eos: bool = opt(False, SCORE_CUT_AT_EOS_HELP)
     num_generations: int = opt(4, "Completions sampled per prompt, K (at least 2; the group of each advantage).")
     rollout_batch_size: int = opt(8, "Prompts per iteration per process; each is sampled --num-generations times "
                                      "(TRL's generation_batch_size = this x K x processes).")
@@ -481,10 +482,7 @@ class OnlineDPOConfig(ModelArgs, SourceArgs, TrainArgs):
     missing_eos_penalty: Optional[float] = opt(
         None, "Subtract this from the score of a completion that did not end with EOS before judging (TRL: "
               "missing_eos_penalty).")
-    score_cut_at_eos: bool = opt(
-        False, "Score a completion cut at --max-new-tokens with an EOS after it, as the ended texts "
-              "`prefalign reward` trains on (else at its last token, an input the reward model never saw; the "
-              "demo's reward model scored texts +3.6 higher without their EOS). Reward models only; combine with --missing-eos-penalty.")
+    score_cut_at_eos: bool = opt(False, SCORE_CUT_AT_EOS_HELP)
     beta: float = opt(0.1, "KL strength beta of the DPO loss (TRL: beta).")
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = opt(
         "sigmoid", "Preference loss (TRL: loss_type sigmoid or ipo; hinge and robust as `prefalign dpo`).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from prefalign.data import encode_prompt_completion
+from prefalign.models import last_token_index
 from prefalign.rollout import Rollout
 
 
@@ -51,7 +52,7 @@ def with_eos_on_cut(input_ids: torch.Tensor, mask: torch.Tensor, ended_with_eos:
     b = input_ids.shape[0]
     pad = torch.full((b, 1), tokenizer.pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
     ids, mask = torch.cat([input_ids, pad], dim=1), torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
-    last = torch.arange(mask.shape[1], device=mask.device).expand_as(mask).masked_fill(~mask, -1).amax(dim=1)  # (B,)
+    last = last_token_index(mask)  # (B,)
     rows = torch.nonzero(~ended_with_eos.bool().to(mask.device)).flatten()
     ids[rows, last[rows] + 1] = tokenizer.eos_token_id
     mask[rows, last[rows] + 1] = True
