@@ -38,6 +38,9 @@ DEMO_PPO = ["--rollout-batch-size", "64", "--minibatch-size", "32", "--ppo-epoch
             "--lr", "5e-5", "--lr-schedule", "constant", "--max-new-tokens", "48", "--max-prompt-length", "64",
             "--device", "cpu", "--no-progress", "--no-packing"]
 
+CUT_EOS = ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0", "--missing-eos-penalty", "1.0",
+           "--score-cut-at-eos"]
+
 # one change each against the first (the demo as it is)
 # ({demo} is replaced by --demo)
 VARIANTS = {
@@ -51,16 +54,11 @@ VARIANTS = {
     "rm_at_eos_eos_penalty": ["--reward-fn", f"{GOLD}:gold,{GOLD}:rm_at_eos", "--reward-weights", "0,0,1",
                               "--missing-eos-penalty", "1.0"],
     # the demo since 2026-12-03 (--score-cut-at-eos with the penalty), then one more change each
-    "cut_eos": ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0", "--missing-eos-penalty", "1.0",
-                "--score-cut-at-eos"],
-    "cut_eos_lr2e-5": ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0", "--missing-eos-penalty", "1.0",
-                       "--score-cut-at-eos", "--lr", "2e-5"],
-    "cut_eos_lr1e-4": ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0", "--missing-eos-penalty", "1.0",
-                       "--score-cut-at-eos", "--lr", "1e-4"],
-    "cut_eos_rollout128": ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0", "--missing-eos-penalty",
-                           "1.0", "--score-cut-at-eos", "--rollout-batch-size", "128", "--minibatch-size", "64"],
-    "cut_eos_value_sft": ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0", "--missing-eos-penalty", "1.0",
-                          "--score-cut-at-eos", "--value-model", "{demo}/sft"],
+    "cut_eos": CUT_EOS,
+    "cut_eos_lr2e-5": [*CUT_EOS, "--lr", "2e-5"],
+    "cut_eos_lr1e-4": [*CUT_EOS, "--lr", "1e-4"],
+    "cut_eos_rollout128": [*CUT_EOS, "--rollout-batch-size", "128", "--minibatch-size", "64"],
+    "cut_eos_value_sft": [*CUT_EOS, "--value-model", "{demo}/sft"],
     "rm_kl0": ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0", "--kl-coef", "0"],
     "gold10": ["--reward-fn", f"{GOLD}:gold10", "--reward-weights", "0,1"],
     "gold10_value_sft": ["--reward-fn", f"{GOLD}:gold10", "--reward-weights", "0,1", "--value-model", "{demo}/sft"],
