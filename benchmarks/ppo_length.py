@@ -59,6 +59,11 @@ VARIANTS = {
     "cut_eos_lr1e-4": [*CUT_EOS, "--lr", "1e-4"],
     "cut_eos_rollout128": [*CUT_EOS, "--rollout-batch-size", "128", "--minibatch-size", "64"],
     "cut_eos_value_sft": [*CUT_EOS, "--value-model", "{demo}/sft"],
+    # KL efficiency (2026-12-04): a larger KL coefficient, GAE lambda 1, whitened scores
+    "cut_eos_kl0.5": [*CUT_EOS, "--kl-coef", "0.5"],
+    "cut_eos_kl1": [*CUT_EOS, "--kl-coef", "1.0"],
+    "cut_eos_lam1": [*CUT_EOS, "--lam", "1.0"],
+    "cut_eos_whiten": [*CUT_EOS, "--normalize-scores"],
     "rm_kl0": ["--reward-fn", f"{GOLD}:gold", "--reward-weights", "1,0", "--kl-coef", "0"],
     "gold10": ["--reward-fn", f"{GOLD}:gold10", "--reward-weights", "0,1"],
     "gold10_value_sft": ["--reward-fn", f"{GOLD}:gold10", "--reward-weights", "0,1", "--value-model", "{demo}/sft"],

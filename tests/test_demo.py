@@ -107,6 +107,11 @@ def test_demo_end_to_end_and_cached_rerun(tmp_path):
     assert sum(m["gain_share_se"] is not None for m in results["methods"]) >= 6
     assert set(results["frontier_pool"]["proposals"]) == {"sft", "dpo-beta1", "ppo-2", "rloo-2", "grpo-2",
                                                           "online-dpo-2"}
+    rm_optimum = results["reward_model_optimum"]
+    assert rm_optimum["beta_scale"] > 0 and len(rm_optimum["points"]) == len(results["frontier"])
+    assert any(p["trusted"] and p["gain_share"] is not None for p in rm_optimum["points"])
+    kls = [p["mean_kl"] for p in rm_optimum["points"]]
+    assert kls == sorted(kls, reverse=True)                      # the frontier's betas (small to large), scaled
     # Policies are plain transformers checkpoints.
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(rows[-1]["policy"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from prefalign.lab.frontier import (FrontierPoint, best_of_n, best_of_n_kl, gain_share, optimum_at_kl,
-                                    optimum_frontier)
+                                    optimum_frontier, proxy_optimum)
 from prefalign.lab.labeler import bayes_optimal_accuracy, label_pairs, preference_probability
 
 
@@ -106,3 +106,33 @@ def test_gain_share_hand_example():
     assert gain_share(0.65, 1.5, frontier, sft_reward=0.5) == pytest.approx(0.6)
     assert gain_share(0.8, 2.0, frontier, sft_reward=0.5) == pytest.approx(1.0)
     assert math.isnan(gain_share(0.5, 0.0, frontier, sft_reward=0.5))
+
+
+def test_proxy_optimum_fixed_values():
+    """One prompt, two SFT samples, beta = 1, proxy (0, ln 3): w_bar = (1/4, 3/4), so E[r*] = 0.2/4 + 0.6 * 3/4 = 0.5,
+    E[proxy] = 3/4 ln 3, KL = sum w_bar ln(2 w_bar) = 1/4 ln(1/2) + 3/4 ln(3/2), ESS = 1 / (1/16 + 9/16) = 1.6."""
+    (point,) = proxy_optimum(np.array([[0.2, 0.6]]), np.array([[0.0, math.log(3)]]), [1.0], min_ess=1.5)
+    assert point.gold_reward == pytest.approx(0.5, abs=1e-12)
+    assert point.proxy_reward == pytest.approx(0.75 * math.log(3), abs=1e-12)
+    assert point.mean_kl == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-12)
+    assert point.ess_hmean == pytest.approx(1.6, abs=1e-12) and point.trusted
+    (point,) = proxy_optimum(np.array([[0.2, 0.6]]), np.array([[0.0, math.log(3)]]), [1.0], min_ess=2.0)
+    assert not point.trusted
+
+
+def test_proxy_optimum_is_the_frontier_of_its_proxy():
+    """Tilting by the proxy gives optimum_frontier(proxy)'s KL, ESS and reward; with proxy = gold, its gold is the
+    frontier's; a proxy unrelated to gold gets pi_SFT's gold on average, at any KL."""
+    rng = np.random.default_rng(3)
+    gold, proxy = rng.random((8, 50)), rng.normal(size=(8, 50))
+    betas = [3.0, 1.0, 0.3, 0.1]
+    for tilt, point in zip(proxy_optimum(gold, proxy, betas), optimum_frontier(proxy, betas)):
+        assert tilt.mean_kl == pytest.approx(point.mean_kl, abs=1e-12)
+        assert tilt.ess_hmean == pytest.approx(point.ess_hmean, abs=1e-9)
+        assert tilt.proxy_reward == pytest.approx(point.mean_reward, abs=1e-12)
+    for tilt, point in zip(proxy_optimum(gold, gold, betas), optimum_frontier(gold, betas)):
+        assert tilt.gold_reward == pytest.approx(point.mean_reward, abs=1e-12)
+    noise = rng.normal(size=(400, 400))
+    gold = rng.random((400, 400))
+    (point,) = proxy_optimum(gold, noise, [0.5])
+    assert point.mean_kl > 0.5 and point.gold_reward == pytest.approx(gold.mean(), abs=0.01)

@@ -144,3 +144,27 @@ def test_shares_are_shown_with_their_standard_error(tmp_path):
     ppo.update(gain_share=0.5, gain_share_se=0.034, beyond_frontier=True)
     page = write_report(tmp_path, results, curves, samples).read_text(encoding="utf-8")
     assert "<td>≤ 0.50 ± 0.03</td>" in page
+
+
+def test_the_reward_models_optimum_is_drawn_and_tabled_where_trusted(tmp_path, monkeypatch):
+    """results.json's reward_model_optimum: its trusted points are a dash-dot line on the plot (the untrusted one left
+    out), a table under the reward model, and the lead sentence gives their range of shares."""
+    from prefalign.lab import report
+    results, curves, samples = fake_inputs()
+    points = [{"beta": 5.0, "gold_reward": 0.62, "proxy_reward": 0.4, "mean_kl": 0.3, "ess_hmean": 40.0,
+               "trusted": True, "gain_share": 0.81},
+              {"beta": 1.0, "gold_reward": 0.71, "proxy_reward": 1.5, "mean_kl": 1.1, "ess_hmean": 12.0,
+               "trusted": True, "gain_share": 0.77},
+              {"beta": 0.3, "gold_reward": 0.80, "proxy_reward": 2.9, "mean_kl": 2.9, "ess_hmean": 3.0,
+               "trusted": False, "gain_share": 0.9}]
+    results["reward_model_optimum"] = {"beta_scale": 10.0, "points": points}
+    figures = []
+    monkeypatch.setattr(report.plt, "close", figures.append)
+    report.plot_reward_vs_kl(results, tmp_path / "reward_vs_kl.png")
+    (line,) = [x for x in figures[0].axes[0].lines if x.get_linestyle() == "-."]
+    assert list(zip(*line.get_data())) == [(0.3, 0.62), (1.1, 0.71)] and "reward model" in line.get_label()
+    page = write_report(tmp_path, results, curves, samples).read_text(encoding="utf-8")
+    table = page[page.index("reward model's own optimum π"):]
+    assert "<td>0.77</td>" in table and "<td>0.81</td>" in table and "<td>0.9</td>" not in table
+    lead = page[page.index("class='lead'"):]
+    assert "share 0.77-0.81 where trusted" in lead[:lead.index("</p>")]

@@ -240,6 +240,8 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, poo
                "reward_model": {**rm, "train_pairs_bayes_optimal_accuracy": R.summary(prefs)["bayes_optimal_accuracy"]},
                "frontier": [p._asdict() for p in frontier],
                "frontier_pool": pool_record(pool),
+               "reward_model_optimum": R.reward_model_optimum(samples["gold"], samples["proxy"], plan.frontier_betas,
+                                                              frontier, sft_reward),
                "dpo_targets": dpo_targets(pool, [m for m in methods if m["method"] == "dpo"], plan.tau),
                "settings": {"plan": plan.name, **{k: v for k, v in dataclasses.asdict(plan).items() if k != "name"}, "seed": seed,
                             "base_model": base_model, "base_params_hint": plan.base_params_hint,
@@ -302,6 +304,10 @@ def print_summary(results: dict, report: Path) -> None:
     print(f"optimum frontier: {len(pool['proposals'])} proposals, {pool['samples_per_prompt']} samples per prompt; "
           f"KL up to {max(p['mean_kl'] for p in frontier):.2f}, trusted (ESS >= {pool['min_ess']:g}) up to "
           f"{max(trusted, default=0.0):.2f}")
+    rm_opt = [p for p in results.get("reward_model_optimum", {}).get("points", []) if p["trusted"] and p["gain_share"]]
+    if rm_opt:
+        print("the reward model's own optimum (pi_SFT exp(r_RM / beta) / Z), share of the optimum's gain: "
+              + ", ".join(f"{p['gain_share']:.2f} at KL {p['mean_kl']:.2f}" for p in rm_opt))
     for t in results["dpo_targets"]:
         print(f"DPO beta={t['dpo_beta']:g} targets the optimum at beta={t['frontier_beta']:g}: gold reward "
               f"{t['target_reward']:.3f} at KL {t['target_kl']:.2f}{'' if t['target_trusted'] else ' (ESS too small)'}")

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from prefalign.lab.demo_data import read_jsonl
-from prefalign.lab.frontier import gain_share, optimum_at_kl
+from prefalign.lab.frontier import gain_share, optimum_at_kl, proxy_optimum
 from prefalign.train.logger import read_metrics
 
 MIN_GAIN_FRACTION = 0.1
@@ -72,6 +72,26 @@ def add_gain_shares(methods: list[dict], frontier, sft_reward: float) -> dict:
                                       **{k: m[k] for k in ("beta", "n", "step", "gain_share_se")
                                          if m.get(k) is not None}}
     return by_method
+
+
+def reward_model_optimum(gold: np.ndarray, proxy: np.ndarray, frontier_betas: Sequence[float], frontier,
+                         sft_reward: float) -> dict:
+    """The reward model's own optimum pi_SFT exp(r_RM / beta) / Z (lab.frontier.proxy_optimum, from the SFT
+    samples), its gold reward and its share of the gold optimum's gain at its KL: the most a method that
+    optimises the reward model exactly could get, so a method's distance to it is its optimiser's, and the
+    rest of the way to the gold optimum is the reward model's.
+
+    gold, proxy: (P, N). Its betas are the frontier's times beta_scale, the ratio of the two rewards' spreads
+    within a prompt, so both curves span about the same KL. A share is null where the gold optimum's gain is
+    under MIN_GAIN_FRACTION of its largest, as for a method's headline."""
+    scale = float(proxy.std(axis=1).mean() / max(gold.std(axis=1).mean(), 1e-12))
+    top_gain = max(p.mean_reward for p in frontier) - sft_reward
+    points = []
+    for p in proxy_optimum(gold, proxy, [b * scale for b in frontier_betas]):
+        share = gain_share(p.gold_reward, p.mean_kl, frontier, sft_reward)
+        eligible = optimum_at_kl(frontier, p.mean_kl) - sft_reward >= MIN_GAIN_FRACTION * top_gain   # as a method's
+        points.append({**p._asdict(), "gain_share": share if eligible and math.isfinite(share) else None})
+    return {"beta_scale": scale, "points": points}
 
 
 def share_text(m: dict, plus_minus: str = "+-") -> str:

@@ -155,6 +155,42 @@ def optimum_frontier(rewards: np.ndarray, betas: Sequence[float], min_ess: float
     return mixture_frontier(rewards, zeros, zeros[:, :, None], [rewards.shape[1]], betas, min_ess)
 
 
+class ProxyOptimumPoint(NamedTuple):
+    """pi_SFT tilted by a proxy reward (the reward model) at one beta, measured in both rewards."""
+    beta: float
+    gold_reward: float             # E[r*] under pi_SFT exp(proxy / beta) / Z
+    proxy_reward: float            # E[proxy] under it: the objective's reward
+    mean_kl: float
+    ess_hmean: float
+    trusted: bool
+
+
+def proxy_optimum(gold: np.ndarray, proxy: np.ndarray, betas: Sequence[float],
+                  min_ess: float = MIN_ESS) -> list[ProxyOptimumPoint]:
+    """The optimum of  max_pi E_pi[proxy] - beta KL(pi || pi_SFT),  pi_SFT exp(proxy / beta) / Z, and the
+    gold reward it gets: the most a method that optimises the reward model exactly could reach at its KL.
+
+    gold, proxy: (P, N) rewards of N samples from pi_SFT per prompt. SNIS as ``optimum_frontier``, the
+    weights now from the proxy: w_bar_i = softmax(proxy / beta)_i, E[r*] ~ sum_i w_bar_i gold_i, and KL and
+    ESS as there (``optimum_frontier(proxy)`` gives the same KL, ESS and E[proxy]).
+    """
+    gold, proxy = np.asarray(gold, np.float64), np.asarray(proxy, np.float64)
+    if gold.ndim != 2 or proxy.shape != gold.shape:
+        raise ValueError(f"gold {gold.shape} and proxy {proxy.shape} must both be (prompts, samples)")
+    n = gold.shape[1]
+    points = []
+    for beta in betas:
+        log_w = proxy / beta
+        w_bar = np.exp(log_w - _logsumexp(log_w, axis=1)[:, None])                 # (P, N), rows sum to 1
+        kl = (w_bar * np.log(np.maximum(n * w_bar, np.finfo(np.float64).tiny))).sum(axis=1)   # 0 log 0 = 0
+        ess = 1.0 / (w_bar ** 2).sum(axis=1)
+        hmean = float(1.0 / np.mean(1.0 / ess))
+        points.append(ProxyOptimumPoint(float(beta), float((w_bar * gold).sum(1).mean()),
+                                        float((w_bar * proxy).sum(1).mean()), float(kl.mean()), hmean,
+                                        bool(hmean >= min_ess)))
+    return points
+
+
 def best_of_n_kl(n: int) -> float:
     """KL(best-of-n || pi_SFT) = log n - (n - 1) / n (Stiennon et al. 2020); an upper bound
     on the true KL that is tight when samples rarely repeat (Beirami et al. 2024)."""

@@ -13,6 +13,8 @@ results.json schema::
                    "ess_hmean": float, "trusted": bool}],
      ... optional "frontier_pool": {"proposals": {name: samples per prompt}, "min_ess": float, ...},
      "dpo_targets": [{"dpo_beta", "frontier_beta", "target_reward", "target_kl", "target_trusted", ...}],
+     ... optional "reward_model_optimum": {"beta_scale": float, "points": [{"beta", "gold_reward", "proxy_reward",
+                                           "mean_kl", "ess_hmean", "trusted", "gain_share"}]},
      "settings": {...}}
 """
 from __future__ import annotations
@@ -74,6 +76,7 @@ def plot_reward_vs_kl(results: dict, path: Path) -> Path:
             ax.plot([p["mean_kl"] for p in untrusted], [p["mean_reward"] for p in untrusted], "o", ms=6, zorder=3,
                     markerfacecolor="white", markeredgecolor="gray",
                     label="optimum, too few effective samples" + (f" (ESS < {min_ess:g})" if min_ess else ""))
+    _plot_reward_model_optimum(ax, results.get("reward_model_optimum", {}).get("points", []))
     families: dict[str, list[dict]] = {}
     for m in results.get("methods", []):
         families.setdefault(m["method"], []).append(m)
@@ -116,6 +119,15 @@ def _series_label(name: str, rows: Sequence[dict]) -> str:
     return label
 
 
+def _plot_reward_model_optimum(ax, points: Sequence[dict]) -> None:
+    """The gold reward of the reward model's own optimum pi_SFT exp(r_RM / beta) / Z: the most an exact optimiser of
+    the reward model gets. Its trusted points only (SNIS from the SFT samples), so the line ends where they do."""
+    pts = sorted((p for p in points if p.get("trusted")), key=lambda p: p["mean_kl"])
+    if pts:
+        ax.plot([p["mean_kl"] for p in pts], [p["gold_reward"] for p in pts], "-.", color="goldenrod", lw=2.5, zorder=4,
+                label="reward model's optimum π_SFT·exp(r_RM/β)/Z, gold reward (trusted range)")
+
+
 def _plot_dpo_targets(ax, targets: Sequence[dict]) -> None:
     """Each DPO beta's target, the optimum at tau * beta (labels ~ sigma((r1 - r2) / tau)), joined to the run."""
     color = STYLE["dpo"][0]
@@ -155,6 +167,12 @@ def lead_sentence(results: dict) -> str:
     text = (f"Gold reward against KL(π ‖ π_SFT) on {where}: each method's curve over its own knob (DPO's β; the "
             f"checkpoints of PPO and the other online methods), best-of-n, and the dashed optimum π*_β, the most "
             f"any policy can reach at that KL (hollow: too few effective samples to trust).")
+    rm_shares = [p["gain_share"] for p in results.get("reward_model_optimum", {}).get("points", [])
+                 if p.get("trusted") and _num(p.get("gain_share")) is not None]
+    if rm_shares:
+        text += (f" The dash-dot line is the reward model's own optimum, the policy that maximises it exactly, in gold "
+                 f"reward (share {min(rm_shares):.2f}-{max(rm_shares):.2f} where trusted): a method that optimises the "
+                 f"reward model and stays below it loses the difference to its optimiser, not to the reward model.")
     if shares:
         text += (" Best share of the optimum's gain at equal KL (1 = on the optimum; ± a standard error over "
                  f"prompts): {', '.join(shares)}.")
@@ -222,6 +240,22 @@ def _dpo_targets_table(targets: Sequence[dict]) -> str:
             f"<th>DPO's gold reward</th><th>DPO's KL</th></tr>{rows}</table>")
 
 
+def _reward_model_optimum_table(points: Sequence[dict]) -> str:
+    """The reward model's own optimum at each trusted beta: what maximising it exactly would get in gold."""
+    pts = sorted((p for p in points if p.get("trusted") and _num(p.get("gain_share")) is not None),
+                 key=lambda p: p["mean_kl"])
+    if not pts:
+        return ""
+    rows = "".join(f"<tr><td>{p['beta']:.3g}</td><td>{_fmt(p['mean_kl'], 2)}</td><td>{_fmt(p['proxy_reward'], 2)}</td>"
+                   f"<td>{_fmt(p['gold_reward'])}</td><td>{_fmt(p['gain_share'], 2)}</td></tr>" for p in pts)
+    return ("<p>The reward model's own optimum π<sub>SFT</sub> exp(r<sub>RM</sub>/β) / Z, the policy that maximises "
+            "E[r<sub>RM</sub>] − β KL exactly (estimated from the SFT samples; trusted points only), measured in the "
+            "gold reward. Its share of the optimum's gain is the most a method that optimises this reward model can "
+            "get: below it, the method's optimiser loses the rest; above the reward model's share, the reward model "
+            "does.</p><table><tr><th>β (reward-model units)</th><th>KL</th><th>reward-model score</th>"
+            f"<th>gold reward</th><th>share of the optimum's gain</th></tr>{rows}</table>")
+
+
 def _samples_table(samples: Sequence[dict]) -> str:
     """samples: [{"prompt": str, "completions": {method: text}, "rewards": {method: float} (optional)}]."""
     if not samples:
@@ -278,7 +312,8 @@ def write_report(out_dir, results: dict, curves: dict[str, list[dict]], samples:
         parts += ["<h2>Reward model</h2>",
                   f"<table><tr><th>held-out pairwise accuracy</th><td>{_fmt(rm.get('heldout_accuracy'))}</td></tr>"
                   f"<tr><th>Bayes-optimal accuracy (ceiling for any reward model on these labels)</th>"
-                  f"<td>{_fmt(rm.get('bayes_optimal_accuracy'))}</td></tr></table>"]
+                  f"<td>{_fmt(rm.get('bayes_optimal_accuracy'))}</td></tr></table>",
+                  _reward_model_optimum_table(results.get("reward_model_optimum", {}).get("points", []))]
     parts.append("<h2>Training curves</h2>")
     for stage, rows in curves.items():
         png = plot_curves(stage, rows, out / f"curves_{''.join(c if c.isalnum() else '_' for c in stage)}.png")
