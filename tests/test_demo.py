@@ -240,7 +240,7 @@ def test_every_method_is_one_registry_entry_with_its_curve_of_settings():
     assert [s.stage for s in by_name["dpo"].settings(DEFAULT)] == ["dpo-beta0.3", "dpo-beta1", "dpo-beta3"]
     rloo = by_name["rloo"].settings(DEFAULT)
     assert [s.stage for s in rloo] == [f"rloo-{k}" for k in range(1, 6)]
-    assert [s.knobs for s in rloo][:2] == [{"beta": 0.2, "step": 12}, {"beta": 0.2, "step": 24}]
+    assert [s.knobs for s in rloo][:2] == [{"beta": 0.5, "step": 24}, {"beta": 0.5, "step": 48}]
     assert [in_pool(s, len(rloo), DEFAULT) for s in rloo] == [False, False, False, False, True]
     assert [in_pool(s, len(rloo), dataclasses.replace(DEFAULT, frontier_pool_checkpoints=(3,))) for s in rloo] == [
         False, False, True, False, True]

@@ -90,14 +90,19 @@ class DemoPlan:
     dpo_betas: tuple[float, ...] = (0.3, 1.0, 3.0)
     dpo_epochs: float = 1.0
     dpo_batch: int = 16
-    dpo_lr: float = 2e-4
+    # 2e-4 until 2026-12-03: every beta then landed at KL 4.6-8.2 (beta 3 aims at KL 0.26), past the
+    # frontier's trusted range; 5e-5 landed at KL 0.3-0.8 (docs/demo.md).
+    dpo_lr: float = 1e-4
     # --- PPO: segments of iterations, each continuing the last; one evaluated checkpoint per segment
     ppo_segments: int = 5
-    ppo_iterations: int = 12             # per segment
+    # 12 per segment until 2026-12-03; with kl_coef 0.5 PPO's gold still rose at equal KL past 60 iterations
+    ppo_iterations: int = 24             # per segment
     ppo_rollout_batch: int = 64
     ppo_minibatch: int = 32
     ppo_epochs: int = 2
-    ppo_kl_coef: float = 0.2
+    # 0.2 until 2026-12-03: at its KL PPO then reached a third of the reward-model gain its own objective's
+    # optimum has (benchmarks/rm_optimum.py); 0.5 pulls back the KL its noisy updates spend (docs/demo.md)
+    ppo_kl_coef: float = 0.5
     ppo_lr: float = 5e-5
     # Subtracted from the reward model's score of a completion cut at max_new_tokens: the demo's reward
     # model scores cut completions higher than the same text ending in EOS, and without this PPO drifts
@@ -111,8 +116,9 @@ class DemoPlan:
     # EOS 0.71, gold 0.681 at KL 1.1 with both.
     ppo_score_cut_at_eos: bool = True
     # --- RLOO and GRPO: as PPO, segments continuing the last, at PPO's completions per iteration
-    rloo: GroupPlan = GroupPlan(beta=0.2)
-    grpo: GroupPlan = GroupPlan(beta=0.04)
+    # beta 0.2 / 0.04 and 12 iterations per segment until 2026-12-03 (GRPO's KL then ran to 15-20 nats)
+    rloo: GroupPlan = GroupPlan(beta=0.5, iterations=24)
+    grpo: GroupPlan = GroupPlan(beta=0.1, iterations=24)
     # --- online DPO: segments as RLOO/GRPO, judged by the labeler itself (gold reward, tau)
     online_dpo: OnlineDPOPlan = OnlineDPOPlan()
     # --- evaluation
@@ -181,7 +187,7 @@ QUICK = dataclasses.replace(
     DEFAULT, name="quick", pretrain_reviews=6000, train_prompts=1200, heldout_prompts=64, vocab_size=1500,
     hidden=64, layers=2, heads=2, pretrain_steps=400, pretrain_lr=2e-3, sft_steps=80, sft_lr=5e-4,
     max_new_tokens=32, reward_epochs=2.0, reward_lr=1e-3, dpo_betas=(1.0,), dpo_lr=5e-4,
-    ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_lr=2e-4,
+    ppo_segments=2, ppo_iterations=8, ppo_epochs=4, ppo_kl_coef=0.2, ppo_lr=2e-4,
     rloo=GroupPlan(segments=2, iterations=8, prompts=4, generations=8, minibatch=16, epochs=4, beta=0.2, lr=2e-4),
     grpo=GroupPlan(segments=2, iterations=8, prompts=4, generations=8, minibatch=16, epochs=4, beta=0.04, lr=2e-4),
     online_dpo=OnlineDPOPlan(segments=2, iterations=8, prompts=32, minibatch=16, beta=1.0, lr=2e-4),
