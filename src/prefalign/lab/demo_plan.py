@@ -116,9 +116,11 @@ class DemoPlan:
     # EOS 0.71, gold 0.681 at KL 1.1 with both.
     ppo_score_cut_at_eos: bool = True
     # --- RLOO and GRPO: as PPO, segments continuing the last, at PPO's completions per iteration
-    # beta 0.2 / 0.04 and 12 iterations per segment until 2026-12-03 (GRPO's KL then ran to 15-20 nats)
+    # beta 0.2 / 0.04 and 12 iterations per segment until 2026-12-03 (GRPO's KL then ran to 15-20 nats, and
+    # to 8-13 at beta 0.1). GRPO's advantage is the reward over the group's std (~1.7 here) and its k3 is
+    # averaged over the same tokens, so its beta 0.3 is about RLOO's 0.5 in reward units.
     rloo: GroupPlan = GroupPlan(beta=0.5, iterations=24)
-    grpo: GroupPlan = GroupPlan(beta=0.1, iterations=24)
+    grpo: GroupPlan = GroupPlan(beta=0.3, iterations=24)
     # --- online DPO: segments as RLOO/GRPO, judged by the labeler itself (gold reward, tau)
     online_dpo: OnlineDPOPlan = OnlineDPOPlan()
     # --- evaluation
