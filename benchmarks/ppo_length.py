@@ -59,7 +59,7 @@ VARIANTS = {
     "cut_eos_lr1e-4": [*CUT_EOS, "--lr", "1e-4"],
     "cut_eos_rollout128": [*CUT_EOS, "--rollout-batch-size", "128", "--minibatch-size", "64"],
     "cut_eos_value_sft": [*CUT_EOS, "--value-model", "{demo}/sft"],
-    # KL efficiency (2026-12-04): a larger KL coefficient, GAE lambda 1, whitened scores
+    # KL efficiency (2026-12-03): a larger KL coefficient, GAE lambda 1, whitened scores
     "cut_eos_kl0.5": [*CUT_EOS, "--kl-coef", "0.5"],
     "cut_eos_kl1": [*CUT_EOS, "--kl-coef", "1.0"],
     "cut_eos_lam1": [*CUT_EOS, "--lam", "1.0"],

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from prefalign.lab.demo_eval import reward_model_scores
-from prefalign.lab.frontier import MIN_ESS, proxy_optimum
+from prefalign.lab.frontier import MIN_ESS, FrontierPoint, optimum_at_kl, proxy_optimum
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     samples = np.load(demo / "sft-samples" / "samples.npz")
     gold, proxy = samples["gold"], samples["proxy"]                              # (P, N)
     results = json.loads((demo / "results.json").read_text())
-    frontier = sorted((p["mean_kl"], p["mean_reward"]) for p in results["frontier"])
+    frontier = [FrontierPoint(**p) for p in results["frontier"]]
     curve = sorted(proxy_optimum(gold, proxy, np.geomspace(0.05, 50, 80)), key=lambda p: p.mean_kl)
     kls = [p.mean_kl for p in curve]
     max_trusted = max(p.mean_kl for p in curve if p.ess_hmean >= MIN_ESS)
@@ -55,7 +55,7 @@ def main() -> None:
         row = {"policy": name, "kl": kl, "rm": float(scores.mean()), "gold": m["gold_reward"],
                "rm_opt_rm": float(np.interp(kl, kls, [p.proxy_reward for p in curve])),
                "rm_opt_gold": float(np.interp(kl, kls, [p.gold_reward for p in curve])),
-               "gold_opt": float(np.interp(kl, *zip(*frontier))), "trusted": kl <= max_trusted}
+               "gold_opt": optimum_at_kl(frontier, kl), "trusted": kl <= max_trusted}
         row["rm_share"] = (row["rm"] - rm_sft) / (row["rm_opt_rm"] - rm_sft)
         rows.append(row)
         print(f"{name:<14} {kl:6.2f}{'' if row['trusted'] else '*'} {row['rm']:+6.2f} {row['rm_opt_rm']:+6.2f} "

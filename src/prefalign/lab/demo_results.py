@@ -51,7 +51,6 @@ def add_gain_shares(methods: list[dict], frontier, sft_reward: float) -> dict:
     from them only when a method has no row inside the trusted range (it then carries
     ``upper_bound: true``).
     """
-    top_gain = max(p.mean_reward for p in frontier) - sft_reward
     max_kl = max((p.mean_kl for p in frontier if p.trusted), default=0.0)
     by_method: dict[str, dict] = {}
     for m in methods:
@@ -61,8 +60,7 @@ def add_gain_shares(methods: list[dict], frontier, sft_reward: float) -> dict:
         m["gain_share"] = gain_share(m["gold_reward"], m["kl"], frontier, sft_reward)
         m["optimum_at_kl"] = optimum_at_kl(frontier, m["kl"])
         m["beyond_frontier"] = m["kl"] > max_kl
-        eligible = m["optimum_at_kl"] - sft_reward >= MIN_GAIN_FRACTION * top_gain
-        if not (eligible and math.isfinite(m["gain_share"])):
+        if not (share_is_meaningful(frontier, m["kl"], sft_reward) and math.isfinite(m["gain_share"])):
             continue
         best = by_method.get(m["method"])
         rank = (not m["beyond_frontier"], m["gain_share"])
@@ -72,6 +70,13 @@ def add_gain_shares(methods: list[dict], frontier, sft_reward: float) -> dict:
                                       **{k: m[k] for k in ("beta", "n", "step", "gain_share_se")
                                          if m.get(k) is not None}}
     return by_method
+
+
+def share_is_meaningful(frontier, kl: float, sft_reward: float) -> bool:
+    """Whether the optimum's gain at ``kl`` is at least MIN_GAIN_FRACTION of the largest the frontier shows:
+    near KL = 0 both gains of a share are tiny and their ratio mostly sampling noise."""
+    top_gain = max(p.mean_reward for p in frontier) - sft_reward
+    return optimum_at_kl(frontier, kl) - sft_reward >= MIN_GAIN_FRACTION * top_gain
 
 
 def reward_model_optimum(gold: np.ndarray, proxy: np.ndarray, frontier_betas: Sequence[float], frontier,
@@ -85,12 +90,11 @@ def reward_model_optimum(gold: np.ndarray, proxy: np.ndarray, frontier_betas: Se
     within a prompt, so both curves span about the same KL. A share is null where the gold optimum's gain is
     under MIN_GAIN_FRACTION of its largest, as for a method's headline."""
     scale = float(proxy.std(axis=1).mean() / max(gold.std(axis=1).mean(), 1e-12))
-    top_gain = max(p.mean_reward for p in frontier) - sft_reward
     points = []
     for p in proxy_optimum(gold, proxy, [b * scale for b in frontier_betas]):
         share = gain_share(p.gold_reward, p.mean_kl, frontier, sft_reward)
-        eligible = optimum_at_kl(frontier, p.mean_kl) - sft_reward >= MIN_GAIN_FRACTION * top_gain   # as a method's
-        points.append({**p._asdict(), "gain_share": share if eligible and math.isfinite(share) else None})
+        meaningful = share_is_meaningful(frontier, p.mean_kl, sft_reward) and math.isfinite(share)
+        points.append({**p._asdict(), "gain_share": share if meaningful else None})
     return {"beta_scale": scale, "points": points}
 
 

@@ -71,6 +71,7 @@ class TiltedEstimate(NamedTuple):
     kl: np.ndarray               # KL(pi*_beta || pi_SFT), nats per completion
     log_z: np.ndarray            # log Z(x), the normaliser of pi_SFT exp(r / beta)
     ess: np.ndarray              # (sum w)^2 / sum w^2, in [1, M]
+    weights: np.ndarray          # (P, M) w / sum w per prompt: E*[f] ~ sum_i weights_i f_i for any f of the samples
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -126,7 +127,7 @@ def tilted_estimates(rewards, ref_logps, proposal_logps, counts, beta: float, th
     w_bar = np.exp(log_w - log_z[:, None])                                      # (P, M), rows sum to 1
     mean_reward = (w_bar * rewards).sum(axis=1)                                 # E*[r]
     kl = mean_reward / beta - log_z                                             # E*[r] / beta - log Z
-    return TiltedEstimate(mean_reward, kl, log_z, 1.0 / (w_bar ** 2).sum(axis=1))
+    return TiltedEstimate(mean_reward, kl, log_z, 1.0 / (w_bar ** 2).sum(axis=1), w_bar)
 
 
 def mixture_frontier(rewards, ref_logps, proposal_logps, counts, betas: Sequence[float],
@@ -177,16 +178,13 @@ def proxy_optimum(gold: np.ndarray, proxy: np.ndarray, betas: Sequence[float],
     gold, proxy = np.asarray(gold, np.float64), np.asarray(proxy, np.float64)
     if gold.ndim != 2 or proxy.shape != gold.shape:
         raise ValueError(f"gold {gold.shape} and proxy {proxy.shape} must both be (prompts, samples)")
-    n = gold.shape[1]
+    zeros = np.zeros_like(proxy)
     points = []
     for beta in betas:
-        log_w = proxy / beta
-        w_bar = np.exp(log_w - _logsumexp(log_w, axis=1)[:, None])                 # (P, N), rows sum to 1
-        kl = (w_bar * np.log(np.maximum(n * w_bar, np.finfo(np.float64).tiny))).sum(axis=1)   # 0 log 0 = 0
-        ess = 1.0 / (w_bar ** 2).sum(axis=1)
-        hmean = float(1.0 / np.mean(1.0 / ess))
-        points.append(ProxyOptimumPoint(float(beta), float((w_bar * gold).sum(1).mean()),
-                                        float((w_bar * proxy).sum(1).mean()), float(kl.mean()), hmean,
+        est = tilted_estimates(proxy, zeros, zeros[:, :, None], [proxy.shape[1]], beta)
+        hmean = float(1.0 / np.mean(1.0 / est.ess))
+        points.append(ProxyOptimumPoint(float(beta), float((est.weights * gold).sum(1).mean()),
+                                        float(est.mean_reward.mean()), float(est.kl.mean()), hmean,
                                         bool(hmean >= min_ess)))
     return points
 
