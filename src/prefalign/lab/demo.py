@@ -304,7 +304,8 @@ def print_summary(results: dict, report: Path) -> None:
     print(f"optimum frontier: {len(pool['proposals'])} proposals, {pool['samples_per_prompt']} samples per prompt; "
           f"KL up to {max(p['mean_kl'] for p in frontier):.2f}, trusted (ESS >= {pool['min_ess']:g}) up to "
           f"{max(trusted, default=0.0):.2f}")
-    rm_opt = [p for p in results.get("reward_model_optimum", {}).get("points", []) if p["trusted"] and p["gain_share"]]
+    rm_opt = [p for p in results.get("reward_model_optimum", {}).get("points", [])
+              if p["trusted"] and p.get("gain_share") is not None]               # a share of exactly 0 too
     if rm_opt:
         print("the reward model's own optimum (pi_SFT exp(r_RM / beta) / Z), share of the optimum's gain: "
               + ", ".join(f"{p['gain_share']:.2f} at KL {p['mean_kl']:.2f}" for p in rm_opt))
