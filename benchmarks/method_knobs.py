@@ -1,0 +1,105 @@
+"""An online method's knobs against the demo's optimum (issue #16; docs/demo.md).
+
+Trains `prefalign online-dpo`, `rloo` or `grpo` from a finished `make demo` folder's SFT model exactly as the
+demo's stage does (lab.demo_stages.online_dpo_segment and group_segment: segments continuing the last, online
+DPO judged by the lab's labeler, RLOO and GRPO by the folder's reward model), with the plan's settings of that
+method replaced by the options given, evaluates every segment's policy on the held-out
+prompts as the demo's eval stage does, and prints its gold reward, KL and share of the optimum's gain at that
+KL against the folder's frontier (results.json; '*' marks a KL past its trusted range).
+
+The share is the point estimate of `prefalign demo`'s own (which also puts the policies into the frontier's
+pool, so its frontier can differ slightly); its standard error over prompts is about 0.02 in the demo's runs.
+A segment whose evaluation is already under --out is not run again (give the same options), so a killed screen
+resumes, and a screen
+started before the demo folder has its results.json (it needs the folder's sft, reward, data and sft-samples)
+prints gold and KL only: run it again with the same --out once the demo has finished for the shares.
+
+    python benchmarks/method_knobs.py --demo DEMO --out DIR --method online-dpo|rloo|grpo [--beta B] [--lr LR]
+        [--segments S] [--iterations I] [--prompts P] [--minibatch M] [--generations K] [--epochs E] [--json F]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from prefalign.lab import demo_eval, demo_stages
+from prefalign.lab.demo_plan import DemoPlan
+from prefalign.lab.frontier import FrontierPoint, gain_share, optimum_at_kl
+
+KNOBS = ("beta", "lr", "segments", "iterations", "prompts", "minibatch", "generations", "epochs")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", required=True, help="a finished `prefalign demo` output folder")
+    ap.add_argument("--out", required=True, help="where the runs and their evaluations go")
+    ap.add_argument("--method", required=True, choices=("online-dpo", "rloo", "grpo"))
+    ap.add_argument("--seed", type=int, default=0, help="the demo's --seed (segment s trains with seed + s - 1)")
+    ap.add_argument("--json", help="also write the rows here")
+    for name in KNOBS:
+        ap.add_argument(f"--{name}", type=float if name in ("beta", "lr") else int,
+                        help=f"the method's {name} in the plan (OnlineDPOPlan or GroupPlan; online DPO has no "
+                             "generations or epochs; default: the demo folder's plan)")
+    args = ap.parse_args()
+    demo, out = Path(args.demo), Path(args.out)
+    recorded = json.loads((demo / "plan.json").read_text())
+    fields = {f.name: f for f in dataclasses.fields(DemoPlan)}
+    attr = args.method.replace("-", "_")
+    plan = {k: v for k, v in recorded.items() if k in fields and not isinstance(v, (dict, list))}
+    if isinstance(recorded.get(attr), dict):                          # a method recorded with its settings
+        plan[attr] = type(fields[attr].default)(**recorded[attr])
+    base = DemoPlan(**plan)
+    o = dataclasses.replace(getattr(base, attr), **{k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None})
+    sft_gold = np.load(demo / "sft-samples" / "samples.npz")["gold"]
+    print(f"{args.method} {o}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, previous = [], None
+    for segment in range(1, o.segments + 1):
+        run_dir, eval_dir = out / f"{args.method}-{segment}", out / "eval" / f"{args.method}-{segment}"
+        if not (eval_dir / "summary.json").exists():
+            start_model, seed = previous or demo / "sft", args.seed + segment - 1
+            prompts = demo / "data" / "prompts_train.jsonl"
+            start = time.perf_counter()
+            if args.method == "online-dpo":
+                demo_stages.online_dpo_segment(run_dir, False, start_model, demo / "sft", prompts, base, o, seed)
+            else:
+                demo_stages.group_segment(run_dir, False, args.method, start_model, demo / "sft", demo / "reward",
+                                          prompts, base, o, seed)
+            seconds = time.perf_counter() - start
+            eval_dir.mkdir(parents=True, exist_ok=True)
+            demo_eval.evaluate(eval_dir, run_dir, demo / "sft", demo / "data", base, args.seed, sft_gold)
+            (eval_dir / "train_seconds.json").write_text(json.dumps(seconds) + "\n")
+        s = json.loads((eval_dir / "summary.json").read_text())
+        rows.append({"iteration": segment * o.iterations, "gold_reward": s["gold_reward"], "kl": s["kl"],
+                     "train_seconds": json.loads((eval_dir / "train_seconds.json").read_text())})
+        print(f"segment {segment}: gold {s['gold_reward']:.3f} at KL {s['kl']:.2f}", flush=True)
+        previous = run_dir
+    finished = demo / "results.json"
+    if finished.exists():
+        results = json.loads(finished.read_text())
+        frontier = [FrontierPoint(**p) for p in results["frontier"]]
+        max_trusted = max(p.mean_kl for p in frontier if p.trusted)
+        sft_reward = next(m["gold_reward"] for m in results["methods"] if m["method"] == "sft")
+        for row in rows:
+            row.update(optimum_at_kl=optimum_at_kl(frontier, row["kl"]), trusted=row["kl"] <= max_trusted,
+                       gain_share=gain_share(row["gold_reward"], row["kl"], frontier, sft_reward))
+        print(f"SFT gold {sft_reward:.3f}; frontier trusted to KL {max_trusted:.2f} ('*': past it)")
+        print(f"{'iteration':>9} {'gold':>6} {'KL':>6} {'optimum':>7} {'share':>6} {'train s':>7}")
+        for row in rows:
+            print(f"{row['iteration']:9d} {row['gold_reward']:6.3f} {row['kl']:6.2f}{' ' if row['trusted'] else '*'}"
+                  f"{row['optimum_at_kl']:7.3f} {row['gain_share']:6.2f} {row['train_seconds']:7.0f}")
+    else:
+        print(f"{finished} is not there yet: run this again with the same --out once the demo has finished "
+              "for the shares (the segments are not run again)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"method": args.method, "settings": dataclasses.asdict(o),
+                                               "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
