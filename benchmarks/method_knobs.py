@@ -10,9 +10,8 @@ KL against the folder's frontier (results.json; '*' marks a KL past its trusted 
 The share is the point estimate of `prefalign demo`'s own (which also puts the policies into the frontier's
 pool, so its frontier can differ slightly); its standard error over prompts is about 0.02 in the demo's runs.
 A segment whose evaluation is already under --out is not run again (give the same options), so a killed screen
-resumes, and a screen
-started before the demo folder has its results.json (it needs the folder's sft, reward, data and sft-samples)
-prints gold and KL only: run it again with the same --out once the demo has finished for the shares.
+resumes; a screen started before the demo folder has its results.json (it needs the folder's sft, reward, data
+and sft-samples) prints gold and KL only: run it again with the same --out once the demo has finished.
 
     python benchmarks/method_knobs.py --demo DEMO --out DIR --method online-dpo|rloo|grpo [--beta B] [--lr LR]
         [--segments S] [--iterations I] [--prompts P] [--minibatch M] [--generations K] [--epochs E] [--json F]
