@@ -215,13 +215,13 @@ def test_score_cut_at_eos_is_recorded_only_where_on():
 
 
 def test_rloo_and_grpo_are_recorded_only_where_they_run_with_other_sizes():
-    """A default folder made before online DPO joined still matches (its stages just run); RLOO and GRPO
-    are recorded wherever they run, since their EOS penalty changed how they train, so a folder trained
-    without it is refused; a plan that does not run them (segments 0, the smollm2 plans) records nothing
-    of them."""
+    """RLOO, GRPO and online DPO are recorded wherever they run, since their defaults changed how they
+    train (the EOS penalty; online DPO's pairs per iteration), so a folder trained before is refused; a
+    plan that does not run them (segments 0, the smollm2 plans) records nothing of them."""
     from prefalign.lab.demo_plan import DEFAULT, QUICK, SMOLLM2, SMOLLM2_QUICK, recorded
     later = {"rloo", "grpo", "online_dpo", "frontier_pool_checkpoints"}
-    assert later & set(recorded(DEFAULT)) == {"rloo", "grpo"}
+    assert later & set(recorded(DEFAULT)) == {"rloo", "grpo", "online_dpo"}
+    assert recorded(DEFAULT)["online_dpo"]["prompts"] == 256
     assert recorded(DEFAULT)["grpo"]["missing_eos_penalty"] == 1.0
     assert not later & (set(recorded(SMOLLM2)) | set(recorded(SMOLLM2_QUICK)))
     assert recorded(QUICK)["rloo"]["segments"] == 2 and recorded(QUICK)["frontier_pool_checkpoints"] == (2,)

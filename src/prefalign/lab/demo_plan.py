@@ -47,13 +47,14 @@ class OnlineDPOPlan:
     reward (`--reward-fn prefalign.lab.gold:gold_reward_fn`) with `--judge-temperature` = the plan's tau,
     so P(y1 > y2) = sigma((r*(y1) - r*(y2)) / tau) as for the offline pairs, and like offline DPO's
     target its fixed point is the optimum at tau * beta. minibatch: pairs per optimizer step.
-    The default is PPO's sampling budget (64 completions per iteration, 60 iterations). Measured on the
-    default run's SFT model (2026-12-02, load average 2.4-3.7): 32 prompts x 2 took 2.0-4.6 s per
-    iteration (rollout 1.0-3.0 s, update 0.7-2.0 s; 20 iterations in 71 s), the rollouts' gold
-    reward rising from 0.57 to 0.62-0.67 at KL 1.3 after 20 iterations with beta 0.3, lr 1e-4."""
+    The class default is PPO's sampling budget of 2026-12-02 (64 completions per iteration; DemoPlan's
+    default takes 256 pairs since 2026-12-04). Measured on the default run's SFT model (2026-12-02, load
+    average 2.4-3.7): 32 prompts x 2 took 2.0-4.6 s per iteration (rollout 1.0-3.0 s, update 0.7-2.0 s;
+    20 iterations in 71 s), the rollouts' gold reward rising from 0.57 to 0.62-0.67 at KL 1.3 after 20
+    iterations with beta 0.3, lr 1e-4."""
     segments: int = 5
     iterations: int = 12                 # per segment
-    prompts: int = 32                    # pairs per rollout: 64 completions, PPO's rollout
+    prompts: int = 32                    # pairs per rollout (64 completions)
     minibatch: int = 16                  # pairs per optimizer step
     beta: float = 0.3
     lr: float = 1e-4
@@ -174,9 +175,9 @@ class DemoPlan:
 def recorded(plan: DemoPlan) -> dict:
     """The plan as OUTPUT/plan.json records it: every field, except those added later (for --base
     smollm2, the frontier's pool, RLOO, GRPO and online DPO) while they hold their defaults or name a method that
-    does not run (RLOO and GRPO are recorded whenever they run: their default changed), so output folders of
-    runs made before them still match (a stage that lacks what a
-    later one needs says to delete it; a method added later just runs its stages)."""
+    does not run (RLOO, GRPO and online DPO are recorded whenever they run: their defaults changed), so output
+    folders of runs made before them still match (a stage that lacks what a later one needs says to delete it;
+    a method added later just runs its stages)."""
     later = {"base", "lora", "lora_r", "packing", "shared_value_head", "frontier_pool_sft", "rloo", "grpo",
              "frontier_pool_checkpoints", "online_dpo"}
     defaults = {f.name: f.default for f in dataclasses.fields(DemoPlan)}
@@ -185,9 +186,10 @@ def recorded(plan: DemoPlan) -> dict:
         value = getattr(plan, k)
         if isinstance(value, (GroupPlan, OnlineDPOPlan)) and value.segments == 0:
             return True
-        # RLOO and GRPO trained without an EOS penalty before GroupPlan.missing_eos_penalty: a running
-        # GroupPlan is recorded, so a folder of theirs made before it is refused rather than mixed
-        return value == defaults[k] and not isinstance(value, GroupPlan)
+        # RLOO and GRPO trained without an EOS penalty before GroupPlan.missing_eos_penalty, online DPO on 32
+        # pairs per iteration before 2026-12-04: a running method is recorded, so a folder of theirs made
+        # before is refused rather than mixed
+        return value == defaults[k] and not isinstance(value, (GroupPlan, OnlineDPOPlan))
     # ppo_score_cut_at_eos: recorded when on (the default since 2026-12-03, so older default folders are
     # refused), left out when off (how every plan trained before it, so their folders still match)
     return {k: v for k, v in dataclasses.asdict(plan).items()
