@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -50,8 +51,13 @@ def main() -> None:
     fields = {f.name: f for f in dataclasses.fields(DemoPlan)}
     attr = args.method.replace("-", "_")
     plan = {k: v for k, v in recorded.items() if k in fields and not isinstance(v, (dict, list))}
-    if isinstance(recorded.get(attr), dict):                          # a method recorded with its settings
-        plan[attr] = type(fields[attr].default)(**recorded[attr])
+    finished = demo / "results.json"
+    # results.json holds every field of the plan the folder ran; plan.json leaves out a later method at its
+    # default of that time (demo_plan.recorded), which need not be today's
+    settings = json.loads(finished.read_text())["settings"] if finished.exists() else {}
+    source = settings.get(attr) or recorded.get(attr)
+    if isinstance(source, dict):
+        plan[attr] = type(fields[attr].default)(**source)
     base = DemoPlan(**plan)
     o = dataclasses.replace(getattr(base, attr), **{k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None})
     sft_gold = np.load(demo / "sft-samples" / "samples.npz")["gold"]
@@ -60,7 +66,8 @@ def main() -> None:
     rows, previous = [], None
     for segment in range(1, o.segments + 1):
         run_dir, eval_dir = out / f"{args.method}-{segment}", out / "eval" / f"{args.method}-{segment}"
-        if not (eval_dir / "summary.json").exists():
+        if not (run_dir / "summary.json").exists():                  # not trained, or killed while training
+            shutil.rmtree(run_dir, ignore_errors=True)
             start_model, seed = previous or demo / "sft", args.seed + segment - 1
             prompts = demo / "data" / "prompts_train.jsonl"
             start = time.perf_counter()
@@ -69,16 +76,15 @@ def main() -> None:
             else:
                 demo_stages.group_segment(run_dir, False, args.method, start_model, demo / "sft", demo / "reward",
                                           prompts, base, o, seed)
-            seconds = time.perf_counter() - start
+            (run_dir / "train_seconds.json").write_text(json.dumps(time.perf_counter() - start) + "\n")
+        if not (eval_dir / "summary.json").exists():
             eval_dir.mkdir(parents=True, exist_ok=True)
             demo_eval.evaluate(eval_dir, run_dir, demo / "sft", demo / "data", base, args.seed, sft_gold)
-            (eval_dir / "train_seconds.json").write_text(json.dumps(seconds) + "\n")
         s = json.loads((eval_dir / "summary.json").read_text())
         rows.append({"iteration": segment * o.iterations, "gold_reward": s["gold_reward"], "kl": s["kl"],
-                     "train_seconds": json.loads((eval_dir / "train_seconds.json").read_text())})
+                     "train_seconds": json.loads((run_dir / "train_seconds.json").read_text())})
         print(f"segment {segment}: gold {s['gold_reward']:.3f} at KL {s['kl']:.2f}", flush=True)
         previous = run_dir
-    finished = demo / "results.json"
     if finished.exists():
         results = json.loads(finished.read_text())
         frontier = [FrontierPoint(**p) for p in results["frontier"]]
