@@ -29,7 +29,8 @@ import numpy as np
 
 from prefalign.lab import demo_eval, demo_stages
 from prefalign.lab.demo_plan import DemoPlan
-from prefalign.lab.frontier import FrontierPoint, gain_share, optimum_at_kl
+from prefalign.lab.demo_results import add_gain_shares
+from prefalign.lab.frontier import FrontierPoint
 
 KNOBS = ("beta", "lr", "segments", "iterations", "prompts", "minibatch", "generations", "epochs")
 
@@ -47,19 +48,20 @@ def main() -> None:
                              "generations or epochs; default: the demo folder's plan)")
     args = ap.parse_args()
     demo, out = Path(args.demo), Path(args.out)
+    finished = demo / "results.json"
+    results = json.loads(finished.read_text()) if finished.exists() else None
     recorded = json.loads((demo / "plan.json").read_text())
     fields = {f.name: f for f in dataclasses.fields(DemoPlan)}
     attr = args.method.replace("-", "_")
     plan = {k: v for k, v in recorded.items() if k in fields and not isinstance(v, (dict, list))}
-    finished = demo / "results.json"
-    # results.json holds every field of the plan the folder ran; plan.json leaves out a later method at its
-    # default of that time (demo_plan.recorded), which need not be today's
-    settings = json.loads(finished.read_text())["settings"] if finished.exists() else {}
-    source = settings.get(attr) or recorded.get(attr)
-    if isinstance(source, dict):
-        plan[attr] = type(fields[attr].default)(**source)
+    # results.json's settings hold every field of the plan the folder ran; plan.json leaves out a later method
+    # at its default of that time (demo_plan.recorded), which need not be today's
+    method = (results["settings"] if results else recorded).get(attr)
+    if isinstance(method, dict):
+        plan[attr] = type(fields[attr].default)(**method)
     base = DemoPlan(**plan)
-    o = dataclasses.replace(getattr(base, attr), **{k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None})
+    o = dataclasses.replace(getattr(base, attr),
+                            **{k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None})
     sft_gold = np.load(demo / "sft-samples" / "samples.npz")["gold"]
     print(f"{args.method} {o}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,22 +83,20 @@ def main() -> None:
             eval_dir.mkdir(parents=True, exist_ok=True)
             demo_eval.evaluate(eval_dir, run_dir, demo / "sft", demo / "data", base, args.seed, sft_gold)
         s = json.loads((eval_dir / "summary.json").read_text())
-        rows.append({"iteration": segment * o.iterations, "gold_reward": s["gold_reward"], "kl": s["kl"],
-                     "train_seconds": json.loads((run_dir / "train_seconds.json").read_text())})
+        rows.append({"method": args.method, "iteration": segment * o.iterations, "gold_reward": s["gold_reward"],
+                     "kl": s["kl"], "train_seconds": json.loads((run_dir / "train_seconds.json").read_text())})
         print(f"segment {segment}: gold {s['gold_reward']:.3f} at KL {s['kl']:.2f}", flush=True)
         previous = run_dir
-    if finished.exists():
-        results = json.loads(finished.read_text())
+    if results:
         frontier = [FrontierPoint(**p) for p in results["frontier"]]
-        max_trusted = max(p.mean_kl for p in frontier if p.trusted)
         sft_reward = next(m["gold_reward"] for m in results["methods"] if m["method"] == "sft")
-        for row in rows:
-            row.update(optimum_at_kl=optimum_at_kl(frontier, row["kl"]), trusted=row["kl"] <= max_trusted,
-                       gain_share=gain_share(row["gold_reward"], row["kl"], frontier, sft_reward))
+        add_gain_shares(rows, frontier, sft_reward)              # gain_share, optimum_at_kl, beyond_frontier
+        max_trusted = max((p.mean_kl for p in frontier if p.trusted), default=0.0)
         print(f"SFT gold {sft_reward:.3f}; frontier trusted to KL {max_trusted:.2f} ('*': past it)")
         print(f"{'iteration':>9} {'gold':>6} {'KL':>6} {'optimum':>7} {'share':>6} {'train s':>7}")
         for row in rows:
-            print(f"{row['iteration']:9d} {row['gold_reward']:6.3f} {row['kl']:6.2f}{' ' if row['trusted'] else '*'}"
+            past = "*" if row["beyond_frontier"] else " "
+            print(f"{row['iteration']:9d} {row['gold_reward']:6.3f} {row['kl']:6.2f}{past}"
                   f"{row['optimum_at_kl']:7.3f} {row['gain_share']:6.2f} {row['train_seconds']:7.0f}")
     else:
         print(f"{finished} is not there yet: run this again with the same --out once the demo has finished "
