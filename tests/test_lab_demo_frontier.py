@@ -10,7 +10,7 @@ import torch
 from prefalign.errors import PrefalignError
 from prefalign.lab.demo_data import ids_array, ids_lists, write_jsonl
 from prefalign.lab.demo_eval import evaluate
-from prefalign.lab.demo_frontier import Proposal, dpo_targets, load_pool, pool_frontier, score_pool
+from prefalign.lab.demo_frontier import Proposal, dpo_targets, frontier_betas, load_pool, pool_frontier, score_pool
 from prefalign.lab.demo_plan import QUICK
 from prefalign.lab.demo_results import add_gain_shares
 from prefalign.lab.evaluate import prompt_ids, sample_completions, sequence_logprob
@@ -104,6 +104,7 @@ def test_pool_frontier_and_dpo_target_beta(lab):
     """DPO with beta aims at pi*_{tau beta}: with tau = 0.1, DPO beta 1 -> frontier beta 0.1."""
     pool = load_pool(lab["pool_dir"])
     points = pool_frontier(pool, PLAN.frontier_betas)
+    assert frontier_betas(pool, PLAN.frontier_betas) == sorted(PLAN.frontier_betas)   # 8 samples: no point trusted
     assert all(np.isfinite([p.mean_reward, p.mean_kl, p.ess_hmean]).all() for p in points)
     assert all(1 <= p.ess_min <= p.ess_hmean <= p.ess_mean <= 8 + 1e-9 for p in points)
     (target,) = dpo_targets(pool, [{"beta": 1.0, "gold_reward": 0.6, "kl": 2.0}], tau=0.1)

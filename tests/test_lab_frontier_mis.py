@@ -15,7 +15,8 @@ import math
 import numpy as np
 import pytest
 
-from prefalign.lab.frontier import FrontierPoint, mixture_frontier, optimum_frontier, tilted_estimates
+from prefalign.lab.frontier import (FrontierPoint, mixture_frontier, optimum_frontier, tilted_estimates,
+                                   trust_edge_beta)
 
 SEQS = np.array(list(itertools.product(range(3), repeat=3)))            # (27, 3)
 BETAS = (0.02, 0.05, 0.1, 0.3, 1.0)                                     # exact KL 10.6, 9.6, 2.8, 0.10, 0.006
@@ -204,6 +205,20 @@ def test_ess_and_trust_hand_example():
                                 [3], [0.5], min_ess=2.9)
     assert not point.trusted
     assert FrontierPoint(1.0, 0.5, 0.0).trusted                # points built by hand are trusted by default
+
+
+def test_the_trust_edge_is_where_the_ess_crosses_the_threshold_between_two_grid_points():
+    """One prompt, two pi_SFT samples with r = 0 and 1: w = [1, a], a = exp(1 / beta), ESS = (1 + a)^2 / (1 + a^2).
+    ESS = 1.5 where a^2 - 4 a + 1 = 0, a = 2 + sqrt(3): beta = 1 / log(2 + sqrt(3)) = 0.7593, between the grid's
+    trusted 1 (ESS 1.648) and untrusted 0.5 (1.266)."""
+    pool = (np.array([[0.0, 1.0]]), np.zeros((1, 2)), np.zeros((1, 2, 1)), [2])
+    edge = trust_edge_beta(*pool, [0.1, 0.5, 1.0, 2.0], min_ess=1.5)
+    assert edge == pytest.approx(1 / math.log(2 + math.sqrt(3)), rel=1e-3) and 0.5 < edge < 1.0
+    (point,) = mixture_frontier(*pool, [edge], min_ess=1.5)
+    assert point.trusted and point.ess_hmean == pytest.approx(1.5, rel=1e-3)
+    assert not mixture_frontier(*pool, [edge / 1.002], min_ess=1.5)[0].trusted   # the edge, to rel_tol
+    assert trust_edge_beta(*pool, [1.0, 2.0], min_ess=1.5) is None            # every grid point trusted
+    assert trust_edge_beta(*pool, [0.1, 0.5], min_ess=1.5) is None            # none
 
 
 def test_pool_shapes_and_counts_are_checked():

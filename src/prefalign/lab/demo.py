@@ -44,7 +44,8 @@ from prefalign.lab import demo_results as R
 from prefalign.lab import demo_stages as S
 from prefalign.lab.demo_data import make_preferences, prepare_data, smollm2_base
 from prefalign.lab.demo_eval import best_of_n_rows, evaluate, sft_samples
-from prefalign.lab.demo_frontier import Proposal, dpo_targets, load_pool, pool_frontier, pool_record, score_pool
+from prefalign.lab.demo_frontier import (Proposal, dpo_targets, frontier_betas, load_pool, pool_frontier, pool_record,
+                                         score_pool)
 from prefalign.lab.demo_methods import METHODS, in_pool
 from prefalign.lab.demo_plan import DemoPlan, plan_for, recorded
 from prefalign.lab.report import write_report
@@ -231,18 +232,19 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, poo
     """Every number the report shows, one entry per method and setting."""
     samples, pool = np.load(samples_dir / "samples.npz"), load_pool(pool_dir)
     sft_reward = float(samples["gold"].mean())
-    frontier = pool_frontier(pool, plan.frontier_betas)
+    betas = frontier_betas(pool, plan.frontier_betas)   # the plan's grid and where its trusted range ends
+    frontier = pool_frontier(pool, betas)
     methods = [{"method": "sft", "beta": None, "gold_reward": sft_reward, "kl": 0.0, "win_rate_vs_sft": 0.5}]
     methods += [R.policy_row(method, eval_dir, **knobs) for method, knobs, eval_dir, _ in policies]
     methods += best_of_n_rows(samples, plan)
-    add_share_errors(methods, policies, samples, pool, plan)
+    add_share_errors(methods, policies, samples, pool, plan, betas)
     by_method = R.add_gain_shares(methods, frontier, sft_reward)
     rm = R.summary(samples_dir)["reward_model"]
     results = {"methods": methods, "gain_share_by_method": by_method,
                "reward_model": {**rm, "train_pairs_bayes_optimal_accuracy": R.summary(prefs)["bayes_optimal_accuracy"]},
                "frontier": [p._asdict() for p in frontier],
                "frontier_pool": pool_record(pool),
-               "reward_model_optimum": R.reward_model_optimum(samples["gold"], samples["proxy"], plan.frontier_betas,
+               "reward_model_optimum": R.reward_model_optimum(samples["gold"], samples["proxy"], betas,
                                                               frontier, sft_reward),
                "dpo_targets": dpo_targets(pool, [m for m in methods if m["method"] == "dpo"], plan.tau),
                "settings": {"plan": plan.name, **{k: v for k, v in dataclasses.asdict(plan).items() if k != "name"}, "seed": seed,
@@ -256,13 +258,13 @@ def collect_results(out: Path, plan: DemoPlan, seed: int, samples_dir: Path, poo
     return results
 
 
-def add_share_errors(methods: list[dict], policies: list, samples, pool, plan: DemoPlan) -> None:
-    """gain_share_se of every row (SFT's null): the bootstrap over held-out prompts of lab.demo_noise.
-    methods: SFT's row, then one per policy in `policies`' order, then best-of-n's."""
+def add_share_errors(methods: list[dict], policies: list, samples, pool, plan: DemoPlan, betas) -> None:
+    """gain_share_se of every row (SFT's null): the bootstrap over held-out prompts of lab.demo_noise, the
+    frontier at `betas`. methods: SFT's row, then one per policy in `policies`' order, then best-of-n's."""
     gold, proxy = samples["gold"], samples["proxy"]
     rows = [N.policy_per_prompt(e, gold.shape[0]) for _, _, e, _ in policies]
     rows += [N.best_of_n_per_prompt(gold, proxy, n) for n in plan.best_of_n]
-    frontier = N.frontier_per_prompt(pool.rewards, pool.logps[:, :, 0], pool.logps, pool.counts, plan.frontier_betas,
+    frontier = N.frontier_per_prompt(pool.rewards, pool.logps[:, :, 0], pool.logps, pool.counts, betas,
                                      pool.threshold)
     methods[0]["gain_share_se"] = None  # SFT: the share's zero point, no error
     for m, se in zip(methods[1:], N.share_standard_errors(rows, gold.mean(1), frontier)):

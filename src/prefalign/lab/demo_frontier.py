@@ -29,7 +29,7 @@ from prefalign.lab.demo_data import ids_lists
 from prefalign.lab.demo_eval import heldout_prompts
 from prefalign.lab.demo_plan import DemoPlan
 from prefalign.lab.evaluate import prompt_ids, sequence_logprobs
-from prefalign.lab.frontier import MIN_ESS, FrontierPoint, mixture_frontier
+from prefalign.lab.frontier import MIN_ESS, FrontierPoint, mixture_frontier, trust_edge_beta
 from prefalign.models import load_causal_lm
 from prefalign.train.logger import iter_progress, write_summary
 
@@ -138,6 +138,15 @@ def pool_frontier(pool: Pool, betas: Sequence[float]) -> list[FrontierPoint]:
     """lab.frontier.mixture_frontier over the pool, pi_SFT (column 0) as the reference."""
     return mixture_frontier(pool.rewards, pool.logps[:, :, 0], pool.logps, pool.counts, betas,
                             threshold=pool.threshold, ref_proposal=0)
+
+
+def frontier_betas(pool: Pool, grid: Sequence[float]) -> list[float]:
+    """The plan's betas and the beta where the pool's trusted range ends between two of them
+    (lab.frontier.trust_edge_beta), ascending: the frontier, its standard errors and the reward model's
+    optimum are all computed at these."""
+    edge = trust_edge_beta(pool.rewards, pool.logps[:, :, 0], pool.logps, pool.counts, grid,
+                           threshold=pool.threshold, ref_proposal=0)
+    return sorted(set(grid) | ({edge} if edge is not None else set()))
 
 
 def dpo_targets(pool: Pool, dpo_rows: Sequence[dict], tau: float) -> list[dict]:

@@ -143,6 +143,35 @@ def mixture_frontier(rewards, ref_logps, proposal_logps, counts, betas: Sequence
     return points
 
 
+def trust_edge_beta(rewards, ref_logps, proposal_logps, counts, betas: Sequence[float], min_ess: float = MIN_ESS,
+                    threshold=None, ref_proposal: int = 0, rel_tol: float = 1e-3) -> float | None:
+    """Where the trusted range ends: the smallest beta whose harmonic-mean ESS still reaches min_ess, found by
+    bisection in log beta between the grid's smallest trusted beta (walking down from the largest) and the next
+    smaller one, which is not; shapes as in ``tilted_estimates``. None when no grid beta is trusted or all are.
+
+    A grid says only that trust ends somewhere between two of its points, so a range ending at the last trusted
+    grid point is short by up to the gap to the next (in the demo: KL 2.7 against 3.7 between beta 0.02 and
+    0.01). The point at the edge is judged by the same rule as every other, to within a factor 1 + rel_tol in
+    beta."""
+    def hmean(beta: float) -> float:
+        est = tilted_estimates(rewards, ref_logps, proposal_logps, counts, beta, threshold, ref_proposal)
+        return float(1.0 / np.mean(1.0 / est.ess))
+
+    hi = None
+    for beta in sorted(betas, reverse=True):
+        if hmean(beta) >= min_ess:
+            hi = beta
+            continue
+        if hi is None:
+            return None
+        lo = beta
+        while hi / lo > 1.0 + rel_tol:
+            mid = math.sqrt(lo * hi)
+            lo, hi = (lo, mid) if hmean(mid) >= min_ess else (mid, hi)
+        return float(hi)
+    return None
+
+
 def optimum_frontier(rewards: np.ndarray, betas: Sequence[float], min_ess: float = MIN_ESS) -> list[FrontierPoint]:
     """The frontier from pi_SFT's samples alone: rewards (P, N) of N samples from pi_SFT per prompt.
 
