@@ -48,7 +48,7 @@ class OnlineDPOPlan:
     so P(y1 > y2) = sigma((r*(y1) - r*(y2)) / tau) as for the offline pairs, and like offline DPO's
     target its fixed point is the optimum at tau * beta. minibatch: pairs per optimizer step.
     The class default is PPO's sampling budget of 2026-12-02 (64 completions per iteration; DemoPlan's
-    default takes 256 pairs since 2026-12-04). Measured on the default run's SFT model (2026-12-02, load
+    default takes 512 pairs since 2026-12-04). Measured on the default run's SFT model (2026-12-02, load
     average 2.4-3.7): 32 prompts x 2 took 2.0-4.6 s per iteration (rollout 1.0-3.0 s, update 0.7-2.0 s;
     20 iterations in 71 s), the rollouts' gold reward rising from 0.57 to 0.62-0.67 at KL 1.3 after 20
     iterations with beta 0.3, lr 1e-4."""
@@ -85,12 +85,16 @@ class DemoPlan:
     tau: float = 0.1                     # labeler noise: P(y1 > y2) = sigma((r*(y1) - r*(y2)) / tau)
     # Labelled pairs per training prompt: reward-model accuracy grows with pairs. 2 until 2026-12-04; 4 raised the
     # reward model's accuracy on its eval split from 0.753 to 0.797 (docs/demo.md); offline DPO learns from them.
+    # 8 (measured 2026-12-04, seed 0): accuracy 0.789 (gold order 0.852), DPO beta 3 0.63 at KL 2.89 (4 pairs' curve
+    # there about 0.60), for 9 more minutes of preferences, reward and DPO (benchmarks/results/*-screen-pairs8.txt).
     pairs_per_prompt: int = 4
     reward_epochs: float = 1.5
     reward_batch: int = 16
     reward_lr: float = 5e-4
     # --- DPO: one run per beta
-    dpo_betas: tuple[float, ...] = (0.3, 1.0, 3.0)
+    # (0.3, 1, 3) until 2026-12-04: beta 1 landed at KL 1.9-2.2 and 0.3 at 4.05, past the frontier's trusted 3.2-3.3,
+    # so the curve had no point between them to measure DPO inside the range
+    dpo_betas: tuple[float, ...] = (0.3, 0.5, 1.0, 3.0)
     dpo_epochs: float = 1.0
     dpo_batch: int = 16
     # 2e-4 until 2026-12-03: every beta then landed at KL 4.6-8.2 (beta 3 aims at KL 0.26), past the
@@ -133,8 +137,11 @@ class DemoPlan:
     # --- online DPO: segments as RLOO/GRPO, judged by the labeler itself (gold reward, tau)
     # 32 pairs per iteration, minibatch 16 until 2026-12-04: 60 iterations saw 1,920 pairs (offline DPO sees 8,000)
     # and reached share 0.23 at KL 1.77; 128 pairs (minibatch 32) 0.34 at KL 1.78, 256 (minibatch 64) 0.47 at
-    # KL 1.80 (benchmarks/method_knobs.py). An iteration is cheap next to the others' (no reward model, no value).
-    online_dpo: OnlineDPOPlan = OnlineDPOPlan(prompts=256, minibatch=64)
+    # KL 1.80 (benchmarks/method_knobs.py). 256 (minibatch 64) until 2026-12-04 (later that day): on seed 0's run its
+    # best share inside the trusted range was 0.63 (KL 3.07); 512 pairs (minibatch 128) 0.69 at KL 2.38, 0.73 at 2.84
+    # and 0.74 at 3.19 (benchmarks/method_knobs.py, docs/demo.md). An iteration is cheap next to the others' (no reward
+    # model, no value).
+    online_dpo: OnlineDPOPlan = OnlineDPOPlan(prompts=512, minibatch=128)
     # --- evaluation
     eval_samples_per_prompt: int = 4     # samples per held-out prompt per policy (for KL and gold)
     frontier_samples: int = 256          # SFT samples per held-out prompt for the optimum and best-of-n
