@@ -306,3 +306,26 @@ def test_a_plan_without_sft_uses_the_base_as_the_reference(tmp_path, smollm2_sta
     assert results["sft_fluency"]["sft_eval_loss"] is None
     ppo = json.loads((out / "ppo-1" / "summary.json").read_text())
     assert ppo["config"]["ref_model"] == str(smollm2_stand_in)
+
+
+def test_a_ppo_segment_with_a_reward_function_scores_by_it_and_starts_its_value_model_from_the_reward_model(
+        tmp_path, monkeypatch):
+    """benchmarks/method_knobs.py --method ppo --reward-fn (PPO against the gold reward): the reward model leaves the
+    scoring (and --score-cut-at-eos, which only applies to one) but still starts the value model; a later segment's
+    value model is the previous one's."""
+    import prefalign.stages.ppo as ppo_stage
+    from prefalign.lab import demo_stages
+    from prefalign.lab.demo_plan import DEFAULT
+    seen = []
+    monkeypatch.setattr(ppo_stage, "run_ppo", lambda cfg: seen.append(cfg) or 0)
+    args = (tmp_path / "sft", tmp_path / "reward", tmp_path / "prompts.jsonl", DEFAULT, 0)
+    demo_stages.ppo_segment(tmp_path / "p1", False, tmp_path / "sft", None, *args)
+    demo_stages.ppo_segment(tmp_path / "p2", False, tmp_path / "sft", None, *args, reward_fn="m:gold")
+    demo_stages.ppo_segment(tmp_path / "p3", False, tmp_path / "p2", tmp_path / "p2" / "value_model", *args,
+                            reward_fn="m:gold")
+    by_rm, by_fn, later = seen
+    assert (by_rm.reward_model, by_rm.reward_fn, by_rm.value_model) == (str(tmp_path / "reward"), None, None)
+    assert by_rm.score_cut_at_eos == DEFAULT.ppo_score_cut_at_eos
+    assert (by_fn.reward_model, by_fn.reward_fn, by_fn.value_model) == (None, "m:gold", str(tmp_path / "reward"))
+    assert not by_fn.score_cut_at_eos and by_fn.missing_eos_penalty == DEFAULT.ppo_missing_eos_penalty
+    assert later.value_model == str(tmp_path / "p2" / "value_model")

@@ -149,20 +149,24 @@ def dpo(out: Path, resume: bool, sft_model: Path, prefs: Path, beta: float, plan
 
 
 def ppo_segment(out: Path, resume: bool, start_model: Path, value_model: Optional[Path], sft_model: Path,
-                reward_model: Path, prompts: Path, plan: DemoPlan, seed: int) -> None:
+                reward_model: Path, prompts: Path, plan: DemoPlan, seed: int, reward_fn: Optional[str] = None) -> None:
     """`prefalign ppo` for plan.ppo_iterations iterations, continuing from the previous segment's
     policy and value model; the reference stays the SFT model, so KL keeps measuring the distance
     to pi_SFT. A constant learning rate makes consecutive segments one long run (only AdamW's
     moments restart), and each segment's output is an HF checkpoint of the policy. With LoRA each
     segment trains new adapters on the last merged policy; with a shared value head value_model is
-    the last segment's value_head.pt folder."""
+    the last segment's value_head.pt folder. reward_fn (benchmarks/method_knobs.py: PPO against the gold
+    reward) scores instead of the reward model, which then only starts the value model."""
     from prefalign.stages.ppo import run_ppo
-    cfg = PPOConfig(model=str(start_model), ref_model=str(sft_model), reward_model=str(reward_model),
-                    value_model=str(value_model) if value_model else None, prompts=str(prompts),
+    value = value_model or (reward_model if reward_fn else None)
+    cfg = PPOConfig(model=str(start_model), ref_model=str(sft_model),
+                    reward_model=None if reward_fn else str(reward_model), reward_fn=reward_fn,
+                    value_model=str(value) if value else None, prompts=str(prompts),
                     iterations=plan.ppo_iterations, rollout_batch_size=plan.ppo_rollout_batch,
                     minibatch_size=plan.ppo_minibatch, ppo_epochs=plan.ppo_epochs, kl_coef=plan.ppo_kl_coef,
                     lr=plan.ppo_lr, lr_schedule="constant", max_new_tokens=plan.max_new_tokens,
-                    missing_eos_penalty=plan.ppo_missing_eos_penalty, score_cut_at_eos=plan.ppo_score_cut_at_eos,
+                    missing_eos_penalty=plan.ppo_missing_eos_penalty,
+                    score_cut_at_eos=plan.ppo_score_cut_at_eos and not reward_fn,
                     max_prompt_length=plan.max_length // 2, sample_every=plan.ppo_iterations,
                     shared_value_head=plan.shared_value_head, packing=plan.packing, **_tuning(plan),
                     **{**_common(plan, out, resume, seed), "save_steps": max(1, plan.ppo_iterations // 2),
