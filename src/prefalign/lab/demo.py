@@ -213,10 +213,11 @@ def eta(plan: DemoPlan, stage: str) -> str:
 # policy. Tiny plans: 2 cores shared with other jobs (load average 6-9; a quiet machine is 2-3x
 # faster). smollm2: the quiet machine with 2 torch threads (docs/demo.md gives the timings).
 # default: the stages the plan of 2026-12-04 made larger are the earlier busy times scaled by the ratio
-# of their quiet times (the whole plan: 34.5 minutes on the quiet machine).
+# of their quiet times (the whole plan: 34.5 minutes on the quiet machine); online DPO on 512 pairs per
+# iteration (later that day) 1.8 minutes a segment on the quiet machine, three times that here.
 ESTIMATED_MINUTES: dict[str, dict[str, float]] = {
     "default": {"pretrain": 12, "sft": 1, "preferences": 8, "reward": 5, "sft-samples": 6, "dpo": 9, "ppo": 5,
-                "rloo": 5, "grpo": 5, "online-dpo": 9, "eval": 1, "frontier": 6},
+                "rloo": 5, "grpo": 5, "online-dpo": 6, "eval": 1, "frontier": 6},
     "quick": {"pretrain": 2, "sft": 0.5, "preferences": 0.5, "reward": 0.5, "sft-samples": 0.5, "dpo": 0.5,
               "ppo": 0.5, "rloo": 0.5, "grpo": 0.5, "online-dpo": 0.5, "eval": 0.5, "frontier": 1},
     # From 2-4 step timings (docs/demo.md): SFT 4.8 s/step, reward 1.7, DPO 2.1 (+2 min of reference
