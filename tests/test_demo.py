@@ -237,7 +237,8 @@ def test_every_method_is_one_registry_entry_with_its_curve_of_settings():
     from prefalign.lab.demo_plan import DEFAULT
     by_name = {m.name: m for m in METHODS}
     assert list(by_name) == ["dpo", "ppo", "rloo", "grpo", "online-dpo"]
-    assert [s.stage for s in by_name["dpo"].settings(DEFAULT)] == ["dpo-beta0.3", "dpo-beta0.5", "dpo-beta1", "dpo-beta3"]
+    assert [s.stage for s in by_name["dpo"].settings(DEFAULT)] == ["dpo-beta0.3", "dpo-beta0.5", "dpo-beta1",
+                                                                   "dpo-beta3"]
     rloo = by_name["rloo"].settings(DEFAULT)
     assert [s.stage for s in rloo] == [f"rloo-{k}" for k in range(1, 6)]
     assert [s.knobs for s in rloo][:2] == [{"beta": 0.5, "step": 24}, {"beta": 0.5, "step": 48}]
