@@ -85,8 +85,8 @@ class DemoPlan:
     tau: float = 0.1                     # labeler noise: P(y1 > y2) = sigma((r*(y1) - r*(y2)) / tau)
     # Labelled pairs per training prompt: reward-model accuracy grows with pairs. 2 until 2026-12-04; 4 raised the
     # reward model's accuracy on its eval split from 0.753 to 0.797 (docs/demo.md); offline DPO learns from them.
-    # 8 (measured 2026-12-04, seed 0): accuracy 0.789 (gold order 0.852), DPO beta 3 0.63 at KL 2.89 (4 pairs' curve
-    # there about 0.60), for 9 more minutes of preferences, reward and DPO (benchmarks/results/*-screen-pairs8.txt).
+    # 8 (measured 2026-12-04, seed 0): accuracy 0.789 (gold order 0.852), DPO beta 3 0.63 at KL 2.89 (4 pairs' beta 0.5:
+    # 0.64 at KL 2.79), for 9 more minutes of preferences, reward and DPO (benchmarks/results/*-screen-pairs8.txt).
     pairs_per_prompt: int = 4
     reward_epochs: float = 1.5
     reward_batch: int = 16
