@@ -221,7 +221,7 @@ def test_rloo_and_grpo_are_recorded_only_where_they_run_with_other_sizes():
     from prefalign.lab.demo_plan import DEFAULT, QUICK, SMOLLM2, SMOLLM2_QUICK, recorded
     later = {"rloo", "grpo", "online_dpo", "frontier_pool_checkpoints"}
     assert later & set(recorded(DEFAULT)) == {"rloo", "grpo", "online_dpo"}
-    assert recorded(DEFAULT)["online_dpo"]["prompts"] == 256
+    assert recorded(DEFAULT)["online_dpo"]["prompts"] == 512
     assert recorded(DEFAULT)["grpo"]["missing_eos_penalty"] == 1.0
     assert not later & (set(recorded(SMOLLM2)) | set(recorded(SMOLLM2_QUICK)))
     assert recorded(QUICK)["rloo"]["segments"] == 2 and recorded(QUICK)["frontier_pool_checkpoints"] == (2,)
