@@ -95,11 +95,14 @@ class DemoPlan:
     # (0.3, 1, 3) until 2026-12-04: beta 1 landed at KL 1.9-2.2 and 0.3 at 4.05, past the frontier's trusted 3.2-3.3,
     # so the curve had no point between them to measure DPO inside the range
     dpo_betas: tuple[float, ...] = (0.3, 0.5, 1.0, 3.0)
-    dpo_epochs: float = 1.0
+    # 1 epoch at lr 1e-4 until 2026-12-04: beta 0.5 then reached 0.64 of the optimum's gain at KL 2.79 (seed 0), beta 1
+    # 0.55 at 1.91; 2 epochs at 5e-5 gave beta 0.5 0.68 at KL 1.95 (benchmarks/method_knobs.py --method dpo;
+    # a batch of 64 at lr 2e-4 for 1 epoch 0.63 at 2.95), a gentler path to a point nearer the optimum
+    dpo_epochs: float = 2.0
     dpo_batch: int = 16
     # 2e-4 until 2026-12-03: every beta then landed at KL 4.6-8.2 (beta 3 aims at KL 0.26), past the
-    # frontier's trusted range; 5e-5 landed at KL 0.3-0.8 (docs/demo.md).
-    dpo_lr: float = 1e-4
+    # frontier's trusted range; 5e-5 for 1 epoch landed at KL 0.3-0.8; 1e-4 until 2026-12-04 (docs/demo.md).
+    dpo_lr: float = 5e-5
     # --- PPO: segments of iterations, each continuing the last; one evaluated checkpoint per segment
     ppo_segments: int = 5
     # 12 per segment until 2026-12-03; with kl_coef 0.5 PPO's gold still rose at equal KL past 60 iterations
@@ -209,6 +212,7 @@ QUICK = dataclasses.replace(
     DEFAULT, name="quick", pretrain_reviews=6000, train_prompts=1200, heldout_prompts=64, vocab_size=1500,
     hidden=64, layers=2, heads=2, pretrain_steps=400, pretrain_lr=2e-3, sft_steps=80, sft_lr=5e-4,
     max_new_tokens=32, pairs_per_prompt=2, reward_epochs=2.0, reward_lr=1e-3, dpo_betas=(1.0,), dpo_lr=5e-4,
+    dpo_epochs=1.0,
     ppo_segments=2, ppo_iterations=8, ppo_rollout_batch=64, ppo_minibatch=32, ppo_epochs=4, ppo_kl_coef=0.2,
     ppo_lr=2e-4,
     rloo=GroupPlan(segments=2, iterations=8, prompts=4, generations=8, minibatch=16, epochs=4, beta=0.2, lr=2e-4),
