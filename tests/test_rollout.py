@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from prefalign.rollout import filter_logits, forward_logps, generate_texts, left_pad, sample, sample_groups
+from prefalign.rollout import draw_tokens, filter_logits, forward_logps, generate_texts, left_pad, sample, sample_groups
 from prefalign.tiny import SAMPLE_TEXTS, tiny_llama, tiny_tokenizer
 
 EOS_BOOST = 2.5  # EOS logit bias: a few percent EOS per step, so some rows stop early and others do not
@@ -166,6 +166,27 @@ def test_filter_logits_hand_derived():
     shuffled = torch.tensor([[0.2, 0.5, 0.3]]).log()
     assert filter_logits(shuffled, top_k=2).tolist()[0][0] == inf
     assert filter_logits(shuffled, top_k=2, top_p=0.4).isinf().tolist() == [[True, False, True]]
+
+
+def test_draw_tokens_hand_derived():
+    # weights (0, 1, 0, 3, 0), total 4: a uniform below 1/4 draws token 1, from 1/4 up token 3, never a weight-0 one
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0]]).repeat(5, 1)
+    top = 1 - 2.0 ** -53  # the largest float64 below 1
+    uniform = torch.tensor([0.0, 0.2499, 0.25, 0.9, top], dtype=torch.float64)
+    assert draw_tokens(weights, uniform).tolist() == [1, 1, 3, 3, 3]
+    assert draw_tokens(weights / 4, uniform).tolist() == [1, 1, 3, 3, 3]
+    # the largest uniform on a total just above 1 still draws the last token of positive weight
+    assert draw_tokens(torch.tensor([[0.3, 0.7 + 2 ** -40, 0.0]]), torch.tensor([top], dtype=torch.float64)).tolist() == [1]
+
+
+def test_draw_tokens_frequencies_match_the_probabilities():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(12, generator=g) * 2, dim=-1)
+    n = 200_000
+    drawn = draw_tokens(probs.expand(n, -1), torch.rand(n, generator=g, dtype=torch.float64))
+    freq = torch.bincount(drawn, minlength=12).double() / n
+    sd = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 5 * sd + 1e-12).all(), (freq, probs)
 
 
 def test_left_pad_and_argument_errors(model, tok):

