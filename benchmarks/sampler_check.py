@@ -9,7 +9,7 @@ On a finished `prefalign demo` folder, with its SFT model and held-out prompts, 
                 standard error over samples; the two draws should agree within them
 
 torch.multinomial is put back for the comparison by replacing prefalign.rollout.draw_tokens (the one place
-a token is drawn) with a function that ignores the uniforms and calls torch.multinomial on the same generator.
+a token is drawn) with a function that ignores the uniforms and calls torch.multinomial on the same generators.
 
     python benchmarks/sampler_check.py --demo DIR [--reps 10] [--json out.json]
 """
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 import prefalign.rollout as rollout
+from prefalign.lab.demo_data import read_jsonl
+from prefalign.lab.evaluate import prompt_ids
 from prefalign.lab.gold import gold_rewards
 from prefalign.models import load_causal_lm
 
@@ -104,8 +106,7 @@ def main() -> None:
     demo = Path(args.demo)
     model, tok = load_causal_lm(str(demo / "sft"))
     model.eval()
-    prompts = [json.loads(line)["prompt"] for line in open(demo / "data" / "prompts_heldout.jsonl")]
-    ids = [tok(p)["input_ids"] for p in prompts]
+    ids = [prompt_ids(tok, r["prompt"]) for r in read_jsonl(demo / "data" / "prompts_heldout.jsonl")]
     out = {"demo": str(demo), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "machine": platform.processor() or platform.machine(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
