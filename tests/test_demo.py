@@ -237,14 +237,13 @@ def test_every_method_is_one_registry_entry_with_its_curve_of_settings():
     from prefalign.lab.demo_plan import DEFAULT
     by_name = {m.name: m for m in METHODS}
     assert list(by_name) == ["dpo", "ppo", "rloo", "grpo", "online-dpo"]
-    assert [s.stage for s in by_name["dpo"].settings(DEFAULT)] == ["dpo-beta0.3", "dpo-beta0.5", "dpo-beta1",
-                                                                   "dpo-beta3"]
+    assert [s.stage for s in by_name["dpo"].settings(DEFAULT)] == ["dpo-beta0.3", "dpo-beta0.5", "dpo-beta1"]
     rloo = by_name["rloo"].settings(DEFAULT)
-    assert [s.stage for s in rloo] == [f"rloo-{k}" for k in range(1, 6)]
+    assert [s.stage for s in rloo] == [f"rloo-{k}" for k in range(1, 7)]
     assert [s.knobs for s in rloo][:2] == [{"beta": 0.5, "step": 24}, {"beta": 0.5, "step": 48}]
-    assert [in_pool(s, len(rloo), DEFAULT) for s in rloo] == [False, False, False, False, True]
+    assert [in_pool(s, len(rloo), DEFAULT) for s in rloo] == [False, False, False, False, False, True]
     assert [in_pool(s, len(rloo), dataclasses.replace(DEFAULT, frontier_pool_checkpoints=(3,))) for s in rloo] == [
-        False, False, True, False, True]
+        False, False, True, False, False, True]
     assert all(in_pool(s, 0, DEFAULT) for s in by_name["dpo"].settings(DEFAULT))
     odpo = by_name["online-dpo"].settings(DEFAULT)
     assert [s.stage for s in odpo] == [f"online-dpo-{k}" for k in range(1, 6)]
