@@ -138,7 +138,7 @@ class DemoPlan:
     # at KL 2.17 and GRPO's 0.48 at 1.77; 16 x 8 with minibatch 64 (the same optimizer steps) 0.59 at 2.08 and
     # 0.59 at 1.72; 16 x 4 with minibatch 32 changed nothing measurable (benchmarks/method_knobs.py).
     # 5 segments until 2026-12-07: both still rose at iteration 120 (seed 0 from 96 to 120: RLOO 0.64 -> 0.69 at
-    # KL 2.62, GRPO 0.63 -> 0.68 at 2.69; trusted to 3.47), a segment costs about 0.9 minutes a method.
+    # KL 2.62, GRPO 0.63 -> 0.67 at 2.69; trusted to 3.47), a segment costs about 0.9 minutes a method.
     rloo: GroupPlan = GroupPlan(segments=6, beta=0.5, iterations=24, prompts=16, generations=8, minibatch=64)
     grpo: GroupPlan = GroupPlan(segments=6, beta=0.3, iterations=24, prompts=16, generations=8, minibatch=64)
     # --- online DPO: segments as RLOO/GRPO, judged by the labeler itself (gold reward, tau)
