@@ -95,7 +95,7 @@ class DemoPlan:
     # (0.3, 1, 3) until 2026-12-04: beta 1 landed at KL 1.9-2.2 and 0.3 at 4.05, past the frontier's trusted 3.2-3.3,
     # so the curve had no point between them to measure DPO inside the range
     # (0.3, 0.5, 1, 3) until 2026-12-07: beta 3 landed at KL 0.77-0.79 with a share of 0.49-0.51, the curve's
-    # low end that pi_SFT's own samples already cover; its 4.1 minutes pay for RLOO's and GRPO's sixth segment
+    # low end that pi_SFT's own samples already cover; its 4.1-4.4 minutes pay for RLOO's and GRPO's sixth segment
     dpo_betas: tuple[float, ...] = (0.3, 0.5, 1.0)
     # 1 epoch at lr 1e-4 until 2026-12-04: beta 0.5 then reached 0.64 of the optimum's gain at KL 2.79 (seed 0), beta 1
     # 0.55 at 1.91; 2 epochs at 5e-5 gave beta 0.5 0.68 at KL 1.95 (benchmarks/method_knobs.py --method dpo;
@@ -138,7 +138,8 @@ class DemoPlan:
     # at KL 2.17 and GRPO's 0.48 at 1.77; 16 x 8 with minibatch 64 (the same optimizer steps) 0.59 at 2.08 and
     # 0.59 at 1.72; 16 x 4 with minibatch 32 changed nothing measurable (benchmarks/method_knobs.py).
     # 5 segments until 2026-12-07: both still rose at iteration 120 (seed 0 from 96 to 120: RLOO 0.64 -> 0.69 at
-    # KL 2.62, GRPO 0.63 -> 0.67 at 2.69; trusted to 3.47), a segment costs about 0.9 minutes a method.
+    # KL 2.62, GRPO 0.63 -> 0.67 at 2.69; trusted to 3.47), a segment costs 0.7-0.9 minutes a method with its
+    # evaluation.
     rloo: GroupPlan = GroupPlan(segments=6, beta=0.5, iterations=24, prompts=16, generations=8, minibatch=64)
     grpo: GroupPlan = GroupPlan(segments=6, beta=0.3, iterations=24, prompts=16, generations=8, minibatch=64)
     # --- online DPO: segments as RLOO/GRPO, judged by the labeler itself (gold reward, tau)
